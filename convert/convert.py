@@ -1,0 +1,248 @@
+"""Checkpoint -> GGUF in one streaming pass.
+
+Every output tensor is produced slice by slice (a run of rows, or one expert) into reused buffers
+and written with pwrite at the offset the precomputed layout gives it, so memory is bounded by the
+largest slice and a checkpoint's interleaved gate/up experts are read once for both outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from ..errors import OssggufError
+from ..model import ARCH, OutTensor, TensorClass, conversion_table, gguf_metadata
+from ..quantize import mxfp4
+from ..quantize.encode import encode, to_f32
+from ..quantize.policy import DEFAULT_RECIPE, TypeChoice, choose_types, file_type, parse_overrides
+from .checkpoint import Checkpoint, checkpoint_license, load_checkpoint
+from .gguf_writer import GGUFFileWriter, Shard, TensorInfo, plan_layout
+from .safetensors import TensorReader
+from .vocab import vocab_metadata
+
+log = logging.getLogger(__name__)
+Q = GGMLQuantizationType
+CHUNK_BYTES = 32 * 1024 * 1024  # target size of one streamed slice
+
+
+@dataclass
+class ConversionPlan:
+    checkpoint: Checkpoint
+    tensors: list[OutTensor]
+    choices: dict[str, TypeChoice]
+    shards: list[Shard]
+    recipe: str
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for s in self.shards for t in s.tensors)
+
+    def to_json(self) -> dict:
+        infos = {t.name: t for s in self.shards for t in s.tensors}
+        return {
+            "total_bytes": self.total_bytes,
+            "files": [{"path": str(s.path), "bytes": s.size, "tensors": len(s.tensors)} for s in self.shards],
+            "recipe": self.recipe,
+            "tensors": [{"name": t.name, "type": infos[t.name].qtype.name, "shape": list(reversed(t.shape)),
+                         "bytes": infos[t.name].nbytes, "class": t.cls.value} for t in self.tensors],
+            "fallbacks": [{"name": c.name, "requested": c.requested.name, "type": c.qtype.name}
+                          for c in self.choices.values() if c.fell_back],
+        }
+
+
+@dataclass
+class ConvertReport:
+    plan: ConversionPlan
+    seconds: float = 0.0
+    peak_rss: int = 0
+    written: int = 0
+    types: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def gbps(self) -> float:
+        return self.written / self.seconds / 1e9 if self.seconds else 0.0
+
+
+def _stored_type(ckpt: Checkpoint, t: OutTensor) -> Q:
+    if t.kind == "experts" and ckpt.layout == "mxfp4":
+        return Q.MXFP4
+    e = ckpt.entries[t.source]
+    return Q[e.dtype]
+
+
+def plan_conversion(src: str | Path, out: str | Path, recipe: str = DEFAULT_RECIPE, tensor_types: tuple[str, ...] = (),
+                    split_max_size: int | None = None, allow_fallback: bool = False,
+                    source_repo: str | None = None, name: str | None = None) -> ConversionPlan:
+    """Everything a conversion will do, decided from headers alone (this is --dry-run)."""
+    ckpt = load_checkpoint(src)
+    cfg = ckpt.config
+    table = conversion_table(cfg, ckpt.layout)
+    choices = choose_types([(t.name, t.cls, t.shape, _stored_type(ckpt, t)) for t in table], recipe,
+                           parse_overrides(tensor_types), allow_fallback)
+    by_name = {c.name: c for c in choices}
+    infos = [TensorInfo(t.name, by_name[t.name].qtype, t.shape) for t in table]
+    kvs = gguf_metadata(
+        cfg, name=name or (source_repo.split("/")[-1] if source_repo else ckpt.path.resolve().name),
+        file_type=file_type(choices, {t.name: t.cls for t in table}), recipe=recipe,
+        tensors=[(t.shape, t.cls) for t in table], license=checkpoint_license(ckpt.path), source_repo=source_repo,
+    )
+    kvs.update(vocab_metadata(ckpt.path, cfg.vocab_size, cfg.raw))
+    shards = plan_layout(kvs, infos, Path(out), split_max_size)
+    return ConversionPlan(ckpt, table, by_name, shards, recipe)
+
+
+# --- producers: each yields (output tensor name, byte offset inside it, bytes) ------------------
+
+Chunk = tuple[str, int, np.ndarray]
+
+
+def _rows_per_chunk(row_bytes: int) -> int:
+    return max(1, CHUNK_BYTES // max(row_bytes, 1))
+
+
+def _copy(reader: TensorReader, t: OutTensor, qtype: Q) -> Iterator[Chunk]:
+    e = reader.entries[t.source]
+    rows = e.shape[0] if len(e.shape) > 1 else 1
+    per = _rows_per_chunk(e.row_bytes if len(e.shape) > 1 else e.nbytes)
+    buf = np.empty(min(per, rows) * (e.row_bytes if len(e.shape) > 1 else e.nbytes), dtype=np.uint8)
+    off = 0
+    for start in range(0, rows, per):
+        n = min(per, rows - start)
+        raw = reader.read(t.source, start, n, out=buf) if len(e.shape) > 1 else reader.read(t.source, out=buf)
+        data = raw.view(np.uint8) if Q[e.dtype] == qtype else encode(
+            to_f32(raw, e.dtype).reshape(-1, e.shape[-1]), qtype)
+        yield t.name, off, data
+        off += data.nbytes
+
+
+def _bias_parts(reader: TensorReader, outs: list[OutTensor], types: dict[str, Q]) -> Iterator[Chunk]:
+    src = outs[0].source
+    e = reader.entries[src]
+    raw = reader.read(src)  # [E, 2F]: small
+    for t in outs:
+        sel = raw[:, 0::2] if t.part == "gate" else raw[:, 1::2]
+        yield t.name, 0, encode(to_f32(np.ascontiguousarray(sel), e.dtype), types[t.name])
+
+
+def _experts_mxfp4(reader: TensorReader, outs: list[OutTensor], types: dict[str, Q]) -> Iterator[Chunk]:
+    src = outs[0].source
+    bname, sname = src + "_blocks", src + "_scales"
+    be, se = reader.entries[bname], reader.entries[sname]
+    bbuf, sbuf = np.empty(be.row_bytes, np.uint8), np.empty(se.row_bytes, np.uint8)
+    for x in range(be.shape[0]):
+        blocks, scales = reader.read(bname, x, 1, out=bbuf)[0], reader.read(sname, x, 1, out=sbuf)[0]
+        for t in outs:
+            sel = slice(None) if t.part == "down" else slice(0 if t.part == "gate" else 1, None, 2)
+            b, s = blocks[sel], scales[sel]
+            if types[t.name] == Q.MXFP4:
+                data = mxfp4.repack_hf_to_ggml(b, s)  # bit for bit
+            else:
+                data = encode(mxfp4.dequantize_hf(b, s), types[t.name])
+            yield t.name, x * data.nbytes, data
+
+
+def _experts_dense(reader: TensorReader, outs: list[OutTensor], types: dict[str, Q]) -> Iterator[Chunk]:
+    src = outs[0].source
+    e = reader.entries[src]
+    buf = np.empty(e.row_bytes, np.uint8)
+    for x in range(e.shape[0]):
+        w = reader.read(src, x, 1, out=buf)[0].T  # [in, out] -> [out, in]: GGUF rows are output features
+        for t in outs:
+            sel = w if t.part == "down" else w[0 if t.part == "gate" else 1::2]
+            qt = types[t.name]
+            data = np.ascontiguousarray(sel).view(np.uint8) if Q[e.dtype] == qt else encode(to_f32(sel, e.dtype), qt)
+            yield t.name, x * data.nbytes, data
+
+
+def _chunks(plan: ConversionPlan, reader: TensorReader) -> Iterator[Chunk]:
+    types = {n: c.qtype for n, c in plan.choices.items()}
+    groups: dict[tuple[str, str], list[OutTensor]] = {}
+    for t in plan.tensors:
+        if t.kind == "copy":
+            yield from _copy(reader, t, types[t.name])
+            continue
+        key = (t.kind, t.source)
+        group = groups.setdefault(key, [])
+        group.append(t)
+        # gate and up share one interleaved source: produce both once the pair is complete
+        if t.part == "gate":
+            continue
+        if t.kind == "bias_part":
+            yield from _bias_parts(reader, group, types)
+        elif plan.checkpoint.layout == "mxfp4":
+            yield from _experts_mxfp4(reader, group, types)
+        else:
+            yield from _experts_dense(reader, group, types)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_conversion(plan: ConversionPlan, force: bool = False,
+                   progress: Callable[[int], None] | None = None) -> ConvertReport:
+    """Write the planned GGUF file(s). The output appears only when complete."""
+    t0 = time.perf_counter()
+    written = 0
+    with TensorReader(plan.checkpoint.entries) as reader, GGUFFileWriter(plan.shards, force=force) as w:
+        for name, off, data in _chunks(plan, reader):
+            n = w.write(name, data, off)
+            written += n
+            if progress:
+                progress(n)
+        if written != plan.data_bytes:
+            raise OssggufError(f"internal error: wrote {written} bytes of tensor data, planned {plan.data_bytes}")
+        w.commit()
+    report = ConvertReport(plan, time.perf_counter() - t0, peak_rss_bytes(), written)
+    for c in plan.choices.values():
+        report.types[c.qtype.name] = report.types.get(c.qtype.name, 0) + 1
+    log.info("wrote %s (%s) in %.1fs", plan.shards[0].path, ARCH, report.seconds)
+    return report
+
+
+def summarize(report: ConvertReport) -> str:
+    plan = report.plan
+    by_class: dict[str, tuple[int, set]] = {}
+    infos = {t.name: t for s in plan.shards for t in s.tensors}
+    for t in plan.tensors:
+        n, types = by_class.get(t.cls.value, (0, set()))
+        types.add(infos[t.name].qtype.name)
+        by_class[t.cls.value] = (n + infos[t.name].nbytes, types)
+    lines = [f"{'class':<10} {'types':<14} {'bytes':>16}"]
+    for cls in TensorClass:
+        if cls.value in by_class:
+            n, types = by_class[cls.value]
+            lines.append(f"{cls.value:<10} {','.join(sorted(types)):<14} {n:>16,}")
+    files = ", ".join(str(s.path) for s in plan.shards)
+    lines.append(
+        f"{len(plan.tensors)} tensors, {plan.total_bytes:,} bytes in {len(plan.shards)} file(s): {files}")
+    if report.seconds:
+        lines.append(f"{report.seconds:.1f} s, {report.gbps:.2f} GB/s, peak RSS {report.peak_rss / 2**20:.0f} MiB")
+    fb = [c for c in plan.choices.values() if c.fell_back]
+    for c in fb:
+        lines.append(f"fallback: {c.name} asked {c.requested.name}, stored as {c.qtype.name} (rows do not fit)")
+    return "\n".join(lines)
+
+
+def convert(src: str | Path, out: str | Path, recipe: str = DEFAULT_RECIPE, tensor_types: tuple[str, ...] = (),
+            split_max_size: int | None = None, allow_fallback: bool = False, dry_run: bool = False,
+            force: bool = False, progress: Callable[[int], None] | None = None,
+            source_repo: str | None = None) -> ConvertReport:
+    """Convert a gpt-oss checkpoint folder to GGUF (see plan_conversion / run_conversion)."""
+    plan = plan_conversion(src, out, recipe, tensor_types, split_max_size, allow_fallback, source_repo)
+    if dry_run:
+        return ConvertReport(plan)
+    return run_conversion(plan, force=force, progress=progress)
+
+

@@ -1,0 +1,267 @@
+"""A streaming GGUF (v3) writer whose layout is computed before a byte is written.
+
+The layout (headers, tensor offsets, shard boundaries, file sizes) is a pure function of the
+metadata and the tensor infos, so `--dry-run` reports exactly what a real run writes. A real run
+writes each shard under a temporary name, preallocated to its final size (a full disk fails at
+once, and the file has no holes), fills tensor data with pwrite at known offsets, writes the GGUF
+magic last, then renames: an interrupted run never leaves a file that looks valid.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from ..errors import OssggufError
+from ..kv import KV, kv_i32
+
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSION = 3
+ALIGNMENT = 32
+SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = "split.no", "split.count", "split.tensors.count"
+
+
+def tensor_nbytes(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of numpy shape `shape` (last dim = row) stored as `qtype`."""
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    if shape[-1] % block:
+        raise OssggufError(f"rows of {shape[-1]} values cannot be stored as {qtype.name} (blocks of {block})")
+    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * type_size
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # numpy order; GGUF stores it reversed (ne[0] = row length)
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.qtype, self.shape)
+
+
+@dataclass
+class Shard:
+    path: Path
+    tensors: list[TensorInfo]
+    header: bytes = b""
+    offsets: dict[str, int] = field(default_factory=dict)  # absolute file offset of each tensor's data
+    size: int = 0
+
+
+def _align(n: int) -> int:
+    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def _pack_str(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+_SCALAR = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}
+
+
+def _pack_value(t: GGUFValueType, v: Any, sub: GGUFValueType | None) -> bytes:
+    if t == GGUFValueType.STRING:
+        return _pack_str(v)
+    if t == GGUFValueType.ARRAY:
+        assert sub is not None
+        head = struct.pack("<IQ", sub, len(v))
+        if sub == GGUFValueType.STRING:
+            return head + b"".join(_pack_str(s) for s in v)
+        return head + np.asarray(v, dtype=np.dtype(_SCALAR[sub])).tobytes()
+    return struct.pack(_SCALAR[t], v)
+
+
+def _header(kvs: dict[str, KV], tensors: list[TensorInfo], magic: bytes = GGUF_MAGIC) -> tuple[bytes, dict[str, int]]:
+    parts = [magic, struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(kvs))]
+    for key, kv in kvs.items():
+        parts += [_pack_str(key), struct.pack("<I", kv.type), _pack_value(kv.type, kv.value, kv.sub)]
+    rel, offsets = 0, {}
+    for t in tensors:
+        dims = tuple(reversed(t.shape))
+        parts += [_pack_str(t.name), struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, t.qtype, rel)]
+        offsets[t.name] = rel
+        rel += _align(t.nbytes)
+    head = b"".join(parts)
+    return head + b"\0" * (_align(len(head)) - len(head)), offsets
+
+
+def shard_paths(out: Path, n: int) -> list[Path]:
+    """gguf-split names: OUT.gguf -> OUT-00001-of-0000N.gguf (llama.cpp finds the rest from the first)."""
+    if n == 1:
+        return [out]
+    stem = out.name[:-5] if out.name.endswith(".gguf") else out.name
+    return [out.with_name(f"{stem}-{i + 1:05d}-of-{n:05d}.gguf") for i in range(n)]
+
+
+def plan_layout(kvs: dict[str, KV], tensors: list[TensorInfo], out: Path, split_max_size: int | None = None) -> list[Shard]:
+    """Assign tensors to shards (each shard file at most split_max_size bytes when possible) and
+    compute every header, offset and file size exactly."""
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise OssggufError(f"duplicate tensor names in output: {', '.join(dup)}")
+    groups: list[list[TensorInfo]] = [[]]
+    if split_max_size:
+        split_kv = {SPLIT_NO: KV(GGUFValueType.UINT16, 0), SPLIT_COUNT: KV(GGUFValueType.UINT16, 0),
+                    SPLIT_TENSORS: kv_i32(0)}
+        size = len(_header({**kvs, **split_kv}, [])[0])
+        for t in tensors:
+            ti = len(_pack_str(t.name)) + 4 + 8 * len(t.shape) + 12
+            need = ti + _align(t.nbytes) + ALIGNMENT
+            if groups[-1] and size + need > split_max_size:
+                groups.append([])
+                size = len(_header(split_kv, [])[0])
+            groups[-1].append(t)
+            size += need
+    else:
+        groups[0] = list(tensors)
+    paths = shard_paths(out, len(groups))
+    shards = []
+    for i, (path, group) in enumerate(zip(paths, groups)):
+        meta = dict(kvs) if i == 0 else {}
+        if len(groups) > 1:
+            meta.update({SPLIT_NO: KV(GGUFValueType.UINT16, i), SPLIT_COUNT: KV(GGUFValueType.UINT16, len(groups)),
+                         SPLIT_TENSORS: kv_i32(len(tensors))})
+        header, rel = _header(meta, group)
+        size = len(header) + sum(_align(t.nbytes) for t in group)
+        shards.append(Shard(path, group, header, {k: len(header) + v for k, v in rel.items()}, size))
+    return shards
+
+
+def parse_size(text: str) -> int:
+    """'48G' / '48GB' (decimal, as llama.cpp's gguf-split), '45GiB' (binary), '500M', or plain bytes."""
+    s = text.strip().upper().replace(" ", "")
+    units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "B": 1, "": 1}
+    num = s.rstrip("KMGTIB")
+    try:
+        value = float(num) * units[s[len(num):]]
+    except (ValueError, KeyError):
+        raise OssggufError(f"cannot read size '{text}': use a number with a unit, e.g. 48G, 500M or 45GiB") from None
+    if value <= 0:
+        raise OssggufError(f"size must be positive, got '{text}'")
+    return int(value)
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
+
+
+class GGUFFileWriter:
+    """Writes the shards of a planned layout. Use as a context manager: on any exception (Ctrl-C
+    included) the temporary files are removed; `commit()` makes the output appear atomically."""
+
+    def __init__(self, shards: list[Shard], force: bool = False):
+        self.shards = shards
+        self.force = force
+        self._fds: list[int] = []
+        self._where: dict[str, tuple[int, int]] = {}
+        self._committed = False
+
+    def __enter__(self) -> GGUFFileWriter:
+        for s in self.shards:
+            if s.path.exists() and not self.force:
+                raise OssggufError(f"{s.path} already exists: pass --force to overwrite it")
+        need = sum(s.size for s in self.shards)
+        target = self.shards[0].path.parent
+        if not target.is_dir():
+            raise OssggufError(f"output folder {target} does not exist")
+        try:
+            for s in self.shards:
+                tmp = partial_path(s.path)
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                self._allocate(fd, s.size, need, target)
+                # The magic goes in last (commit): a partial file never starts with "GGUF".
+                os.pwrite(fd, b"\0\0\0\0" + s.header[4:], 0)
+                for name, off in s.offsets.items():
+                    self._where[name] = (fd, off)
+        except BaseException:
+            self._cleanup()
+            raise
+        return self
+
+    @staticmethod
+    def _allocate(fd: int, size: int, need: int, target: Path) -> None:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                free = shutil.disk_usage(target).free
+                raise OssggufError(
+                    f"not enough disk space in {target}: the output needs {need / 1e9:.2f} GB, "
+                    f"{free / 1e9:.2f} GB are free; free some space or write elsewhere with -o"
+                ) from None
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            os.ftruncate(fd, size)  # file systems without fallocate: writes still fill every byte
+
+    def write(self, name: str, data: np.ndarray | bytes | memoryview, offset: int = 0) -> int:
+        """Write bytes of tensor `name` starting `offset` bytes into its data."""
+        fd, base = self._where[name]
+        view = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else memoryview(
+            np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        pos, done = base + offset, 0
+        try:
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], pos + done)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise OssggufError("the disk filled up while writing the output: free some space and run again") from None
+            raise
+        return done
+
+    def commit(self) -> None:
+        for fd, s in zip(self._fds, self.shards):
+            os.pwrite(fd, s.header[:4], 0)
+            os.fsync(fd)
+        # Rename the first shard last: it is the one llama.cpp and users open.
+        for s in reversed(self.shards):
+            os.replace(partial_path(s.path), s.path)
+        dfd = os.open(self.shards[0].path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self._committed = True
+
+    def _cleanup(self) -> None:
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+        if not self._committed:
+            for s in self.shards:
+                try:
+                    partial_path(s.path).unlink()
+                except FileNotFoundError:
+                    pass
+
+    def __exit__(self, *exc) -> None:
+        self._cleanup()
+
+
+def write_tensors(shards: list[Shard], chunks: Iterable[tuple[str, int, np.ndarray]], force: bool = False) -> None:
+    """Convenience: write (name, offset, data) chunks into a new file set and commit."""
+    with GGUFFileWriter(shards, force=force) as w:
+        for name, off, data in chunks:
+            w.write(name, data, off)
+        w.commit()

@@ -1,0 +1,153 @@
+"""The `ossgguf` command: a thin click shell over the library functions.
+
+One error boundary: an OssggufError (or any error) prints one line and exits non-zero; set
+OSSGGUF_DEBUG=1 for the traceback. The answer goes to stdout; progress and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import OssggufError
+
+
+def _die(msg: str, code: int = 1) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+def _sigterm(signum, frame):  # turn `kill` into the same clean unwinding as Ctrl-C
+    raise KeyboardInterrupt
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="ossgguf")
+@click.option("-v", "--verbose", is_flag=True, help="Show detailed logs (llama.cpp's own log where a model loads).")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """Convert, quantize, run and publish OpenAI gpt-oss models as GGUF.
+
+    \b
+    Start here:
+      ossgguf demo                                   the whole pipeline on a built-in tiny model
+      ossgguf convert openai/gpt-oss-20b -o gpt-oss-20b.gguf
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _sigterm)
+    debug = bool(os.environ.get("OSSGGUF_DEBUG"))
+    try:
+        cli.main(standalone_mode=False, prog_name="ossgguf")
+    except OssggufError as e:
+        if debug:
+            raise
+        _die(str(e))
+    except click.exceptions.Abort:
+        _die("interrupted", 130)
+    except KeyboardInterrupt:
+        _die("interrupted: no output was left behind", 130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except OSError as e:
+        if debug:
+            raise
+        _die(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}")
+    except Exception as e:  # noqa: BLE001 - the one boundary where unexpected errors become one line
+        if debug:
+            raise
+        _die(f"unexpected {type(e).__name__}: {e} (set OSSGGUF_DEBUG=1 for the traceback and report it)", 2)
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
+                disable=None, dynamic_ncols=True)
+
+
+def _resolve_source(src: str) -> tuple[Path, str | None]:
+    """A local folder, or a Hub repo id that is downloaded first."""
+    p = Path(src)
+    if p.exists():
+        return p, None
+    from .hub.download import resolve_source
+
+    return resolve_source(src), src
+
+
+@cli.command()
+@click.argument("src")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output GGUF path (with --split-max-size: the name shards are derived from).")
+@click.option("--recipe", default="mxfp4", show_default=True,
+              help="Types per tensor class: mxfp4, mxfp4-q8, q8_0, bf16, f16.")
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
+              help="Override the type of matching tensors (repeatable), e.g. 'attn_.*=q8_0'.")
+@click.option("--split-max-size", metavar="SIZE", help="Split into gguf-split shards of at most SIZE (e.g. 48G).")
+@click.option("--allow-fallback", is_flag=True, help="Use the nearest valid type when rows cannot take the one asked.")
+@click.option("--dry-run", is_flag=True, help="Plan only: print what would be written, write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable plan on stdout.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+def convert(src: str, out: Path, recipe: str, tensor_types: tuple[str, ...], split_max_size: str | None,
+            allow_fallback: bool, dry_run: bool, as_json: bool, force: bool) -> None:
+    """Convert a Hugging Face gpt-oss checkpoint (folder or repo id) to GGUF.
+
+    MXFP4 experts are copied bit for bit; everything streams, so memory stays small whatever the
+    model size.
+
+    \b
+    Examples:
+      ossgguf convert ./gpt-oss-20b -o gpt-oss-20b-mxfp4.gguf
+      ossgguf convert openai/gpt-oss-120b -o gpt-oss-120b-mxfp4.gguf --split-max-size 48G
+      ossgguf convert ./my-finetune -o ft.gguf --recipe bf16 --dry-run --json
+    """
+    from .convert.convert import plan_conversion, run_conversion, summarize
+    from .convert.gguf_writer import parse_size
+
+    path, repo = _resolve_source(src)
+    max_size = parse_size(split_max_size) if split_max_size else None
+    plan = plan_conversion(path, out, recipe, tensor_types, max_size, allow_fallback, source_repo=repo)
+    if dry_run:
+        if as_json:
+            click.echo(json.dumps(plan.to_json(), indent=1))
+        else:
+            from .convert.convert import ConvertReport
+
+            click.echo(summarize(ConvertReport(plan)))
+        return
+    if as_json:
+        raise click.UsageError("--json goes with --dry-run")
+    with _progress_bar(plan.data_bytes, "convert") as bar:
+        report = run_conversion(plan, force=force, progress=bar.update)
+    click.echo(summarize(report), err=True)
+    click.echo(str(plan.shards[0].path))
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to keep the tiny checkpoint and GGUF (default: a temporary folder).")
+@click.option("--keep", is_flag=True, help="Keep the files (with --workdir they are always kept).")
+@click.pass_context
+def demo(ctx: click.Context, workdir: Path | None, keep: bool) -> None:
+    """Run the whole pipeline on a built-in tiny gpt-oss model: make, convert, load, generate."""
+    from .demo import run_demo
+
+    run_demo(workdir, keep=keep, verbose=ctx.obj["verbose"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The one type policy: a tensor's class and a recipe choose its GGML type; --tensor-type overrides.
+
+A type the rows cannot take (k-quants and IQ types need rows that are a multiple of 256; gpt-oss rows
+are 2880 wide) is never silently replaced: the caller refuses, or with allow_fallback takes the
+nearest valid type and reports it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+
+from ..errors import OssggufError
+from ..model import TensorClass
+
+Q = GGMLQuantizationType
+AS_STORED = None  # keep the source's type (BF16 for gpt-oss's attention, embeddings and head)
+
+# recipe -> class -> type. Norms, sinks, biases and the router stay F32 in every recipe, as in
+# llama.cpp's own gpt-oss files.
+RECIPES: dict[str, dict[TensorClass, Q | None]] = {
+    "mxfp4": {TensorClass.EXPERT: Q.MXFP4, TensorClass.ATTENTION: AS_STORED, TensorClass.EMBEDDING: AS_STORED,
+              TensorClass.OUTPUT: AS_STORED},
+    "mxfp4-q8": {TensorClass.EXPERT: Q.MXFP4, TensorClass.ATTENTION: Q.Q8_0, TensorClass.EMBEDDING: Q.Q8_0,
+                 TensorClass.OUTPUT: Q.Q8_0},
+    "q8_0": {TensorClass.EXPERT: Q.Q8_0, TensorClass.ATTENTION: Q.Q8_0, TensorClass.EMBEDDING: Q.Q8_0,
+             TensorClass.OUTPUT: Q.Q8_0},
+    "bf16": {TensorClass.EXPERT: Q.BF16, TensorClass.ATTENTION: Q.BF16, TensorClass.EMBEDDING: Q.BF16,
+             TensorClass.OUTPUT: Q.BF16},
+    "f16": {TensorClass.EXPERT: Q.F16, TensorClass.ATTENTION: Q.F16, TensorClass.EMBEDDING: Q.F16,
+            TensorClass.OUTPUT: Q.F16},
+}
+for _r in RECIPES.values():
+    _r.update({TensorClass.ROUTER: Q.F32, TensorClass.NORM: Q.F32})
+DEFAULT_RECIPE = "mxfp4"
+
+# What llama-quantize falls back to when rows are not a multiple of 256 (llama-quant.cpp).
+_FALLBACK = {
+    Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.IQ4_NL, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0,
+    Q.IQ2_XXS: Q.IQ4_NL, Q.IQ2_XS: Q.IQ4_NL, Q.IQ2_S: Q.IQ4_NL, Q.IQ3_XXS: Q.IQ4_NL, Q.IQ3_S: Q.IQ4_NL,
+    Q.IQ1_S: Q.IQ4_NL, Q.IQ1_M: Q.IQ4_NL, Q.IQ4_XS: Q.IQ4_NL,
+}
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+
+
+def parse_type(text: str) -> Q:
+    try:
+        return Q[text.strip().upper()]
+    except KeyError:
+        names = ", ".join(t.name.lower() for t in Q if t.name in _KNOWN)
+        raise OssggufError(f"unknown tensor type '{text}': use one of {names}") from None
+
+
+_KNOWN = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "MXFP4", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+          "Q6_K", "IQ4_NL", "IQ4_XS", "Q8_K"} & {t.name for t in Q}
+
+
+def parse_recipe(name: str) -> str:
+    if name not in RECIPES:
+        raise OssggufError(f"unknown recipe '{name}': use one of {', '.join(RECIPES)}")
+    return name
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> list[tuple[re.Pattern[str], Q]]:
+    """`REGEX=TYPE` items, as llama-quantize's --tensor-type."""
+    out = []
+    for item in items:
+        pat, sep, typ = item.rpartition("=")
+        if not sep or not pat:
+            raise OssggufError(f"--tensor-type '{item}' must look like REGEX=TYPE, e.g. 'attn_.*=q8_0'")
+        try:
+            out.append((re.compile(pat), parse_type(typ)))
+        except re.error as e:
+            raise OssggufError(f"--tensor-type '{item}': bad regex: {e}") from None
+    return out
+
+
+def row_ok(qtype: Q, shape: tuple[int, ...]) -> bool:
+    return shape[-1] % GGML_QUANT_SIZES[qtype][0] == 0
+
+
+@dataclass(frozen=True)
+class TypeChoice:
+    name: str
+    qtype: Q
+    requested: Q
+    why: str  # "recipe", "override", "fallback"
+
+    @property
+    def fell_back(self) -> bool:
+        return self.qtype != self.requested
+
+
+def choose_types(tensors: list[tuple[str, TensorClass, tuple[int, ...], Q]], recipe: str,
+                 overrides: list[tuple[re.Pattern[str], Q]] = (), allow_fallback: bool = False) -> list[TypeChoice]:
+    """One TypeChoice per (name, class, numpy shape, stored type), or OssggufError for what cannot be."""
+    table = RECIPES[parse_recipe(recipe)]
+    used = [False] * len(overrides)
+    choices, bad = [], []
+    for name, cls, shape, stored in tensors:
+        want, why = table[cls], "recipe"
+        if want is AS_STORED:
+            want = stored if stored in FLOAT_TYPES or row_ok(stored, shape) else Q.BF16
+        for k, (pat, typ) in enumerate(overrides):
+            if pat.search(name):
+                want, why, used[k] = typ, "override", True
+                break
+        if len(shape) == 1 and want not in FLOAT_TYPES:
+            want = Q.F32  # 1-D tensors (norms, biases) are never quantized by llama.cpp
+        got = want
+        if not row_ok(want, shape):
+            alt = _FALLBACK.get(want, Q.Q8_0)
+            if not allow_fallback or not row_ok(alt, shape):
+                bad.append((name, want, shape))
+                continue
+            got, why = alt, "fallback"
+        choices.append(TypeChoice(name, got, want, why))
+    unused = [overrides[k][0].pattern for k, u in enumerate(used) if not u]
+    if unused:
+        raise OssggufError(f"--tensor-type pattern(s) matched no tensor: {', '.join(unused)}")
+    if bad:
+        lines = [f"{n} (rows of {s[-1]})" for n, _, s in bad[:6]] + (["..."] if len(bad) > 6 else [])
+        types = sorted({t.name for _, t, _ in bad})
+        valid = valid_types(bad[0][2][-1])
+        raise OssggufError(
+            f"{len(bad)} tensor(s) cannot be stored as {', '.join(types)}: {'; '.join(lines)}. "
+            f"Types that fit these rows: {', '.join(t.name.lower() for t in valid)}; "
+            "or pass --allow-fallback to take the nearest valid type (listed in the summary)"
+        )
+    return choices
+
+
+def valid_types(row: int) -> list[Q]:
+    return [t for t in Q if t.name in _KNOWN and t != Q.Q8_K and row % GGML_QUANT_SIZES[t][0] == 0]
+
+
+def file_type(choices: list[TypeChoice], classes: dict[str, TensorClass]) -> int:
+    """general.file_type: MOSTLY_MXFP4_MOE when the experts are MXFP4, else the experts' type."""
+    exp = [c.qtype for c in choices if classes[c.name] == TensorClass.EXPERT]
+    main = max(set(exp), key=exp.count) if exp else Q.F32
+    if main == Q.MXFP4:
+        return LlamaFileType.MOSTLY_MXFP4_MOE
+    if main == Q.F32:
+        return LlamaFileType.ALL_F32
+    return getattr(LlamaFileType, f"MOSTLY_{main.name}", LlamaFileType.GUESSED)
