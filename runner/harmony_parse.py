@@ -1,0 +1,336 @@
+"""Streaming parser for gpt-oss output in the harmony format.
+
+Generated text starts right after a prompt that ends in `<|start|>assistant`, so the first message's
+role is implied. A message is `HEADER<|message|>BODY` closed by `<|end|>`, `<|return|>` (final
+answer) or `<|call|>` (tool call). The header holds the channel and, for tool calls, the recipient in
+either form the model writes: `<|channel|>commentary to=functions.f <|constrain|>json` (harmony docs)
+or ` to=functions.f<|channel|>commentary json` (the official template's history form).
+The parser never raises on model output: problems end up in `ParsedMessage.error` / `stop_reason`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+START, END, MESSAGE, CHANNEL = "<|start|>", "<|end|>", "<|message|>", "<|channel|>"
+CONSTRAIN, RETURN, CALL = "<|constrain|>", "<|return|>", "<|call|>"
+ENDOFTEXT, STARTOFTEXT = "<|endoftext|>", "<|startoftext|>"
+SPECIAL_TOKENS = (START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL, ENDOFTEXT, STARTOFTEXT)
+
+# A header longer than this without `<|message|>` means the model is not writing harmony.
+MAX_HEADER_CHARS = 512
+# What the text of a first header cut off before `<|channel|>` can look like (" to=functions.f").
+_HEADER_START = re.compile(r"\s*[\w.\-]*(?:\s+to=[^\s<]*)?\s*")
+
+EventKind = Literal["reasoning", "content", "tool_call", "tool_args"]
+StopReason = Literal["stop", "tool_calls", "length", "error"]
+
+
+@dataclass
+class Event:
+    """One streaming delta. `tool_call` opens call `index` (id, name); `tool_args` extends its arguments."""
+
+    kind: EventKind
+    text: str = ""
+    index: int = -1
+    id: str = ""
+    name: str = ""
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text as the model wrote it ("{}" when it wrote nothing)
+
+
+@dataclass
+class ParsedMessage:
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    stop_reason: StopReason = "stop"
+    error: str | None = None
+
+
+@dataclass
+class _Header:
+    role: str
+    channel: str | None
+    recipient: str | None
+    content_type: str | None
+
+
+def _drop_partial_token(text: str) -> str:
+    """`text` without a trailing start of a special token (a stream cut inside one)."""
+    cut = text.rfind("<")
+    if cut >= 0 and any(t.startswith(text[cut:]) for t in SPECIAL_TOKENS):
+        return text[:cut]
+    return text
+
+
+def default_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def parse_header(parts: list[str]) -> _Header:
+    """Split header pieces (text and `<|channel|>` / `<|constrain|>` markers) into its fields."""
+    sections: dict[str, list[str]] = {"role": [], CHANNEL: [], CONSTRAIN: []}
+    current = "role"
+    for part in parts:
+        if part in (CHANNEL, CONSTRAIN):
+            current = part
+        else:
+            sections[current].append(part)
+    role, channel, recipient, content_type = "", None, None, None
+    for section, text in sections.items():
+        for word in "".join(text).split():
+            if word.startswith("to="):
+                recipient = word[3:]
+            elif section == "role" and not role:
+                role = word
+            elif section == CHANNEL and channel is None:
+                channel = word
+            elif content_type is None:
+                content_type = word
+    return _Header(role or "assistant", channel, recipient, content_type)
+
+
+class HarmonyStreamParser:
+    """Feed generated text piece by piece; get deltas back; call `finish()` once at the end."""
+
+    def __init__(self, id_factory: Callable[[], str] | None = None) -> None:
+        self._new_id = id_factory or default_call_id
+        self._buf = ""  # text held back because it may be the start of a special token
+        self._state = "header"  # header | body | between | done
+        self._header: list[str] = []
+        self._target: str | None = None  # reasoning | content | tool
+        self._channel: str | None = None
+        self._body_chars = 0
+        self._opened = 0  # messages opened so far
+        self._last_close: str | None = None  # END / RETURN / CALL of the last closed message
+        self._truncated = False
+        self._finished = False  # flushed: no more input
+        self._settled = False
+        self.result = ParsedMessage()
+
+    # -- input ---------------------------------------------------------------------------------
+    def feed(self, piece: str) -> list[Event]:
+        if self._finished:
+            raise RuntimeError("HarmonyStreamParser.feed() called after flush() or finish()")
+        self._buf += piece
+        events: list[Event] = []
+        for kind, text in self._scan(final=False):
+            self._step(kind, text, events)
+        return events
+
+    def flush(self) -> list[Event]:
+        """The last deltas at the end of the stream: text held back as a possible partial special
+        token, or plain text from a model that does not write harmony. `finish()` calls it too."""
+        events: list[Event] = []
+        if self._finished:
+            return events
+        self._finished = True
+        for kind, text in self._scan(final=True):
+            self._step(kind, text, events)
+        if self._state == "header" and self._header and not self._opened and CHANNEL not in self._header:
+            text = _drop_partial_token("".join(p for p in self._header if p != CONSTRAIN))
+            if not _HEADER_START.fullmatch(text):
+                self._not_harmony(events)
+        return events
+
+    def finish(self, ended_by: Literal["stop", "length"] | None = None) -> ParsedMessage:
+        """Close the stream (see `flush`) and settle `stop_reason`.
+
+        `ended_by` is the engine's reason when the text has no terminator: llama.cpp stops at
+        `<|return|>` / `<|call|>` without passing them on ("stop"), or at max tokens ("length").
+        """
+        if self._settled:
+            return self.result
+        self.flush()
+        self._settled = True
+        res = self.result
+        if self._state == "body":
+            if ended_by == "stop":
+                self._close(CALL if self._target == "tool" else RETURN)
+            else:
+                self._truncated = True
+        elif self._state == "header" and self._header:
+            if ended_by == "stop":
+                self._set_error("the model stopped inside a message header")
+            else:
+                self._truncated = True
+        if res.error is not None:
+            res.stop_reason = "error"
+        elif self._truncated:
+            res.stop_reason = "length"
+        elif self._last_close == RETURN:
+            res.stop_reason = "stop"
+        elif self._last_close == CALL and res.tool_calls:
+            res.stop_reason = "tool_calls"
+        elif ended_by is not None:
+            res.stop_reason = ended_by
+        elif self._last_close == END and self._channel not in ("final", None):
+            res.stop_reason = "length"  # stopped after reasoning, before any answer
+        else:
+            res.stop_reason = "stop"
+        if res.stop_reason == "error":
+            log.warning("harmony output: %s", res.error)
+        return res
+
+    # -- tokenizing ----------------------------------------------------------------------------
+    def _scan(self, final: bool) -> list[tuple[str, str]]:
+        """Split the buffer into ("text", s) and ("special", tok); keep a possible partial token."""
+        out: list[tuple[str, str]] = []
+        buf, i, plain = self._buf, 0, 0
+        while True:
+            j = buf.find("<", i)
+            if j < 0:
+                break
+            rest = buf[j:]
+            tok = next((t for t in SPECIAL_TOKENS if rest.startswith(t)), None)
+            if tok is not None:
+                if j > plain:
+                    out.append(("text", buf[plain:j]))
+                out.append(("special", tok))
+                i = plain = j + len(tok)
+            elif not final and any(t.startswith(rest) for t in SPECIAL_TOKENS):
+                if j > plain:
+                    out.append(("text", buf[plain:j]))
+                self._buf = rest
+                return out
+            else:
+                i = j + 1
+        if len(buf) > plain:
+            out.append(("text", buf[plain:]))
+        self._buf = ""
+        return out
+
+    # -- state machine -------------------------------------------------------------------------
+    def _step(self, kind: str, text: str, events: list[Event]) -> None:
+        state = self._state
+        if state == "done":
+            if kind == "text" and not text.strip():
+                return
+            log.debug("harmony output after the end ignored: %r", text)
+            return
+        if kind == "text":
+            if state == "body":
+                self._emit(text, events)
+            elif state == "between" and not text.strip():
+                return
+            else:
+                self._state = "header"
+                self._header.append(text)
+                if sum(len(p) for p in self._header) > MAX_HEADER_CHARS:
+                    self._not_harmony(events)
+            return
+        # special tokens
+        if state == "body":
+            if text in (END, CALL, RETURN):
+                self._close(text)
+            elif text == START:
+                log.debug("harmony: <|start|> inside a message body; closing the message")
+                self._close(END)
+                self._state, self._header = "header", []
+            elif text == CHANNEL:
+                log.debug("harmony: <|channel|> inside a message body; closing the message")
+                self._close(END)
+                self._state, self._header = "header", [CHANNEL]
+            elif text == ENDOFTEXT:
+                self._close(RETURN if self._target != "tool" else CALL)
+                self._state = "done"
+            else:  # <|message|>, <|constrain|>, <|startoftext|> inside a body: keep them as text
+                self._emit(text, events)
+        elif text == START:
+            self._state, self._header = "header", []
+        elif text in (CHANNEL, CONSTRAIN):
+            self._state = "header"
+            self._header.append(text)
+        elif text == MESSAGE:
+            self._open(parse_header(self._header), events)
+        elif text == ENDOFTEXT:
+            self._state = "done"
+        elif state == "header" and text in (END, RETURN, CALL):
+            self._set_error(f"{text} inside a message header")
+            self._state, self._header = "between", []
+
+    def _open(self, header: _Header, events: list[Event]) -> None:
+        self._header = []
+        if header.role != "assistant":
+            # The model started another participant's turn: nothing after this is its own output.
+            self._set_error(f"the model wrote a message as {header.role!r}; output after it ignored")
+            self._state = "done"
+            return
+        self._state, self._body_chars, self._channel = "body", 0, header.channel
+        self._opened += 1
+        if header.recipient:
+            name = header.recipient.removeprefix("functions.")
+            call = ToolCall(id=self._new_id(), name=name, arguments="")
+            self.result.tool_calls.append(call)
+            self._target = "tool"
+            events.append(Event("tool_call", index=len(self.result.tool_calls) - 1, id=call.id, name=name))
+        elif header.channel == "analysis":
+            self._target = "reasoning"
+        else:  # final, commentary preambles (user-visible), or no channel at all
+            if header.channel not in ("final", "commentary", None):
+                log.debug("harmony: unknown channel %r treated as content", header.channel)
+            self._target = "content"
+
+    def _emit(self, text: str, events: list[Event]) -> None:
+        if not text:
+            return
+        res, target = self.result, self._target
+        if target == "tool":
+            res.tool_calls[-1].arguments += text
+            events.append(Event("tool_args", text=text, index=len(res.tool_calls) - 1))
+            return
+        if self._body_chars == 0 and getattr(res, target):
+            text = "\n" + text  # a second analysis/final message: keep it apart from the first
+        self._body_chars += len(text)
+        setattr(res, target, getattr(res, target) + text)
+        events.append(Event(target, text=text))  # type: ignore[arg-type]
+
+    def _close(self, token: str) -> None:
+        if self._target == "tool":
+            call = self.result.tool_calls[-1]
+            if not call.arguments.strip():
+                call.arguments = "{}"
+            else:
+                try:
+                    json.loads(call.arguments)
+                except json.JSONDecodeError as exc:
+                    self._set_error(f"tool call {call.name!r}: arguments are not valid JSON ({exc})")
+        self._last_close = token
+        self._state = "done" if token == RETURN else "between"
+
+    def _not_harmony(self, events: list[Event]) -> None:
+        """Deliver a header that never ended as content, so a broken model still shows its text."""
+        self._set_error("the output is not in the harmony format (no <|channel|>...<|message|> header)")
+        text = "".join(p for p in self._header if p not in (CHANNEL, CONSTRAIN))
+        self._header, self._state, self._target, self._body_chars = [], "body", "content", 0
+        self._channel = None
+        self._emit(text, events)
+
+    def _set_error(self, message: str) -> None:
+        if self.result.error is None:
+            self.result.error = message
+
+
+def parse_completion(
+    text: str,
+    ended_by: Literal["stop", "length"] | None = None,
+    id_factory: Callable[[], str] | None = None,
+) -> ParsedMessage:
+    """Parse a whole completion (text generated after `<|start|>assistant`)."""
+    parser = HarmonyStreamParser(id_factory)
+    parser.feed(text)
+    return parser.finish(ended_by)
