@@ -8,9 +8,12 @@ largest slice and a checkpoint's interleaved gate/up experts are read once for b
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +32,7 @@ from .vocab import vocab_metadata
 
 log = logging.getLogger(__name__)
 Q = GGMLQuantizationType
-CHUNK_BYTES = 32 * 1024 * 1024  # target size of one streamed slice
+CHUNK_BYTES = 16 * 1024 * 1024  # target size of one streamed slice (rows of a dense tensor)
 
 
 @dataclass
@@ -102,81 +105,94 @@ def plan_conversion(src: str | Path, out: str | Path, recipe: str = DEFAULT_RECI
     return ConversionPlan(ckpt, table, by_name, shards, recipe)
 
 
-# --- producers: each yields (output tensor name, byte offset inside it, bytes) ------------------
+# --- producers: tasks that each read one slice and return (output name, byte offset, bytes) ------
 
 Chunk = tuple[str, int, np.ndarray]
+Task = Callable[[], list[Chunk]]
 
 
-def _rows_per_chunk(row_bytes: int) -> int:
-    return max(1, CHUNK_BYTES // max(row_bytes, 1))
-
-
-def _copy(reader: TensorReader, t: OutTensor, qtype: Q) -> Iterator[Chunk]:
+def _copy(reader: TensorReader, t: OutTensor, qtype: Q) -> Iterator[Task]:
     e = reader.entries[t.source]
-    rows = e.shape[0] if len(e.shape) > 1 else 1
-    per = _rows_per_chunk(e.row_bytes if len(e.shape) > 1 else e.nbytes)
-    buf = np.empty(min(per, rows) * (e.row_bytes if len(e.shape) > 1 else e.nbytes), dtype=np.uint8)
-    off = 0
+    if len(e.shape) == 1:  # small 1-D tensors: one slice
+        yield lambda: [(t.name, 0, _convert_raw(reader.read(t.source), e.dtype, qtype, e.shape[-1]))]
+        return
+    rows = e.shape[0]
+    per = max(1, CHUNK_BYTES // e.row_bytes)
     for start in range(0, rows, per):
         n = min(per, rows - start)
-        raw = reader.read(t.source, start, n, out=buf) if len(e.shape) > 1 else reader.read(t.source, out=buf)
-        data = raw.view(np.uint8) if Q[e.dtype] == qtype else encode(
-            to_f32(raw, e.dtype).reshape(-1, e.shape[-1]), qtype)
-        yield t.name, off, data
-        off += data.nbytes
+
+        def task(start=start, n=n) -> list[Chunk]:
+            data = _convert_raw(reader.read(t.source, start, n), e.dtype, qtype, e.shape[-1])
+            return [(t.name, start * (data.nbytes // n), data)]
+
+        yield task
 
 
-def _bias_parts(reader: TensorReader, outs: list[OutTensor], types: dict[str, Q]) -> Iterator[Chunk]:
-    src = outs[0].source
-    e = reader.entries[src]
-    raw = reader.read(src)  # [E, 2F]: small
-    for t in outs:
-        sel = raw[:, 0::2] if t.part == "gate" else raw[:, 1::2]
-        yield t.name, 0, encode(to_f32(np.ascontiguousarray(sel), e.dtype), types[t.name])
+def _convert_raw(raw: np.ndarray, dtype: str, qtype: Q, row: int) -> np.ndarray:
+    if Q[dtype] == qtype:
+        return raw.view(np.uint8)  # lossless: the stored bytes as they are
+    return encode(to_f32(raw, dtype).reshape(-1, row), qtype)
 
 
-def _experts_mxfp4(reader: TensorReader, outs: list[OutTensor], types: dict[str, Q]) -> Iterator[Chunk]:
-    src = outs[0].source
-    bname, sname = src + "_blocks", src + "_scales"
-    be, se = reader.entries[bname], reader.entries[sname]
-    bbuf, sbuf = np.empty(be.row_bytes, np.uint8), np.empty(se.row_bytes, np.uint8)
-    for x in range(be.shape[0]):
-        blocks, scales = reader.read(bname, x, 1, out=bbuf)[0], reader.read(sname, x, 1, out=sbuf)[0]
-        for t in outs:
-            sel = slice(None) if t.part == "down" else slice(0 if t.part == "gate" else 1, None, 2)
-            b, s = blocks[sel], scales[sel]
-            if types[t.name] == Q.MXFP4:
-                data = mxfp4.repack_hf_to_ggml(b, s)  # bit for bit
-            else:
-                data = encode(mxfp4.dequantize_hf(b, s), types[t.name])
-            yield t.name, x * data.nbytes, data
+def _bias_parts(reader: TensorReader, outs: list[OutTensor], types: dict[str, Q]) -> Iterator[Task]:
+    def task() -> list[Chunk]:
+        e = reader.entries[outs[0].source]
+        raw = reader.read(e.name)  # [E, 2F], interleaved gate/up: small
+        return [(t.name, 0, encode(to_f32(np.ascontiguousarray(raw[:, 0 if t.part == "gate" else 1::2]), e.dtype),
+                                   types[t.name])) for t in outs]
+
+    yield task
 
 
-def _experts_dense(reader: TensorReader, outs: list[OutTensor], types: dict[str, Q]) -> Iterator[Chunk]:
-    src = outs[0].source
-    e = reader.entries[src]
-    buf = np.empty(e.row_bytes, np.uint8)
+def _rows(part: str | None) -> slice:
+    """Rows of an expert matrix that belong to `part`: gate_up interleaves gate (even) and up (odd)."""
+    return slice(None) if part in (None, "down") else slice(0 if part == "gate" else 1, None, 2)
+
+
+def _experts_mxfp4(reader: TensorReader, outs: list[OutTensor], types: dict[str, Q]) -> Iterator[Task]:
+    bname, sname = outs[0].source + "_blocks", outs[0].source + "_scales"
+    for x in range(reader.entries[bname].shape[0]):
+
+        def task(x=x) -> list[Chunk]:
+            blocks, scales = reader.read(bname, x, 1)[0], reader.read(sname, x, 1)[0]
+            chunks = []
+            for t in outs:
+                b, s = blocks[_rows(t.part)], scales[_rows(t.part)]
+                if types[t.name] == Q.MXFP4:
+                    data = mxfp4.repack_hf_to_ggml(b, s)  # bit for bit
+                else:
+                    data = encode(mxfp4.dequantize_hf(b, s), types[t.name])
+                chunks.append((t.name, x * data.nbytes, data))
+            return chunks
+
+        yield task
+
+
+def _experts_dense(reader: TensorReader, outs: list[OutTensor], types: dict[str, Q]) -> Iterator[Task]:
+    e = reader.entries[outs[0].source]
     for x in range(e.shape[0]):
-        w = reader.read(src, x, 1, out=buf)[0].T  # [in, out] -> [out, in]: GGUF rows are output features
-        for t in outs:
-            sel = w if t.part == "down" else w[0 if t.part == "gate" else 1::2]
-            qt = types[t.name]
-            data = np.ascontiguousarray(sel).view(np.uint8) if Q[e.dtype] == qt else encode(to_f32(sel, e.dtype), qt)
-            yield t.name, x * data.nbytes, data
+
+        def task(x=x) -> list[Chunk]:
+            w = reader.read(e.name, x, 1)[0].T  # [in, out] -> [out, in]: GGUF rows are output features
+            chunks = []
+            for t in outs:
+                data = _convert_raw(np.ascontiguousarray(w[_rows(t.part)]), e.dtype, types[t.name], w.shape[1])
+                chunks.append((t.name, x * data.nbytes, data))
+            return chunks
+
+        yield task
 
 
-def _chunks(plan: ConversionPlan, reader: TensorReader) -> Iterator[Chunk]:
+def _tasks(plan: ConversionPlan, reader: TensorReader) -> Iterator[Task]:
     types = {n: c.qtype for n, c in plan.choices.items()}
     groups: dict[tuple[str, str], list[OutTensor]] = {}
     for t in plan.tensors:
         if t.kind == "copy":
             yield from _copy(reader, t, types[t.name])
             continue
-        key = (t.kind, t.source)
-        group = groups.setdefault(key, [])
+        group = groups.setdefault((t.kind, t.source), [])
         group.append(t)
-        # gate and up share one interleaved source: produce both once the pair is complete
-        if t.part == "gate":
+        if t.part == "gate":  # gate and up share one interleaved source: read it once for both
             continue
         if t.kind == "bias_part":
             yield from _bias_parts(reader, group, types)
@@ -186,17 +202,35 @@ def _chunks(plan: ConversionPlan, reader: TensorReader) -> Iterator[Chunk]:
             yield from _experts_dense(reader, group, types)
 
 
+def _pipelined(tasks: Iterator[Task], workers: int) -> Iterator[Chunk]:
+    """Run tasks on a thread pool (reads and numpy release the GIL), results in order, at most
+    2 x workers slices in flight, which bounds memory."""
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="convert") as ex:
+        try:
+            for task in tasks:
+                pending.append(ex.submit(task))
+                if len(pending) >= 2 * workers:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run_conversion(plan: ConversionPlan, force: bool = False,
-                   progress: Callable[[int], None] | None = None) -> ConvertReport:
+def run_conversion(plan: ConversionPlan, force: bool = False, progress: Callable[[int], None] | None = None,
+                   threads: int | None = None) -> ConvertReport:
     """Write the planned GGUF file(s). The output appears only when complete."""
     t0 = time.perf_counter()
     written = 0
+    workers = threads or os.cpu_count() or 2
     with TensorReader(plan.checkpoint.entries) as reader, GGUFFileWriter(plan.shards, force=force) as w:
-        for name, off, data in _chunks(plan, reader):
+        for name, off, data in _pipelined(_tasks(plan, reader), workers):
             n = w.write(name, data, off)
             written += n
             if progress:

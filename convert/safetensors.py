@@ -96,6 +96,8 @@ class TensorReader:
         self._fds: dict[Path, int] = {}
 
     def __enter__(self) -> TensorReader:
+        for path in {e.file for e in self.entries.values()}:  # open all now: reads run on threads
+            self._fd(path)
         return self
 
     def __exit__(self, *exc) -> None:
