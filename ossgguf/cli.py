@@ -90,6 +90,28 @@ def _resolve_source(src: str) -> tuple[Path, str | None]:
 
 
 @cli.command()
+@click.argument("repo_id")
+@click.option("--revision", help="Branch, tag or commit (default: main).")
+@click.option("--local-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Download into this folder instead of the shared Hugging Face cache.")
+@click.option("--token", help="Hugging Face token (default: the one `hf auth login` stored).")
+@click.option("--offline", is_flag=True, help="Use only the local cache (as HF_HUB_OFFLINE=1).")
+def download(repo_id: str, revision: str | None, local_dir: Path | None, token: str | None, offline: bool) -> None:
+    """Download a gpt-oss checkpoint from the Hub: weights, config, tokenizer, template only
+    (never the original/ and metal/ folders, which would double the download). Prints the folder.
+
+    \b
+    Examples:
+      ossgguf download openai/gpt-oss-20b
+      ossgguf download openai/gpt-oss-120b --local-dir ./gpt-oss-120b
+    """
+    from .hub.download import download as hub_download
+
+    click.echo(str(hub_download(repo_id, local_dir=local_dir, revision=revision, token=token,
+                                offline=True if offline else None)))
+
+
+@cli.command()
 @click.argument("src")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output GGUF path (with --split-max-size: the name shards are derived from).")
@@ -147,6 +169,54 @@ def demo(ctx: click.Context, workdir: Path | None, keep: bool) -> None:
     from .demo import run_demo
 
     run_demo(workdir, keep=keep, verbose=ctx.obj["verbose"])
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--messages", "messages_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="OpenAI chat messages (a JSON list, or a request body with messages/tools).")
+@click.option("--tools", "tools_path", type=click.Path(exists=True, dir_okay=False), help="OpenAI function tools (JSON).")
+@click.option("--reasoning", type=click.Choice(["low", "medium", "high"]), default="medium", show_default=True)
+@click.option("--date", help="Current date for the system message, YYYY-MM-DD (default: today).")
+def render(model: str, messages_path: str, tools_path: str | None, reasoning: str, date: str | None) -> None:
+    """Print the exact harmony prompt gpt-oss sees for a conversation.
+
+    \b
+    Example:
+      ossgguf render gpt-oss-20b.gguf --messages chat.json --tools tools.json --reasoning high
+    """
+    from .runner.harmony import render_from_files
+
+    click.echo(render_from_files(messages_path, tools_path, reasoning_effort=reasoning, date=date), nl=False)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--revision", help="Branch to upload to (created if missing).")
+@click.option("--commit-message", help="Commit message on the Hub.")
+@click.option("--token", help="Hugging Face token with write access (default: the stored one).")
+@click.option("--base-model", help="base_model for the card (default: read from the GGUF metadata).")
+@click.option("--quantized-by", help="quantized_by for the card.")
+@click.option("--dry-run", is_flag=True, help="Check files, hash them and print the card; upload nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def publish(path: Path, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
+            token: str | None, base_model: str | None, quantized_by: str | None, dry_run: bool, as_json: bool) -> None:
+    """Publish GGUF file(s) to a Hub repo with a model card (PATH: a GGUF, the first shard of a
+    split set, or a folder of them).
+
+    \b
+    Examples:
+      ossgguf publish gpt-oss-120b-mxfp4-00001-of-00002.gguf me/gpt-oss-120b-GGUF --dry-run
+      ossgguf publish ./out/ me/gpt-oss-120b-GGUF --private
+    """
+    from .hub.publish import publish as hub_publish
+    from .hub.publish import publish_plan_text
+
+    plan = hub_publish(path, repo_id, private=private, revision=revision, commit_message=commit_message,
+                       token=token, dry_run=dry_run, base_model=base_model, quantized_by=quantized_by)
+    click.echo(json.dumps(plan.to_json(), indent=1) if as_json else publish_plan_text(plan))
 
 
 if __name__ == "__main__":

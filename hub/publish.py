@@ -1,0 +1,444 @@
+"""Publish GGUF files to the Hugging Face Hub: check them, hash them, write the card, upload.
+
+Every check runs before any network call, so a bad file never leaves half a repo behind. The
+upload goes through `HfApi.upload_folder`, which with hf_xet splits large folders into several
+commits and resumes an interrupted upload when run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from ..errors import OssggufError
+from ..model import ARCH, TensorClass, tensor_class
+from .card import FileEntry, group_models, human_size, model_bits_per_weight, model_card, split_parts
+from .download import looks_like_repo_id, offline_mode
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_FILE_SIZE = 48 * 10**9  # the Hub refuses single files over 50 GB; llama.cpp splits at 48G
+RETRY_DELAYS = (5.0, 30.0)  # seconds slept after the 1st and 2nd failed attempt: 3 attempts in all
+RECIPE_KEY = "ossgguf.recipe"
+GGUF_MAGIC = b"GGUF"
+_SPLIT_NAME = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
+
+
+# --- a light GGUF header reader: metadata scalars and tensor infos, no tensor data -----------------
+
+@dataclass(frozen=True)
+class GgufTensor:
+    name: str
+    qtype: GGMLQuantizationType
+    n_elements: int
+    n_bytes: int
+    offset: int  # from the start of the data section
+
+
+@dataclass
+class GgufHeader:
+    path: Path
+    size: int  # of the file
+    metadata: dict[str, Any]  # scalar and string values; arrays are skipped
+    tensors: list[GgufTensor]
+    data_offset: int
+
+    @property
+    def data_end(self) -> int:
+        """Where the last tensor's data ends: a complete file is at least this long."""
+        return self.data_offset + max((t.offset + t.n_bytes for t in self.tensors), default=0)
+
+
+_SCALARS = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}
+
+
+class _Truncated(Exception):
+    pass
+
+
+class _Reader:
+    def __init__(self, f: BinaryIO):
+        self.f = f
+
+    def read(self, n: int) -> bytes:
+        b = self.f.read(n)
+        if len(b) != n:
+            raise _Truncated
+        return b
+
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return self.read(self.unpack("<Q")).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> Any:
+        if vtype == GGUFValueType.STRING:
+            return self.string()
+        if vtype == GGUFValueType.ARRAY:
+            sub, count = self.unpack("<I"), self.unpack("<Q")
+            if sub in (GGUFValueType.STRING, GGUFValueType.ARRAY):
+                for _ in range(count):
+                    self.value(sub)
+            else:
+                self.read(struct.calcsize(_SCALARS[GGUFValueType(sub)]) * count)
+            return None
+        return self.unpack(_SCALARS[GGUFValueType(vtype)])
+
+
+def read_gguf_header(path: str | Path) -> GgufHeader:
+    """Read a GGUF file's header (GGUF v2/v3, little-endian); OssggufError if it is not one or is cut short."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        r = _Reader(f)
+        try:
+            if f.read(4) != GGUF_MAGIC:
+                raise OssggufError(f"{path} is not a GGUF file: publish takes the .gguf files that "
+                                   "`ossgguf convert` or `ossgguf quantize` write")
+            version = r.unpack("<I")
+            if version not in (2, 3):
+                raise OssggufError(f"{path}: GGUF version {version} is not supported (big-endian or too old): "
+                                   "convert the checkpoint again with `ossgguf convert`")
+            n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
+            metadata: dict[str, Any] = {}
+            for _ in range(n_kv):
+                key = r.string()
+                metadata[key] = r.value(r.unpack("<I"))
+            tensors = []
+            for _ in range(n_tensors):
+                name = r.string()
+                dims = [r.unpack("<Q") for _ in range(r.unpack("<I"))]
+                qtype = GGMLQuantizationType(r.unpack("<I"))
+                n = 1
+                for d in dims:
+                    n *= d
+                block, type_size = GGML_QUANT_SIZES[qtype]
+                tensors.append(GgufTensor(name, qtype, n, n // block * type_size, r.unpack("<Q")))
+            align = int(metadata.get("general.alignment") or 32)
+            data_offset = -(-f.tell() // align) * align
+        except _Truncated:
+            raise OssggufError(f"{path} is truncated inside its header ({size} bytes): an interrupted copy "
+                               "or download? Write or fetch it again") from None
+        except (ValueError, KeyError, OverflowError, MemoryError) as e:
+            raise OssggufError(f"{path} has a corrupt GGUF header ({e}): write it again") from None
+    return GgufHeader(path, size, metadata, tensors, data_offset)
+
+
+def check_gguf(path: Path, first_shard: bool = True) -> GgufHeader:
+    """A complete gpt-oss GGUF (the first shard of a split holds the metadata)."""
+    h = read_gguf_header(path)
+    if h.size < h.data_end:
+        raise OssggufError(f"{path} is truncated: its tensors end at byte {h.data_end:,} but the file has "
+                           f"{h.size:,} bytes (an interrupted write or copy?): write it again")
+    _, no, count = split_parts(path.name)
+    sn, sc = h.metadata.get("split.no"), h.metadata.get("split.count")
+    if count > 1 and ((sc is not None and sc != count) or (sn is not None and sn != no - 1)):
+        raise OssggufError(f"{path}: its split metadata (split.no {sn}, split.count {sc}) does not match its "
+                           "name: keep the shard names that the splitter wrote")
+    if count == 1 and (sc or 1) > 1:
+        raise OssggufError(f"{path} is shard {(sn or 0) + 1} of {sc} but its name lacks -0000N-of-0000M.gguf: "
+                           "keep the shard names that the splitter wrote")
+    if first_shard:
+        arch = h.metadata.get("general.architecture")
+        if arch != ARCH:
+            raise OssggufError(f"{path} holds a '{arch}' model, not {ARCH}: ossgguf publishes gpt-oss GGUFs only")
+    return h
+
+
+# --- which files, which recipe ----------------------------------------------------------------------
+
+def collect_files(path: str | Path) -> list[Path]:
+    """The GGUFs to publish: a file, all shards of a split set, or every .gguf in a folder."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = sorted(x for x in p.iterdir() if x.is_file() and x.suffix.lower() == ".gguf")
+        if not files:
+            raise OssggufError(f"{p} holds no .gguf files: pass a GGUF file or a folder of them")
+    elif p.is_file():
+        files = [p]
+    else:
+        raise OssggufError(f"{p} does not exist: pass a GGUF file or a folder of them")
+    out: list[Path] = []
+    for f in files:
+        base, _, count = split_parts(f.name)
+        if count == 1:
+            out.append(f)
+            continue
+        shards = [f.with_name(f"{base}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise OssggufError(f"split set {base} is incomplete: {', '.join(missing)} missing next to {f.name}")
+        out += [s for s in shards if s not in out]
+    return sorted(out, key=lambda f: split_parts(f.name)[:2])  # by model, shards in order
+
+
+_WEIGHTS = (TensorClass.EXPERT, TensorClass.ATTENTION, TensorClass.EMBEDDING, TensorClass.OUTPUT)
+
+
+def infer_recipe(tensors: list[GgufTensor]) -> str:
+    """The recipe whose types these tensors have (quantize.policy.RECIPES), or a description of them."""
+    from ..quantize.policy import AS_STORED, FLOAT_TYPES, RECIPES
+
+    types: dict[TensorClass, set[GGMLQuantizationType]] = {}
+    for t in tensors:
+        try:
+            cls = tensor_class(t.name)
+        except OssggufError:
+            continue
+        if cls in _WEIGHTS:
+            types.setdefault(cls, set()).add(t.qtype)
+    if TensorClass.EXPERT not in types:
+        return "unknown"
+    for name, table in RECIPES.items():
+        if all(got <= (set(FLOAT_TYPES) if table[cls] is AS_STORED else {table[cls]}) for cls, got in types.items()):
+            return name
+    other = sorted({q.name for c, g in types.items() if c != TensorClass.EXPERT for q in g})
+    experts = "/".join(sorted(q.name for q in types[TensorClass.EXPERT]))
+    return f"custom (experts {experts}; other weights {'/'.join(other) or 'none'})"
+
+
+def base_model_of(meta: dict[str, Any]) -> str | None:
+    """The Hub repo the GGUF was converted from, from its general.* source/base-model keys."""
+    for key in ("general.source.repo_url", "general.base_model.0.repo_url"):
+        url = str(meta.get(key) or "")
+        m = re.match(r"^https?://(?:huggingface\.co|hf\.co)/([^/]+/[^/]+?)/?$", url)
+        if m:
+            return m[1]
+    return None
+
+
+# --- hashing and the plan ---------------------------------------------------------------------------
+
+def sha256_files(paths: list[Path], chunk: int = 16 << 20) -> dict[Path, str]:
+    """sha256 of each file, streamed, with one progress bar on stderr for all the bytes."""
+    from tqdm import tqdm
+
+    out: dict[Path, str] = {}
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    total = sum(p.stat().st_size for p in paths)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="sha256", file=sys.stderr, disable=None) as bar:
+        for p in paths:
+            h = hashlib.sha256()
+            with open(p, "rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    h.update(view[:n])
+                    bar.update(n)
+            out[p] = h.hexdigest()
+    return out
+
+
+@dataclass
+class PublishPlan:
+    repo_id: str
+    files: list[FileEntry]
+    card: str
+    private: bool = False
+    revision: str | None = None
+    commit_message: str = ""
+    dry_run: bool = False
+    commit_url: str | None = None  # set after the upload
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "repo_id": self.repo_id, "private": self.private, "revision": self.revision,
+            "commit_message": self.commit_message, "dry_run": self.dry_run, "total_bytes": self.total_bytes,
+            "files": [{"name": f.name, "bytes": f.size, "sha256": f.sha256, "recipe": f.recipe,
+                       "bits_per_weight": round(f.bits_per_weight, 4)} for f in self.files],
+            "commit_url": self.commit_url, "notes": self.notes,
+        }
+
+
+def publish_plan_text(plan: PublishPlan, with_card: bool = True) -> str:
+    """What a publish does (or did), for people."""
+    vis = "private" if plan.private else "public"
+    head = f"{'would upload' if plan.dry_run else 'uploaded'} to {plan.repo_id} ({vis}"
+    lines = [head + (f", revision {plan.revision})" if plan.revision else ")")]
+    models = group_models(plan.files)
+    width = max(len(f.name) for f in plan.files)
+    for shards in models.values():
+        bpw = model_bits_per_weight(shards)
+        for f in shards:
+            lines.append(f"  {f.name:<{width}}  {human_size(f.size):>9}  {f.recipe:<10} {bpw:5.2f} bpw  {f.sha256}")
+    lines.append(f"  {'README.md':<{width}}  {human_size(len(plan.card.encode())):>9}  model card")
+    lines.append(f"  total {human_size(plan.total_bytes)} in {len(plan.files)} file(s); "
+                 f"commit message: {plan.commit_message!r}")
+    lines += [f"  note: {n}" for n in plan.notes]
+    if plan.commit_url:
+        lines.append(f"  commit: {plan.commit_url}")
+    if with_card:
+        lines += ["", "--- README.md ---", plan.card]
+    return "\n".join(lines)
+
+
+def _split_advice(path: Path, size: int, limit: int, recipe: str) -> str:
+    out = path.parent / "split" / path.name
+    rec = recipe if " " not in recipe else "mxfp4"
+    return (f"{path} is {human_size(size)}, over the {human_size(limit)} limit for one file: split it with "
+            f"`ossgguf quantize {path} -o {out} --recipe {rec} --split-max-size 48G` (or llama.cpp's "
+            f"`llama-gguf-split --split-max-size 48G {path} {out.with_suffix('')}`), then publish the folder "
+            f"{out.parent} or its first shard (-00001-of-0000N.gguf)")
+
+
+def plan_publish(path: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+                 commit_message: str | None = None, max_file_size: int = MAX_FILE_SIZE,
+                 base_model: str | None = None, quantized_by: str | None = None,
+                 compare: dict[str, Any] | None = None, plan_hints: list[str] | None = None,
+                 dry_run: bool = True) -> PublishPlan:
+    """Check, hash and describe the files; no network."""
+    if not looks_like_repo_id(repo_id):
+        raise OssggufError(f"'{repo_id}' is not a Hugging Face repo id: write it as owner/name")
+    paths = collect_files(path)
+    headers: dict[Path, GgufHeader] = {}
+    for p in paths:
+        _, no, _ = split_parts(p.name)
+        headers[p] = check_gguf(p, first_shard=no == 1)
+    recipes: dict[str, str] = {}  # model -> recipe
+    firsts: dict[str, GgufHeader] = {}
+    for p in paths:
+        model, no, _ = split_parts(p.name)
+        if no == 1:
+            firsts[model] = headers[p]
+            tensors = [t for q in paths if split_parts(q.name)[0] == model for t in headers[q].tensors]
+            recipes[model] = str(headers[p].metadata.get(RECIPE_KEY) or infer_recipe(tensors))
+    for p in paths:
+        if headers[p].size > max_file_size:
+            raise OssggufError(_split_advice(p, headers[p].size, max_file_size, recipes[split_parts(p.name)[0]]))
+    hashes = sha256_files(paths)
+    entries = [FileEntry(p.name, headers[p].size, hashes[p], recipes[split_parts(p.name)[0]],
+                         sum(t.n_bytes for t in headers[p].tensors), sum(t.n_elements for t in headers[p].tensors),
+                         p.resolve()) for p in paths]
+    first = next(iter(firsts.values()))
+    notes = []
+    base = base_model or next((b for h in firsts.values() if (b := base_model_of(h.metadata))), None)
+    if base is None:
+        notes.append("base model unknown (no general.source.repo_url in the GGUF): pass --base-model")
+    main_recipe = max(recipes.values(), key=list(recipes.values()).count)
+    card = model_card(entries, base, main_recipe, quantized_by or repo_id.split("/")[0], compare, plan_hints,
+                      license=str(first.metadata.get("general.license") or "apache-2.0"), repo_id=repo_id)
+    message = commit_message or f"Upload {', '.join(sorted(recipes.values()))} GGUF ({len(entries)} file(s))"
+    return PublishPlan(repo_id, entries, card, private, revision, message, dry_run, notes=notes)
+
+
+# --- the upload -------------------------------------------------------------------------------------
+
+def _transient(e: BaseException) -> bool:
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(e, OfflineModeIsEnabled):
+        return False
+    if isinstance(e, HfHubHTTPError):
+        status = getattr(e.response, "status_code", None)
+        return status is not None and (status >= 500 or status == 429)
+    return isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError))
+
+
+def _user_error(what: str, repo_id: str, e: BaseException, attempts: int) -> OssggufError:
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    status = getattr(getattr(e, "response", None), "status_code", None) if isinstance(e, HfHubHTTPError) else None
+    if isinstance(e, OfflineModeIsEnabled):
+        return OssggufError(f"{what}: offline mode is on (HF_HUB_OFFLINE): unset it to publish")
+    if status == 401:
+        return OssggufError(f"{what}: the Hub rejected the token (401): log in with `hf auth login` or pass --token")
+    if status == 403:
+        return OssggufError(f"{what}: no write access to {repo_id} (403): use a token with write permission "
+                            "for that user or organisation")
+    if _transient(e):
+        return OssggufError(f"{what} failed {attempts} times ({first}): run the same command again; the upload "
+                            "resumes (files already committed are skipped)")
+    return OssggufError(f"{what} failed: {first}")
+
+
+def _with_retry(what: str, repo_id: str, fn: Callable[[], T]) -> T:
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    attempts = len(RETRY_DELAYS) + 1
+    for i in range(attempts):
+        try:
+            return fn()
+        except (HfHubHTTPError, httpx2.HTTPError, ConnectionError, TimeoutError) as e:
+            if not _transient(e) or i == attempts - 1:
+                raise _user_error(what, repo_id, e, i + 1) from e
+            log.warning("%s failed (%s); attempt %d of %d in %.0f s", what, e, i + 2, attempts, RETRY_DELAYS[i])
+            time.sleep(RETRY_DELAYS[i])
+    raise AssertionError("unreachable")
+
+
+def stage(plan: PublishPlan, folder: Path) -> None:
+    """The repo's files in `folder`: links to the GGUFs (never copies of 60 GB) and README.md."""
+    for f in plan.files:
+        assert f.path is not None
+        dst = folder / f.name
+        try:
+            os.link(f.path, dst)
+        except OSError:  # another filesystem, or links not allowed
+            os.symlink(f.path, dst)
+    (folder / "README.md").write_text(plan.card, encoding="utf-8")
+
+
+def publish(path: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
+            commit_message: str | None = None, token: str | None = None, dry_run: bool = False,
+            max_file_size: int = MAX_FILE_SIZE, api: Any = None, *, base_model: str | None = None,
+            quantized_by: str | None = None, compare: dict[str, Any] | None = None,
+            plan_hints: list[str] | None = None) -> PublishPlan:
+    """Upload gpt-oss GGUFs (a file, the first shard of a split set, or a folder) and their card to a
+    model repo. `dry_run` checks and hashes the files and returns the plan without any network call."""
+    if not dry_run:
+        if offline_mode():
+            raise OssggufError("offline mode is on (HF_HUB_OFFLINE): unset it to publish, or use --dry-run")
+        if token is None:
+            from huggingface_hub import get_token
+
+            token = get_token()
+        if not token:
+            raise OssggufError("no Hugging Face token: log in with `hf auth login`, set HF_TOKEN, or pass --token "
+                               "(it needs write access)")
+    plan = plan_publish(path, repo_id, private=private, revision=revision, commit_message=commit_message,
+                        max_file_size=max_file_size, base_model=base_model, quantized_by=quantized_by,
+                        compare=compare, plan_hints=plan_hints, dry_run=dry_run)
+    if dry_run:
+        return plan
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="ossgguf-publish-") as tmp:
+        stage(plan, Path(tmp))
+        _with_retry(f"creating {repo_id}", repo_id, lambda: api.create_repo(
+            repo_id, private=private, exist_ok=True, repo_type="model", token=token))
+        if revision and revision != "main":
+            _with_retry(f"creating branch {revision}", repo_id, lambda: api.create_branch(
+                repo_id, branch=revision, exist_ok=True, repo_type="model", token=token))
+        info = _with_retry(f"uploading to {repo_id}", repo_id, lambda: api.upload_folder(
+            repo_id=repo_id, folder_path=tmp, repo_type="model", revision=revision,
+            commit_message=plan.commit_message, token=token))
+    plan.commit_url = str(getattr(info, "commit_url", "") or "") or None
+    log.info("published %d file(s) to %s", len(plan.files), repo_id)
+    return plan
