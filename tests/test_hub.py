@@ -230,7 +230,8 @@ def test_allow_patterns_keep_only_the_checkpoint():
                "original/dtypes.json", "original/model--00001-of-00007.safetensors", "special_tokens_map.json",
                "tokenizer.json", "tokenizer_config.json"]
     kept = set(filter_repo_objects(listing, allow_patterns=dl.ALLOW_PATTERNS, ignore_patterns=dl.IGNORE_PATTERNS))
-    assert kept == {"chat_template.jinja", "config.json", "generation_config.json", "model-00000-of-00014.safetensors",
+    assert kept == {"README.md", "chat_template.jinja", "config.json", "generation_config.json",
+                    "model-00000-of-00014.safetensors",
                     "model-00014-of-00014.safetensors", "model.safetensors.index.json", "special_tokens_map.json",
                     "tokenizer.json", "tokenizer_config.json"}
 
