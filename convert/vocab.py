@@ -104,6 +104,7 @@ def vocab_metadata(ckpt: Path, vocab_size: int, config: dict[str, Any]) -> dict[
         if tid is not None:
             kvs[f"tokenizer.ggml.{key}_token_id"] = kv_u32(int(tid))
     kvs["tokenizer.ggml.add_bos_token"] = kv_bool(bool(tcfg.get("add_bos_token", False)))
+    kvs["tokenizer.ggml.add_eos_token"] = kv_bool(bool(tcfg.get("add_eos_token", False)))
     template = read_chat_template(ckpt)
     if template:
         kvs["tokenizer.chat_template"] = kv_str(template)

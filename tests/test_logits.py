@@ -27,7 +27,7 @@ def _logits_pair(make_ckpt, make_gguf, recipe, **spec):
         ref = model(torch.tensor([ids])).logits[0].numpy()
     from llama_cpp import Llama
 
-    llm = Llama(str(make_gguf(recipe, **spec)), n_ctx=128, n_batch=N_TOKENS, logits_all=True, n_threads=2,
+    llm = Llama(str(make_gguf(recipe, **spec)), n_ctx=128, n_batch=N_TOKENS, logits_all=True, n_threads=1,
                 verbose=False)
     try:
         llm.eval(ids)
