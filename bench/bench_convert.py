@@ -17,8 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synth import checkpoint_bytes, make_synthetic  # noqa: E402
+from ossgguf.synthetic import checkpoint_bytes, make_synthetic
 
 
 def drop_caches() -> bool:
@@ -48,6 +47,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("bench/out"))
     ap.add_argument("--sparse", action="store_true", help="sparse source files (no real reads)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint for the next run")
+    ap.add_argument("--llama-cpp", type=Path, default=Path(".cache/llama.cpp"),
+                    help="folder with llama.cpp's convert_hf_to_gguf.py, timed beside ours when present")
     args = ap.parse_args()
 
     need = checkpoint_bytes(args.model)
@@ -75,6 +76,13 @@ def main() -> None:
     t_ours, rss = timed([sys.executable, "-m", "ossgguf.cli", "convert", str(src), "-o", str(out), "--force"])
     out_bytes = out.stat().st_size
     st = os.stat(out)
+    ref = None
+    if (args.llama_cpp / "convert_hf_to_gguf.py").is_file():
+        ref_out = args.workdir / "llama-cpp.gguf"
+        drop_caches()
+        wrapper = Path(__file__).resolve().parent / "llama_cpp_convert.py"
+        ref = timed([sys.executable, str(wrapper), str(args.llama_cpp), str(src), str(ref_out)])
+        ref_out.unlink()
     from gguf import GGUFReader
 
     n_tensors = len(GGUFReader(out).tensors)
@@ -83,7 +91,11 @@ def main() -> None:
           f"{' (sparse)' if args.sparse else ''}{' (page cache not dropped: not root)' if cached else ''}")
     print(f"cp + sync:        {t_cp:7.1f} s  {nbytes / t_cp / 1e9:6.2f} GB/s")
     print(f"ossgguf convert:  {t_ours:7.1f} s  {out_bytes / t_ours / 1e9:6.2f} GB/s  peak RSS {rss / 2**30:.2f} GiB")
+    if ref:
+        print(f"llama.cpp convert:{ref[0]:7.1f} s  {out_bytes / ref[0] / 1e9:6.2f} GB/s  peak RSS {ref[1] / 2**30:.2f} GiB")
     print(f"ratio (ours/cp throughput, same bytes): {(out_bytes / t_ours) / (nbytes / t_cp):.2f}")
+    if ref:
+        print(f"ratio (llama.cpp's converter/cp):        {(out_bytes / ref[0]) / (nbytes / t_cp):.2f}")
     print(f"output: {out_bytes:,} bytes, {n_tensors} tensors read back by gguf-py, "
           f"{'no holes' if st.st_blocks * 512 >= out_bytes else 'HAS HOLES'}")
     out.unlink()

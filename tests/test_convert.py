@@ -12,9 +12,10 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
 from gguf.quants import dequantize
-from ossgguf.convert.convert import convert
 from safetensors import safe_open
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+from ossgguf.convert.convert import convert
 
 SHAPES = {
     "default": {},

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from ossgguf.convert.gguf_writer import partial_path
 
 CLI = [sys.executable, "-m", "ossgguf.cli"]

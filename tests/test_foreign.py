@@ -12,11 +12,11 @@ from importlib import resources
 import numpy as np
 import pytest
 import torch
-from ossgguf.convert.convert import convert
 from test_convert import TEXTS, expected_gguf_values, read_gguf
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GptOssConfig, GptOssForCausalLM
 
+from ossgguf.convert.convert import convert
 from ossgguf.model import HARMONY_SPECIAL_TOKENS, O200K_PATTERN
 
 CORPUS = [

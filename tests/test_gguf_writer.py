@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, GGUFValueType
+
 from ossgguf.convert.gguf_writer import (
     GGUFFileWriter,
     TensorInfo,
@@ -16,7 +17,6 @@ from ossgguf.convert.gguf_writer import (
     plan_layout,
     write_tensors,
 )
-
 from ossgguf.errors import OssggufError
 from ossgguf.kv import kv_array, kv_bool, kv_f32, kv_str, kv_u32
 

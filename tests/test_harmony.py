@@ -14,6 +14,8 @@ import random
 from importlib.resources import files
 
 import pytest
+
+from ossgguf.errors import OssggufError
 from ossgguf.runner.harmony import (
     HarmonyStreamParser,
     assistant_history_message,
@@ -22,8 +24,6 @@ from ossgguf.runner.harmony import (
     render,
     render_from_files,
 )
-
-from ossgguf.errors import OssggufError
 
 ctu = pytest.importorskip("transformers.utils.chat_template_utils")
 jinja2 = pytest.importorskip("jinja2")

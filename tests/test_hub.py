@@ -23,11 +23,11 @@ from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import filter_repo_objects
+
+from ossgguf.errors import OssggufError
 from ossgguf.hub import download as dl
 from ossgguf.hub import publish as pub
 from ossgguf.hub.card import llama_cpp_tag
-
-from ossgguf.errors import OssggufError
 from ossgguf.model import ARCH, EXPERT_DOWN, EXPERT_GATE, GLOBAL_TENSORS, LAYER_TENSORS
 
 REPO = "openai/gpt-oss-20b"

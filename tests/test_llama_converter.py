@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGUFReader
+
 from ossgguf.convert.convert import convert
 
 ROOT = Path(__file__).resolve().parents[1]

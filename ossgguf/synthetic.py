@@ -1,5 +1,6 @@
-"""Synthetic checkpoints with gpt-oss-20b / -120b's real names, dtypes and shapes (random bytes),
-for benchmarks that need real sizes. The tokenizer files come from the tiny generator."""
+"""Checkpoints with gpt-oss-20b / -120b's real names, dtypes and shapes, holding random bytes or
+sparse holes: for benchmarks and size predictions that need the real sizes. The tokenizer files
+come from the tiny generator."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ossgguf.model import GptOssConfig, hf_tensor_shapes
-from ossgguf.tiny import TinySpec, make_tiny_checkpoint
+from .model import GptOssConfig, hf_tensor_shapes
+from .tiny import TinySpec, make_tiny_checkpoint
 
 CONFIGS = {
     "20b": {"num_hidden_layers": 24, "num_local_experts": 32},
