@@ -1,8 +1,8 @@
 """Checkpoint -> GGUF in one streaming pass.
 
-Every output tensor is produced slice by slice (a run of rows, or one expert) into reused buffers
-and written with pwrite at the offset the precomputed layout gives it, so memory is bounded by the
-largest slice and a checkpoint's interleaved gate/up experts are read once for both outputs.
+Every output tensor is produced slice by slice (a run of rows, or one expert) by tasks on a small
+thread pool and written with pwrite at the offset the precomputed layout gives it, so memory is
+bounded by a few slices and a checkpoint's interleaved gate/up experts are read once for both outputs.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +70,6 @@ class ConvertReport:
     seconds: float = 0.0
     peak_rss: int = 0
     written: int = 0
-    types: dict[str, int] = field(default_factory=dict)
 
     @property
     def gbps(self) -> float:
@@ -239,8 +238,6 @@ def run_conversion(plan: ConversionPlan, force: bool = False, progress: Callable
             raise OssggufError(f"internal error: wrote {written} bytes of tensor data, planned {plan.data_bytes}")
         w.commit()
     report = ConvertReport(plan, time.perf_counter() - t0, peak_rss_bytes(), written)
-    for c in plan.choices.values():
-        report.types[c.qtype.name] = report.types.get(c.qtype.name, 0) + 1
     log.info("wrote %s (%s) in %.1fs", plan.shards[0].path, ARCH, report.seconds)
     return report
 
