@@ -16,7 +16,7 @@ def main() -> int:
         if script.name in SKIP:
             continue
         print(f"\n=== {script.name} ===", flush=True)
-        if subprocess.run([sys.executable, str(script), *sys.argv[1:]]).returncode:
+        if subprocess.run([sys.executable, str(script)]).returncode:
             failed.append(script.name)
     if failed:
         print(f"\nfailed: {', '.join(failed)}")
