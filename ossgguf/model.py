@@ -22,7 +22,7 @@ HF_ARCHITECTURE = "GptOssForCausalLM"
 MXFP4_BLOCK = 32  # values per MXFP4 block (one E8M0 scale + 16 bytes of E2M1 codes)
 
 
-class TensorClass(str, enum.Enum):
+class TensorClass(enum.StrEnum):
     """What a tensor is for; recipes choose types and the planner places bytes by class."""
 
     EXPERT = "expert"  # ffn_{gate,up,down}_exps.weight: ~95% of gpt-oss-120b
