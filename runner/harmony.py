@@ -23,6 +23,7 @@ from .harmony_parse import (
     ToolCall,
     parse_completion,
 )
+from .harmony_tools import BROWSER_TOOL, PYTHON_TOOL, tojson, tool_namespace
 
 __all__ = [
     "Event",
@@ -47,12 +48,6 @@ _REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
 _CHANNEL_TAGS = ("<|channel|>analysis<|message|>", "<|channel|>final<|message|>")
 
 
-def _tojson(value: Any) -> str:
-    # transformers replaces jinja's HTML-escaping tojson with plain json.dumps(ensure_ascii=False).
-    return json.dumps(value, ensure_ascii=False)
-
-
-# -- normalisation -------------------------------------------------------------------------------
 def _text(content: Any, where: str) -> str:
     """A message field's text (`where` names the field): a string, null, or a list of text parts."""
     if content is None:
@@ -255,167 +250,6 @@ def normalize_tools(tools: list[dict] | None) -> list[dict]:
 
 
 # -- tool definitions (the template's render_typescript_type / render_tool_namespace) -------------
-_UNDEF = object()
-
-
-def _get(obj: Any, key: str) -> Any:
-    """Jinja's `obj.key` on JSON data: anything absent is undefined."""
-    return obj[key] if isinstance(obj, dict) and key in obj else _UNDEF
-
-
-def _truthy(value: Any) -> bool:
-    return value is not _UNDEF and bool(value)
-
-
-def _join(values: Any, sep: str) -> str:
-    return sep.join(str(v) for v in values)
-
-
-def _ts_type(spec: Any) -> str:
-    """The template's render_typescript_type, quirks included (they are what the model was trained on)."""
-    kind = _get(spec, "type")
-    nullable = " | null" if _truthy(_get(spec, "nullable")) else ""
-    if kind == "array":
-        items = _get(spec, "items")
-        if not _truthy(items):
-            return "any[]" + nullable
-        item_kind = _get(items, "type")
-        if item_kind == "string":
-            return "string[]" + nullable
-        if item_kind in ("number", "integer"):
-            return "number[]" + nullable
-        if item_kind == "boolean":
-            return "boolean[]" + nullable
-        inner = _ts_type(items)
-        return ("any[]" if inner == "object | object" or len(inner) > 50 else inner + "[]") + nullable
-    if isinstance(kind, list) and kind:
-        return _join(kind, " | ") if len(kind) > 1 else str(kind[0])
-    one_of = _get(spec, "oneOf")
-    if _truthy(one_of):
-        # The template's object-variant check sets a variable inside a loop, which Jinja scopes to
-        # the loop: it never fires, so every variant is listed.
-        out = []
-        for k, variant in enumerate(one_of):
-            out.append(_ts_type(variant))
-            if _truthy(_get(variant, "description")):
-                out.append("// " + str(variant["description"]))
-            if _get(variant, "default") is not _UNDEF:
-                out.append("                    // default: " + _tojson(variant["default"]))
-            if k < len(one_of) - 1:
-                out.append(" | \n")
-        return "".join(out)
-    if kind == "string":
-        enum = _get(spec, "enum")
-        if _truthy(enum):
-            return '"' + _join(enum, '" | "') + '"'
-        return "string" + nullable
-    if kind in ("number", "integer"):
-        return "number"
-    if kind == "boolean":
-        return "boolean"
-    if kind == "object":
-        props = _get(spec, "properties")
-        if not _truthy(props):
-            return "object"
-        required = _get(spec, "required")
-        required = required if _truthy(required) else []
-        fields = [
-            name + ("" if name in required else "?") + ": \n                " + _ts_type(prop)
-            for name, prop in props.items()
-        ]
-        return "{\n" + ", ".join(fields) + "}"
-    return "any"
-
-
-def _default_text(spec: dict) -> str:
-    default = spec["default"]
-    if _truthy(_get(spec, "enum")) or _truthy(_get(spec, "oneOf")):
-        # The template concatenates these raw, which fails for non-strings: JSON-encode those instead.
-        text = default if isinstance(default, str) else _tojson(default)
-        return (", // default: " if _truthy(_get(spec, "enum")) else "// default: ") + text
-    return ", // default: " + _tojson(default)
-
-
-def _tool_namespace(tools: list[dict]) -> str:
-    out = ["## functions\n\n", "namespace functions {\n\n"]
-    for tool in tools:
-        fn = tool["function"]
-        if fn.get("description"):  # the template fails without one; the comment line is just left out
-            out.append("// " + str(fn["description"]) + "\n")
-        out.append("type " + fn["name"] + " = ")
-        params = fn.get("parameters")
-        if _truthy(_get(params, "properties")):
-            required = params.get("required") or []
-            out.append("(_: {\n")
-            for name, spec in params["properties"].items():
-                if _truthy(_get(spec, "description")):
-                    out.append("// " + str(spec["description"]) + "\n")
-                out.append(name + ("" if name in required else "?") + ": " + _ts_type(spec))
-                if _get(spec, "default") is not _UNDEF:
-                    out.append(_default_text(spec))
-                out.append(",\n")
-            out.append("}) => any;\n\n")
-        else:
-            out.append("() => any;\n\n")
-    out.append("} // namespace functions")
-    return "".join(out)
-
-
-_BROWSER_TOOL = """## browser
-
-// Tool for browsing.
-// The `cursor` appears in brackets before each browsing display: `[{cursor}]`.
-// Cite information from the tool using the following format:
-// `【{cursor}†L{line_start}(-L{line_end})?】`, for example: `【6†L9-L11】` or `【8†L3】`.
-// Do not quote more than 10 words directly from the tool output.
-// sources=web (default: web)
-namespace browser {
-
-// Searches for information related to `query` and displays `topn` results.
-type search = (_: {
-query: string,
-topn?: number, // default: 10
-source?: string,
-}) => any;
-
-// Opens the link `id` from the page indicated by `cursor` starting at line number `loc`, showing `num_lines` lines.
-// Valid link ids are displayed with the formatting: `【{id}†.*】`.
-// If `cursor` is not provided, the most recent page is implied.
-// If `id` is a string, it is treated as a fully qualified URL associated with `source`.
-// If `loc` is not provided, the viewport will be positioned at the beginning of the document or centered on the most relevant passage, if available.
-// Use this function without `id` to scroll to a new location of an opened page.
-type open = (_: {
-id?: number | string, // default: -1
-cursor?: number, // default: -1
-loc?: number, // default: -1
-num_lines?: number, // default: -1
-view_source?: boolean, // default: false
-source?: string,
-}) => any;
-
-// Finds exact matches of `pattern` in the current page, or the page given by `cursor`.
-type find = (_: {
-pattern: string,
-cursor?: number, // default: -1
-}) => any;
-
-} // namespace browser
-
-"""
-
-_PYTHON_TOOL = (
-    "## python\n\n"
-    "Use this tool to execute Python code in your chain of thought. The code will not be shown to the user. "
-    "This tool should be used for internal reasoning, but not for code that is intended to be visible to the "
-    "user (e.g. when creating plots, tables, or files).\n\n"
-    "When you send a message containing Python code to python, it will be executed in a stateful Jupyter "
-    "notebook environment. python will respond with the output of the execution or time out after 120.0 "
-    "seconds. The drive at '/mnt/data' can be used to save and persist user files. Internet access for this "
-    "session is UNKNOWN. Depends on the cluster.\n\n"
-)
-
-
-# -- rendering -----------------------------------------------------------------------------------
 def _date_text(date: str | _dt.date | None) -> str:
     if date is None:
         return _dt.datetime.now().strftime("%Y-%m-%d")  # what the template's strftime_now gives
@@ -436,8 +270,8 @@ def _system_message(effort: str, date: str, identity: str, builtin: list[str], h
     ]
     if builtin:
         out.append("# Tools\n\n")
-        out += [_BROWSER_TOOL] if "browser" in builtin else []
-        out += [_PYTHON_TOOL] if "python" in builtin else []
+        out += [BROWSER_TOOL] if "browser" in builtin else []
+        out += [PYTHON_TOOL] if "python" in builtin else []
     out.append("# Valid channels: analysis, commentary, final. Channel must be included for every message.")
     if has_tools:
         out.append("\nCalls to these tools must go to the commentary channel: 'functions'.")
@@ -483,7 +317,7 @@ def render(
         if instructions:
             out.append("# Instructions\n\n" + instructions + "\n\n")
         if fns:
-            out.append("# Tools\n\n" + _tool_namespace(fns))
+            out.append("# Tools\n\n" + tool_namespace(fns))
         out.append("<|end|>")
 
     for i, msg in enumerate(loop):
@@ -493,7 +327,7 @@ def render(
         elif role == "tool":
             out.append(
                 f"<|start|>functions.{msg['name']} to=assistant<|channel|>commentary<|message|>"
-                + _tojson(msg["content"])
+                + tojson(msg["content"])
                 + "<|end|>"
             )
         elif role == "user":
@@ -524,7 +358,7 @@ def _assistant(msg: dict, later: list[dict], last: bool) -> str:
         fn = call["function"]
         out.append(
             f"<|start|>assistant to=functions.{fn['name']}<|channel|>commentary "
-            f"{fn.get('content_type', 'json')}<|message|>{_tojson(fn['arguments'])}<|call|>"
+            f"{fn.get('content_type', 'json')}<|message|>{tojson(fn['arguments'])}<|call|>"
         )
     return "".join(out)
 

@@ -1,0 +1,177 @@
+"""Tool definitions in the harmony developer message, as the official gpt-oss template renders
+them: JSON-schema function parameters as a TypeScript-like `namespace functions { ... }`, and the
+texts of the built-in browser and python tools."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def tojson(value: Any) -> str:
+    # transformers replaces jinja's HTML-escaping tojson with plain json.dumps(ensure_ascii=False).
+    return json.dumps(value, ensure_ascii=False)
+
+
+# -- normalisation -------------------------------------------------------------------------------
+_UNDEF = object()
+
+
+def _get(obj: Any, key: str) -> Any:
+    """Jinja's `obj.key` on JSON data: anything absent is undefined."""
+    return obj[key] if isinstance(obj, dict) and key in obj else _UNDEF
+
+
+def _truthy(value: Any) -> bool:
+    return value is not _UNDEF and bool(value)
+
+
+def _join(values: Any, sep: str) -> str:
+    return sep.join(str(v) for v in values)
+
+
+def _ts_type(spec: Any) -> str:
+    """The template's render_typescript_type, quirks included (they are what the model was trained on)."""
+    kind = _get(spec, "type")
+    nullable = " | null" if _truthy(_get(spec, "nullable")) else ""
+    if kind == "array":
+        items = _get(spec, "items")
+        if not _truthy(items):
+            return "any[]" + nullable
+        item_kind = _get(items, "type")
+        if item_kind == "string":
+            return "string[]" + nullable
+        if item_kind in ("number", "integer"):
+            return "number[]" + nullable
+        if item_kind == "boolean":
+            return "boolean[]" + nullable
+        inner = _ts_type(items)
+        return ("any[]" if inner == "object | object" or len(inner) > 50 else inner + "[]") + nullable
+    if isinstance(kind, list) and kind:
+        return _join(kind, " | ") if len(kind) > 1 else str(kind[0])
+    one_of = _get(spec, "oneOf")
+    if _truthy(one_of):
+        # The template's object-variant check sets a variable inside a loop, which Jinja scopes to
+        # the loop: it never fires, so every variant is listed.
+        out = []
+        for k, variant in enumerate(one_of):
+            out.append(_ts_type(variant))
+            if _truthy(_get(variant, "description")):
+                out.append("// " + str(variant["description"]))
+            if _get(variant, "default") is not _UNDEF:
+                out.append("                    // default: " + tojson(variant["default"]))
+            if k < len(one_of) - 1:
+                out.append(" | \n")
+        return "".join(out)
+    if kind == "string":
+        enum = _get(spec, "enum")
+        if _truthy(enum):
+            return '"' + _join(enum, '" | "') + '"'
+        return "string" + nullable
+    if kind in ("number", "integer"):
+        return "number"
+    if kind == "boolean":
+        return "boolean"
+    if kind == "object":
+        props = _get(spec, "properties")
+        if not _truthy(props):
+            return "object"
+        required = _get(spec, "required")
+        required = required if _truthy(required) else []
+        fields = [
+            name + ("" if name in required else "?") + ": \n                " + _ts_type(prop)
+            for name, prop in props.items()
+        ]
+        return "{\n" + ", ".join(fields) + "}"
+    return "any"
+
+
+def _default_text(spec: dict) -> str:
+    default = spec["default"]
+    if _truthy(_get(spec, "enum")) or _truthy(_get(spec, "oneOf")):
+        # The template concatenates these raw, which fails for non-strings: JSON-encode those instead.
+        text = default if isinstance(default, str) else tojson(default)
+        return (", // default: " if _truthy(_get(spec, "enum")) else "// default: ") + text
+    return ", // default: " + tojson(default)
+
+
+def tool_namespace(tools: list[dict]) -> str:
+    out = ["## functions\n\n", "namespace functions {\n\n"]
+    for tool in tools:
+        fn = tool["function"]
+        if fn.get("description"):  # the template fails without one; the comment line is just left out
+            out.append("// " + str(fn["description"]) + "\n")
+        out.append("type " + fn["name"] + " = ")
+        params = fn.get("parameters")
+        if _truthy(_get(params, "properties")):
+            required = params.get("required") or []
+            out.append("(_: {\n")
+            for name, spec in params["properties"].items():
+                if _truthy(_get(spec, "description")):
+                    out.append("// " + str(spec["description"]) + "\n")
+                out.append(name + ("" if name in required else "?") + ": " + _ts_type(spec))
+                if _get(spec, "default") is not _UNDEF:
+                    out.append(_default_text(spec))
+                out.append(",\n")
+            out.append("}) => any;\n\n")
+        else:
+            out.append("() => any;\n\n")
+    out.append("} // namespace functions")
+    return "".join(out)
+
+
+BROWSER_TOOL = """## browser
+
+// Tool for browsing.
+// The `cursor` appears in brackets before each browsing display: `[{cursor}]`.
+// Cite information from the tool using the following format:
+// `【{cursor}†L{line_start}(-L{line_end})?】`, for example: `【6†L9-L11】` or `【8†L3】`.
+// Do not quote more than 10 words directly from the tool output.
+// sources=web (default: web)
+namespace browser {
+
+// Searches for information related to `query` and displays `topn` results.
+type search = (_: {
+query: string,
+topn?: number, // default: 10
+source?: string,
+}) => any;
+
+// Opens the link `id` from the page indicated by `cursor` starting at line number `loc`, showing `num_lines` lines.
+// Valid link ids are displayed with the formatting: `【{id}†.*】`.
+// If `cursor` is not provided, the most recent page is implied.
+// If `id` is a string, it is treated as a fully qualified URL associated with `source`.
+// If `loc` is not provided, the viewport will be positioned at the beginning of the document or centered on the most relevant passage, if available.
+// Use this function without `id` to scroll to a new location of an opened page.
+type open = (_: {
+id?: number | string, // default: -1
+cursor?: number, // default: -1
+loc?: number, // default: -1
+num_lines?: number, // default: -1
+view_source?: boolean, // default: false
+source?: string,
+}) => any;
+
+// Finds exact matches of `pattern` in the current page, or the page given by `cursor`.
+type find = (_: {
+pattern: string,
+cursor?: number, // default: -1
+}) => any;
+
+} // namespace browser
+
+"""
+
+PYTHON_TOOL = (
+    "## python\n\n"
+    "Use this tool to execute Python code in your chain of thought. The code will not be shown to the user. "
+    "This tool should be used for internal reasoning, but not for code that is intended to be visible to the "
+    "user (e.g. when creating plots, tables, or files).\n\n"
+    "When you send a message containing Python code to python, it will be executed in a stateful Jupyter "
+    "notebook environment. python will respond with the output of the execution or time out after 120.0 "
+    "seconds. The drive at '/mnt/data' can be used to save and persist user files. Internet access for this "
+    "session is UNKNOWN. Depends on the cluster.\n\n"
+)
+
+
+# -- rendering -----------------------------------------------------------------------------------
