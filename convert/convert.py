@@ -201,7 +201,7 @@ def _tasks(plan: ConversionPlan, reader: TensorReader) -> Iterator[Task]:
             yield from _experts_dense(reader, group, types)
 
 
-def _pipelined(tasks: Iterator[Task], workers: int) -> Iterator[Chunk]:
+def pipelined(tasks: Iterator[Task], workers: int) -> Iterator[Chunk]:
     """Run tasks on a thread pool (reads and numpy release the GIL), results in order, at most
     2 x workers slices in flight, which bounds memory."""
     pending: deque[Future] = deque()
@@ -229,7 +229,7 @@ def run_conversion(plan: ConversionPlan, force: bool = False, progress: Callable
     written = 0
     workers = threads or os.cpu_count() or 2
     with TensorReader(plan.checkpoint.entries) as reader, GGUFFileWriter(plan.shards, force=force) as w:
-        for name, off, data in _pipelined(_tasks(plan, reader), workers):
+        for name, off, data in pipelined(_tasks(plan, reader), workers):
             n = w.write(name, data, off)
             written += n
             if progress:

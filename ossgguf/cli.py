@@ -160,6 +160,87 @@ def convert(src: str, out: Path, recipe: str, tensor_types: tuple[str, ...], spl
 
 
 @cli.command()
+@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output GGUF path (with --split-max-size: the name shards are derived from).")
+@click.option("--recipe", required=True, help="Types per tensor class: mxfp4, mxfp4-q8, q8_0, bf16, f16.")
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
+              help="Override the type of matching tensors (repeatable), e.g. 'attn_.*=q8_0'.")
+@click.option("--split-max-size", metavar="SIZE", help="Split into gguf-split shards of at most SIZE (e.g. 48G).")
+@click.option("--allow-fallback", is_flag=True, help="Use the nearest valid type when rows cannot take the one asked.")
+@click.option("--dry-run", is_flag=True, help="Plan only: print what would be written, write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable plan on stdout.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+def quantize(src: Path, out: Path, recipe: str, tensor_types: tuple[str, ...], split_max_size: str | None,
+             allow_fallback: bool, dry_run: bool, as_json: bool, force: bool) -> None:
+    """Re-quantize a gpt-oss GGUF (single or split: pass any shard) with another recipe.
+
+    Tensors that keep their type are copied byte for byte (MXFP4 experts included); a type the
+    rows cannot take is refused, or with --allow-fallback replaced and listed.
+
+    \b
+    Examples:
+      ossgguf quantize gpt-oss-120b-mxfp4.gguf -o gpt-oss-120b-mxfp4-q8.gguf --recipe mxfp4-q8
+      ossgguf quantize in.gguf -o out.gguf --recipe mxfp4 --tensor-type 'attn_(q|k|v)[.]weight=q8_0'
+    """
+    from .convert.convert import summarize
+    from .convert.gguf_writer import parse_size
+    from .quantize.requantize import RequantReport, plan_requantize, run_requantize
+
+    plan = plan_requantize(src, out, recipe, tensor_types, parse_size(split_max_size) if split_max_size else None,
+                           allow_fallback)
+    if dry_run:
+        click.echo(json.dumps(plan.to_json(), indent=1) if as_json else summarize(RequantReport(plan)))
+        return
+    if as_json:
+        raise click.UsageError("--json goes with --dry-run")
+    with _progress_bar(plan.data_bytes, "quantize") as bar:
+        report = run_requantize(plan, force=force, progress=bar.update)
+    click.echo(summarize(report), err=True)
+    click.echo(str(plan.shards[0].path))
+
+
+@cli.command("inspect")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect_cmd(path: Path, as_json: bool) -> None:
+    """Show a GGUF's metadata and, per tensor class, its real types, parameters, bytes and bits per weight.
+
+    \b
+    Example:
+      ossgguf inspect gpt-oss-120b-mxfp4-q8-00001-of-00002.gguf
+    """
+    from .quantize.inspect import format_inspect, inspect_gguf
+
+    info = inspect_gguf(path)
+    click.echo(json.dumps(info, indent=1) if as_json else format_inspect(info))
+
+
+@cli.command()
+@click.argument("reference", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("candidate", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), help="Text to evaluate on.")
+@click.option("--ctx", default=512, show_default=True, help="Tokens evaluated.")
+@click.option("--threads", type=int, help="CPU threads (default: llama.cpp's).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def compare(reference: Path, candidate: Path, text_file: str | None, ctx: int, threads: int | None,
+            as_json: bool) -> None:
+    """Quality of CANDIDATE against REFERENCE on the same tokens: KL divergence, top-1 agreement,
+    logit cosine (as llama.cpp's perplexity --kl-divergence).
+
+    \b
+    Example:
+      ossgguf compare gpt-oss-20b-bf16.gguf gpt-oss-20b-mxfp4-q8.gguf --text wiki.txt
+    """
+    from .quantize.compare import compare as run_compare
+    from .quantize.compare import format_compare
+
+    text = Path(text_file).read_text(encoding="utf-8") if text_file else None
+    r = run_compare(reference, candidate, text=text, n_ctx=ctx, threads=threads)
+    click.echo(json.dumps(r, indent=1) if as_json else format_compare(r))
+
+
+@cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to keep the tiny checkpoint and GGUF (default: a temporary folder).")
 @click.option("--keep", is_flag=True, help="Keep the files (with --workdir they are always kept).")

@@ -36,9 +36,10 @@ for _r in RECIPES.values():
     _r.update({TensorClass.ROUTER: Q.F32, TensorClass.NORM: Q.F32})
 DEFAULT_RECIPE = "mxfp4"
 
-# What llama-quantize falls back to when rows are not a multiple of 256 (llama-quant.cpp).
+# What llama-quantize falls back to when rows are not a multiple of 256 (tensor_type_fallback in
+# llama-quant.cpp of the pinned release).
 _FALLBACK = {
-    Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.IQ4_NL, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0,
+    Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0,
     Q.IQ2_XXS: Q.IQ4_NL, Q.IQ2_XS: Q.IQ4_NL, Q.IQ2_S: Q.IQ4_NL, Q.IQ3_XXS: Q.IQ4_NL, Q.IQ3_S: Q.IQ4_NL,
     Q.IQ1_S: Q.IQ4_NL, Q.IQ1_M: Q.IQ4_NL, Q.IQ4_XS: Q.IQ4_NL,
 }

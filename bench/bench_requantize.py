@@ -1,0 +1,118 @@
+"""Requantizer benchmark: GGUF -> GGUF, mxfp4 -> mxfp4-q8, on a GGUF with gpt-oss-20b's real shapes.
+
+The source GGUF is converted from a synthetic checkpoint (random data, real names and shapes; an
+existing bench/out/synthetic-20b is reused and kept). Baseline measured in the same run: `cp` of the
+same source bytes plus `sync`. Prints the throughput ratio (ours / cp) and our peak RSS (wait4 rusage
+of the child process). Page caches are dropped before each timed run when running as root.
+
+    python bench/bench_requantize.py [--workdir bench/out] [--rounds 1] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def drop_caches() -> bool:
+    subprocess.run(["sync"])
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds (sync included) and peak RSS in bytes of a child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, ru = os.wait4(proc.pid, 0)
+    subprocess.run(["sync"])
+    dt = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"command failed: {' '.join(cmd)}")
+    return dt, ru.ru_maxrss * 1024
+
+
+def child(src: str, out: str, recipe: str) -> None:
+    from ossgguf.quantize.requantize import requantize
+
+    requantize(src, out, recipe, force=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("bench/out"))
+    ap.add_argument("--recipe", default="mxfp4-q8")
+    ap.add_argument("--rounds", type=int, default=1, help="cp and requantize runs, interleaved; best of each")
+    ap.add_argument("--keep", action="store_true", help="keep the source GGUF for the next run")
+    ap.add_argument("--child", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(*args.child, args.recipe)
+        return
+
+    from gguf import GGUFReader
+
+    from ossgguf.convert.convert import convert
+    from ossgguf.synthetic import checkpoint_bytes, make_synthetic
+
+    need = checkpoint_bytes("20b")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = args.workdir / "synthetic-20b"
+    src = args.workdir / "requant-src-20b.gguf"
+    out = args.workdir / f"requant-out-20b-{args.recipe}.gguf"
+    have_ckpt, have_src = (ckpt / "config.json").is_file(), src.is_file()
+    free = shutil.disk_usage(args.workdir).free
+    want = (0 if have_src or have_ckpt else need) + (0 if have_src else need) + need + need // 20
+    if free < want:
+        raise SystemExit(f"needs {want / 1e9:.1f} GB free in {args.workdir}, has {free / 1e9:.1f} GB")
+    if not have_src:
+        if not have_ckpt:
+            print(f"writing a synthetic 20b checkpoint ({need / 1e9:.1f} GB) to {ckpt} ...", flush=True)
+            make_synthetic(ckpt, "20b")
+        print(f"converting it to {src} (mxfp4) ...", flush=True)
+        convert(ckpt, src, recipe="mxfp4", force=True)
+        if not have_ckpt:
+            shutil.rmtree(ckpt)  # only what this run made
+    src_bytes = src.stat().st_size
+    cached = not drop_caches()
+
+    t_cp, t_ours, rss = float("inf"), float("inf"), 0
+    copy = args.workdir / "requant-cp-copy.gguf"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--recipe", args.recipe, "--child", str(src), str(out)]
+    for _ in range(args.rounds):
+        drop_caches()
+        t_cp = min(t_cp, timed(["cp", "--sparse=never", str(src), str(copy)])[0])
+        copy.unlink()
+        drop_caches()
+        t, r = timed(cmd)
+        t_ours, rss = min(t_ours, t), max(rss, r)
+    out_bytes = out.stat().st_size
+    reader = GGUFReader(out)
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    print()
+    print(f"source: gpt-oss-20b shapes (synthetic data), mxfp4 GGUF of {src_bytes / 1e9:.2f} GB"
+          f"{' (page cache not dropped: not root)' if cached else ''}; best of {args.rounds} round(s)")
+    print(f"cp + sync:            {t_cp:7.1f} s  {src_bytes / t_cp / 1e9:6.2f} GB/s")
+    print(f"ossgguf quantize:     {t_ours:7.1f} s  {src_bytes / t_ours / 1e9:6.2f} GB/s read, "
+          f"{out_bytes / t_ours / 1e9:.2f} GB/s written, peak RSS {rss / 2**30:.2f} GiB")
+    print(f"ratio (ours/cp throughput, same source bytes): {t_cp / t_ours:.2f}")
+    print(f"output: {out_bytes:,} bytes ({args.recipe}), {len(reader.tensors)} tensors read back by gguf-py: "
+          + ", ".join(f"{k} x{v}" for k, v in sorted(types.items())))
+    del reader
+    out.unlink()
+    if not args.keep:
+        src.unlink()
+
+
+if __name__ == "__main__":
+    main()
