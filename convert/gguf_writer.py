@@ -23,6 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..errors import OssggufError
 from ..kv import KV, kv_i32
+from ..sizes import parse_size as _parse_size
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
@@ -145,18 +146,8 @@ def plan_layout(kvs: dict[str, KV], tensors: list[TensorInfo], out: Path, split_
 
 
 def parse_size(text: str) -> int:
-    """'48G' / '48GB' (decimal, as llama.cpp's gguf-split), '45GiB' (binary), '500M', or plain bytes."""
-    s = text.strip().upper().replace(" ", "")
-    units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "B": 1, "": 1}
-    num = s.rstrip("KMGTIB")
-    try:
-        value = float(num) * units[s[len(num):]]
-    except (ValueError, KeyError):
-        raise OssggufError(f"cannot read size '{text}': use a number with a unit, e.g. 48G, 500M or 45GiB") from None
-    if value <= 0:
-        raise OssggufError(f"size must be positive, got '{text}'")
-    return int(value)
+    """A file size: '48G' and '48GB' are decimal (as llama.cpp's gguf-split), '45GiB' binary."""
+    return _parse_size(text, bare_unit_base=1000)
 
 
 def partial_path(path: Path) -> Path:

@@ -240,6 +240,57 @@ def compare(reference: Path, candidate: Path, text_file: str | None, ctx: int, t
     click.echo(json.dumps(r, indent=1) if as_json else format_compare(r))
 
 
+def placement_options(f):
+    """The placement flags shared by every command that loads a model (DESIGN.md)."""
+    opts = [
+        click.option("--gpu-mem", metavar="SIZE", help="GPU memory to plan for, e.g. 24GiB (0: no GPU; default: detect)."),
+        click.option("--ram", metavar="SIZE", help="System RAM to plan for (default: this machine's)."),
+        click.option("--unified", metavar="SIZE", help="Apple-style unified memory of SIZE (GPU working set ~75%)."),
+        click.option("--cpu-moe", is_flag=True, help="Keep every layer's experts in system RAM."),
+        click.option("--n-cpu-moe", type=int, metavar="N", help="Keep the experts of layers 0..N-1 in system RAM."),
+        click.option("--ctx", type=int, help="Context size in tokens (default: min(65536, the model's))."),
+        click.option("--ubatch", type=int, help="Prompt micro-batch (default: 2048 with experts in RAM, else 512)."),
+        click.option("--threads", type=int, help="CPU threads (default: the physical cores)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _placement(kw: dict, verbose: bool = False):
+    """PlacementOptions from the placement flags (removed from kw)."""
+    from .runner.plan import PlacementOptions, parse_size
+
+    def size(v):
+        return parse_size(v) if v is not None else None
+
+    return PlacementOptions(gpu_mem=size(kw.pop("gpu_mem")), ram=size(kw.pop("ram")), unified=size(kw.pop("unified")),
+                            cpu_moe=kw.pop("cpu_moe"), n_cpu_moe=kw.pop("n_cpu_moe"), ctx=kw.pop("ctx"),
+                            ubatch=kw.pop("ubatch"), threads=kw.pop("threads"), verbose=verbose)
+
+
+@cli.command("plan")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@placement_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable plan.")
+def plan_cmd(model: Path, as_json: bool, **kw) -> None:
+    """Decide, before loading, what lives on the GPU and what stays in system RAM.
+
+    Reads only the GGUF's tensor infos. Prints a per-device table and the reason for the choice;
+    --json gives {"fits", "n_cpu_moe", "gpu_bytes", "cpu_bytes", "kv_bytes", "compute_bytes",
+    "overrides", "notes", ...}.
+
+    \b
+    Examples:
+      ossgguf plan gpt-oss-120b-mxfp4.gguf --gpu-mem 24GiB --ram 64GiB
+      ossgguf plan gpt-oss-120b-mxfp4.gguf --unified 64GiB --ctx 32768 --json
+    """
+    from .runner.plan import format_plan, plan
+
+    p = plan(model, _placement(kw))
+    click.echo(json.dumps(p.to_json(), indent=1) if as_json else format_plan(p))
+
+
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to keep the tiny checkpoint and GGUF (default: a temporary folder).")

@@ -14,7 +14,7 @@ def run(*args):
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("command", ["convert", "quantize", "inspect", "compare", "download", "render", "publish", "demo"])
+@pytest.mark.parametrize("command", ["convert", "quantize", "inspect", "compare", "plan", "download", "render", "publish", "demo"])
 def test_help(command):
     proc = run(command, "--help")
     assert proc.returncode == 0, proc.stderr

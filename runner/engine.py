@@ -1,0 +1,351 @@
+"""Run a gpt-oss GGUF with llama-cpp-python, placed by the planner, as a streaming generator.
+
+In the mlx-lm style: `Engine.load(path, options)`, `engine.tokenize(text)`,
+`engine.generate(tokens or text, ...)` yields `GenerationChunk`s. The KV cache is kept between calls
+and the longest common prefix is reused (minus what the sliding-window layers no longer hold).
+Built on llama-cpp-python's low-level API, because its `Llama` class cannot pass tensor buffer
+overrides, `n_outputs_max` or sampling defaults that suit gpt-oss.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import os
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ossgguf.errors import OssggufError
+
+from .llama_ctypes import LLAMA_LOG, BufferOverrides, llama_cpp_module
+from .plan import PlacementOptions, Plan, plan, read_model
+
+log = logging.getLogger(__name__)
+
+# OpenAI's recommendation for gpt-oss: sample the full distribution.
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_TOP_K, DEFAULT_MIN_P = 1.0, 1.0, 0, 0.0
+GGML_TYPE_F16 = 1
+FLASH_ATTN_ENABLED, FLASH_ATTN_DISABLED = 1, 0
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One step of `Engine.generate`: the text of one token (may be "" inside a UTF-8 sequence)."""
+
+    text: str
+    token: int | None
+    finish_reason: str | None  # None while generating; "stop", "length" or "cancelled" at the end
+    prompt_tps: float
+    gen_tps: float
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache
+    generation_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    load_seconds: float = 0.0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generation_tokens: int = 0
+    generation_seconds: float = 0.0
+
+    @property
+    def prompt_tps(self) -> float:
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def gen_tps(self) -> float:
+        return self.generation_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"prompt: {self.prompt_tokens} tokens ({self.cached_tokens} cached), {self.prompt_tps:.1f} tok/s; "
+                f"generation: {self.generation_tokens} tokens, {self.gen_tps:.1f} tok/s; "
+                f"load {self.load_seconds:.1f} s")
+
+
+def _default_threads() -> int:
+    """Physical cores where psutil can tell (hyper-threads slow memory-bound decoding), else all."""
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Engine:
+    """A loaded model and context. Create with `Engine.load`; close (or use `with`) to free memory."""
+
+    path: Path
+    plan: Plan
+    options: PlacementOptions
+    _model: int = field(repr=False)
+    _ctx: int = field(repr=False)
+    _overrides: BufferOverrides = field(repr=False)  # llama.cpp keeps pointers into it
+    stats: EngineStats = field(default_factory=EngineStats)
+    _tokens: list[int] = field(default_factory=list, repr=False)  # what the KV cache holds, in order
+    _cancel: bool = field(default=False, repr=False)
+    _abort_cb: object = field(default=None, repr=False)  # the C callback object must stay referenced
+
+    # --- loading -------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path, options: PlacementOptions | None = None, **changes) -> Engine:
+        """Plan the placement (or follow cpu_moe/n_cpu_moe), then load the GGUF and create a context.
+
+        `changes` are PlacementOptions fields, e.g. `Engine.load(p, n_cpu_moe=20, ctx=8192)`.
+        """
+        opts = replace(options or PlacementOptions(), **changes)
+        t0 = time.perf_counter()
+        info = read_model(path)  # also: not gpt-oss, missing shard
+        p = plan(info, opts)
+        if not p.fits:
+            log.warning("the plan does not fit (%s); loading anyway", "; ".join(p.notes) or p.reason)
+        log.info("placement: %s, n_cpu_moe=%d, ctx %d, batch %d", p.placement, p.n_cpu_moe, p.n_ctx, p.n_ubatch)
+        lc = llama_cpp_module()
+        LLAMA_LOG.install()
+        LLAMA_LOG.verbose = opts.verbose
+        lc.llama_backend_init()
+        overrides = BufferOverrides([o.rsplit("=", 1)[0] for o in p.overrides])
+        mp = lc.llama_model_default_params()
+        mp.n_gpu_layers = p.gpu_layers if p.placement != "none" else info.n_layer + 1
+        mp.load_mode = lc.LLAMA_LOAD_MODE_MMAP
+        if overrides.address:
+            mp.tensor_buft_overrides = overrides.address
+        model = lc.llama_model_load_from_file(str(info.path).encode(), mp)
+        if not model:
+            raise OssggufError(f"llama.cpp could not load {info.path}: {LLAMA_LOG.last_errors()}")
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = p.n_ctx
+        cp.n_batch = cp.n_ubatch = p.n_ubatch
+        cp.n_outputs_max = 1  # only the last token's logits are read: no n_vocab x batch logits buffer
+        threads = opts.threads or _default_threads()
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.flash_attn_type = FLASH_ATTN_ENABLED if p.flash_attn else FLASH_ATTN_DISABLED
+        cp.type_k = cp.type_v = GGML_TYPE_F16  # a quantized cache slows expert-offloaded decoding
+        cp.swa_full = False  # sliding-window layers keep only the window (and a batch)
+        cp.op_offload = p.op_offload
+        cp.no_perf = False
+        ctx = lc.llama_init_from_model(model, cp)
+        if not ctx:
+            lc.llama_model_free(model)
+            raise OssggufError(f"llama.cpp could not create a {p.n_ctx}-token context: "
+                               f"{LLAMA_LOG.last_errors()}; try a smaller --ctx")
+        eng = cls(path=info.path, plan=p, options=opts, _model=model, _ctx=ctx, _overrides=overrides)
+        me = weakref.ref(eng)  # no cycle through the callback: close() also runs from __del__
+        eng._abort_cb = lc.ggml_abort_callback(lambda _: bool((e := me()) and e._cancel))
+        lc.llama_set_abort_callback(ctx, eng._abort_cb, None)
+        eng.stats.load_seconds = time.perf_counter() - t0
+        return eng
+
+    def close(self) -> None:
+        if self._ctx:
+            lc = llama_cpp_module()
+            lc.llama_free(self._ctx)
+            lc.llama_model_free(self._model)
+            self._ctx = self._model = 0
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may be gone already
+            pass
+
+    # --- tokens --------------------------------------------------------------------------------------
+
+    @property
+    def n_ctx(self) -> int:
+        return self.plan.n_ctx
+
+    @property
+    def _vocab(self):
+        return llama_cpp_module().llama_model_get_vocab(self._model)
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of `text`; with `special`, harmony markers like <|start|> become their tokens."""
+        lc = llama_cpp_module()
+        data = text.encode()
+        n_max = len(data) + 8
+        buf = (lc.llama_token * n_max)()
+        n = lc.llama_tokenize(self._vocab, data, len(data), buf, n_max, False, special)
+        if n < 0:
+            buf = (lc.llama_token * -n)()
+            n = lc.llama_tokenize(self._vocab, data, len(data), buf, -n, False, special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        lc = llama_cpp_module()
+        buf = ctypes.create_string_buffer(64)
+        n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_stop(self, token: int) -> bool:
+        """End-of-generation tokens of the vocabulary: <|return|>, <|call|>, <|endoftext|> for gpt-oss."""
+        return bool(llama_cpp_module().llama_vocab_is_eog(self._vocab, token))
+
+    # --- generation ----------------------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Stop the running generation after the current token (or batch of prompt tokens)."""
+        self._cancel = True
+
+    def reset(self) -> None:
+        """Forget the KV cache."""
+        lc = llama_cpp_module()
+        lc.llama_memory_clear(lc.llama_get_memory(self._ctx), True)
+        self._tokens = []
+
+    def _reuse_prefix(self, prompt: list[int]) -> int:
+        """Keep the longest common prefix in the cache (at least one prompt token is left to decode)."""
+        lc = llama_cpp_module()
+        n = 0
+        for a, b in zip(self._tokens, prompt[:-1]):
+            if a != b:
+                break
+            n += 1
+        if n == len(self._tokens):
+            return n
+        mem = lc.llama_get_memory(self._ctx)
+        ok = lc.llama_memory_seq_rm(mem, 0, n, -1)
+        # the sliding-window layers must still hold the window before the first new position
+        # (they overwrite the oldest cells, so what survives below n is one contiguous run)
+        lo, hi = lc.llama_memory_seq_pos_min(mem, 0), lc.llama_memory_seq_pos_max(mem, 0)
+        if not ok or (n > 0 and (hi != n - 1 or lo > max(0, n - self.plan.model.n_swa))):
+            self.reset()
+            return 0
+        self._tokens = self._tokens[:n]
+        return n
+
+    def _decode(self, tokens: Sequence[int], want_logits: bool) -> None:
+        lc = llama_cpp_module()
+        step = self.plan.n_ubatch
+        batch = lc.llama_batch_init(step, 0, 1)
+        try:
+            for start in range(0, len(tokens), step):
+                chunk = tokens[start:start + step]
+                pos0 = len(self._tokens)
+                for i, t in enumerate(chunk):
+                    batch.token[i] = t
+                    batch.pos[i] = pos0 + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = want_logits and start + i == len(tokens) - 1
+                batch.n_tokens = len(chunk)
+                rc = lc.llama_decode(self._ctx, batch)
+                if rc == 2:  # aborted through the cancel flag: the cache may hold part of the batch
+                    self.reset()
+                    raise _Cancelled()
+                if rc != 0:
+                    raise OssggufError(f"llama_decode failed ({rc}): {LLAMA_LOG.last_errors()}")
+                self._tokens.extend(chunk)
+        finally:
+            lc.llama_batch_free(batch)
+
+    def _sampler(self, temperature: float, top_p: float, top_k: int, min_p: float, seed: int | None):
+        lc = llama_cpp_module()
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if temperature <= 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+            return chain
+        if top_k > 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(top_k))
+        if top_p < 1.0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(top_p, 1))
+        if min_p > 0.0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(min_p, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(temperature))
+        seed = lc.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
+        return chain
+
+    def generate(self, prompt: str | Sequence[int], *, max_tokens: int | None = None,
+                 temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
+                 top_k: int = DEFAULT_TOP_K, min_p: float = DEFAULT_MIN_P, seed: int | None = None,
+                 stop_tokens: Sequence[int] | None = None) -> Iterator[GenerationChunk]:
+        """Stream the continuation of `prompt` (text is tokenized with special tokens).
+
+        Stops at an end-of-generation token (the last chunk carries it, with empty text), at
+        `max_tokens`, at the end of the context, or after `cancel()`.
+        """
+        if not self._ctx:
+            raise OssggufError("the engine is closed")
+        lc = llama_cpp_module()
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not tokens:
+            raise OssggufError("the prompt is empty")
+        if len(tokens) >= self.n_ctx:
+            raise OssggufError(f"the prompt is {len(tokens)} tokens, the context holds {self.n_ctx}: "
+                               "shorten it or load with a larger --ctx")
+        stops = set(stop_tokens or ())
+        self._cancel = False
+        st = self.stats
+        cached = self._reuse_prefix(tokens)
+        st.prompt_tokens, st.cached_tokens = len(tokens), cached
+        st.generation_tokens, st.generation_seconds = 0, 0.0
+        t0 = time.perf_counter()
+        sampler = self._sampler(temperature, top_p, top_k, min_p, seed)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+        def chunk(text: str, tok: int | None, reason: str | None) -> GenerationChunk:
+            return GenerationChunk(text, tok, reason, st.prompt_tps, st.gen_tps,
+                                   st.prompt_tokens, st.cached_tokens, st.generation_tokens)
+
+        try:
+            try:
+                self._decode(tokens[cached:], want_logits=True)
+            except _Cancelled:
+                yield chunk("", None, "cancelled")
+                return
+            t1 = time.perf_counter()
+            st.prompt_seconds = t1 - t0
+            limit = self.n_ctx - len(self._tokens)
+            if max_tokens is not None:
+                limit = min(limit, max_tokens)
+            while True:
+                if self._cancel:
+                    yield chunk(decoder.decode(b"", final=True), None, "cancelled")
+                    return
+                if st.generation_tokens >= limit:
+                    yield chunk(decoder.decode(b"", final=True), None, "length")
+                    return
+                tok = lc.llama_sampler_sample(sampler, self._ctx, -1)
+                st.generation_tokens += 1
+                if self.is_stop(tok) or tok in stops:
+                    st.generation_seconds = time.perf_counter() - t1
+                    yield chunk(decoder.decode(b"", final=True), tok, "stop")
+                    return
+                text = decoder.decode(self.token_bytes(tok))
+                if st.generation_tokens < limit and not self._cancel:
+                    try:
+                        self._decode([tok], want_logits=True)
+                    except _Cancelled:
+                        yield chunk(text, tok, "cancelled")
+                        return
+                st.generation_seconds = time.perf_counter() - t1
+                yield chunk(text, tok, None)
+        finally:
+            lc.llama_sampler_free(sampler)
+
+
+class _Cancelled(Exception):
+    pass

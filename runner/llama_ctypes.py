@@ -1,0 +1,213 @@
+"""ctypes glue for what llama-cpp-python 0.3.36 leaves unwrapped: buffer overrides, devices, the log.
+
+- `llama_model_params.tensor_buft_overrides` is declared `c_void_p` there; llama.cpp reads it as a
+  NULL-terminated array of `{const char *pattern; ggml_backend_buffer_type_t buft}`.
+- The backend device list and `ggml_backend_cpu_buffer_type()` live in the bundled libggml.
+- llama.cpp's log is global (`llama_log_set` also sets ggml's); `LlamaLog` routes it: through to
+  stderr in verbose mode (debug lines included), into captures for measurements and tests, and
+  otherwise into a short ring buffer that error messages quote.
+
+The struct layouts match llama-cpp-python 0.3.36 (pinned in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import functools
+import logging
+import re
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# enum ggml_log_level (ggml.h)
+LOG_NONE, LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR, LOG_CONT = range(6)
+# enum ggml_backend_dev_type (ggml-backend.h)
+_DEV_KINDS = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
+
+
+def llama_cpp_module():
+    """llama_cpp.llama_cpp, imported on first use (loading libllama takes a moment)."""
+    import llama_cpp.llama_cpp as lc
+
+    return lc
+
+
+class BuftOverride(ctypes.Structure):
+    """struct llama_model_tensor_buft_override (llama.h)."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+@functools.lru_cache(maxsize=1)
+def ggml_lib() -> ctypes.CDLL:
+    """The libggml that llama-cpp-python ships (its dependencies resolve ggml-base and ggml-cpu)."""
+    lc = llama_cpp_module()
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    lib = load_shared_library("ggml", Path(lc.__file__).parent / "lib")
+    vp, sz = ctypes.c_void_p, ctypes.c_size_t
+    protos = {
+        "ggml_backend_cpu_buffer_type": ([], vp),
+        "ggml_backend_buft_name": ([vp], ctypes.c_char_p),
+        "ggml_backend_dev_count": ([], sz),
+        "ggml_backend_dev_get": ([sz], vp),
+        "ggml_backend_dev_name": ([vp], ctypes.c_char_p),
+        "ggml_backend_dev_description": ([vp], ctypes.c_char_p),
+        "ggml_backend_dev_type": ([vp], ctypes.c_int),
+        "ggml_backend_dev_memory": ([vp, ctypes.POINTER(sz), ctypes.POINTER(sz)], None),
+    }
+    for name, (args, res) in protos.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
+
+
+def cpu_buffer_type() -> int:
+    """ggml_backend_cpu_buffer_type(): llama.cpp then also considers CPU_REPACK for the tensor."""
+    llama_cpp_module().llama_backend_init()
+    return int(ggml_lib().ggml_backend_cpu_buffer_type())
+
+
+class BufferOverrides:
+    """A NULL-terminated override array for `llama_model_params.tensor_buft_overrides`.
+
+    Holds the pattern bytes and the array itself: llama.cpp keeps the pointer, so this object must
+    live as long as the model does.
+    """
+
+    def __init__(self, patterns: Sequence[str]):
+        self.patterns = list(patterns)
+        self._bytes = [p.encode() for p in self.patterns]
+        self.array = (BuftOverride * (len(self._bytes) + 1))()
+        buft = cpu_buffer_type() if self._bytes else None
+        for i, p in enumerate(self._bytes):
+            self.array[i].pattern = p
+            self.array[i].buft = buft
+        self.array[len(self._bytes)].pattern = None  # the terminator
+
+    @property
+    def address(self) -> int | None:
+        return ctypes.addressof(self.array) if self.patterns else None
+
+
+@dataclass(frozen=True)
+class BackendDevice:
+    """One ggml backend device as llama.cpp sees it (Metal reports its GPU working-set limit as total)."""
+
+    name: str
+    description: str
+    kind: str  # cpu, gpu, igpu, accel
+    free: int
+    total: int
+
+
+def backend_devices() -> list[BackendDevice]:
+    llama_cpp_module().llama_backend_init()
+    lib = ggml_lib()
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        out.append(BackendDevice(
+            name=(lib.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
+            description=(lib.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
+            kind=_DEV_KINDS.get(lib.ggml_backend_dev_type(dev), "other"),
+            free=int(free.value), total=int(total.value),
+        ))
+    return out
+
+
+class LlamaLog:
+    """Routes llama.cpp's (and ggml's) log. One instance per process: the C side has one callback."""
+
+    def __init__(self) -> None:
+        self.verbose = False
+        self.recent: collections.deque[str] = collections.deque(maxlen=40)
+        self._captures: list[list[tuple[int, str]]] = []
+        self._partial = ""
+        self._level = LOG_INFO
+        self._lock = threading.Lock()
+        self._callback = None  # the CFUNCTYPE object must stay referenced
+
+    def install(self) -> None:
+        if self._callback is not None:
+            return
+        lc = llama_cpp_module()
+        self._callback = lc.llama_log_callback(self._on_log)
+        lc.llama_log_set(self._callback, ctypes.c_void_p(0))
+
+    def _on_log(self, level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        chunk = text.decode("utf-8", errors="replace") if text else ""
+        with self._lock:
+            if level != LOG_CONT:
+                self._level = level
+            if self.verbose:
+                sys.stderr.write(chunk)
+                sys.stderr.flush()
+            self._partial += chunk
+            while "\n" in self._partial:
+                line, self._partial = self._partial.split("\n", 1)
+                self.recent.append(line)
+                for cap in self._captures:
+                    cap.append((self._level, line))
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[tuple[int, str]]]:
+        """Collect every (level, line) logged inside the block, debug lines included."""
+        self.install()
+        lines: list[tuple[int, str]] = []
+        with self._lock:
+            self._captures.append(lines)
+        try:
+            yield lines
+        finally:
+            with self._lock:
+                self._captures.remove(lines)
+
+    def last_errors(self, n: int = 3) -> str:
+        """The last few lines, for an error message when llama.cpp refuses something."""
+        return " | ".join(list(self.recent)[-n:])
+
+
+LLAMA_LOG = LlamaLog()
+
+
+# --- llama.cpp's own buffer report --------------------------------------------------------------------
+
+_BUF_LINE = re.compile(r"^\S+:\s+(\S+)\s+(model|KV|compute|output) buffer size =\s+([\d.]+) MiB")
+_KV_SIZE = re.compile(r"^llama_kv_cache: size =\s+([\d.]+) MiB \(\s*(\d+) cells,\s+(\d+) layers")
+
+
+@dataclass(frozen=True)
+class ReportedBuffer:
+    kind: str  # model, KV, compute, output
+    buffer: str  # llama.cpp's buffer name: CPU, CPU_REPACK, CPU_Mapped, CUDA0, Metal, ...
+    bytes: int  # from MiB with two decimals: +-5 KiB
+
+
+def parse_buffer_lines(lines: Sequence[str]) -> list[ReportedBuffer]:
+    """The `... buffer size = X MiB` lines of a model load and context creation."""
+    out = []
+    for line in lines:
+        m = _BUF_LINE.match(line.strip())
+        if m:
+            out.append(ReportedBuffer(m.group(2), m.group(1), round(float(m.group(3)) * 2**20)))
+    return out
+
+
+def parse_kv_cells(lines: Sequence[str]) -> list[tuple[int, int]]:
+    """(cells, layers) of each KV cache llama.cpp created (the iSWA cache makes two)."""
+    out = []
+    for line in lines:
+        m = _KV_SIZE.match(line.strip())
+        if m:
+            out.append((int(m.group(2)), int(m.group(3))))
+    return out

@@ -1,0 +1,658 @@
+"""Memory planner: where each byte of a gpt-oss GGUF goes (GPU, system RAM) for a context size.
+
+Reads tensor infos only (gguf.GGUFReader memory-maps, so sparse files and 60 GB shards are cheap),
+models llama.cpp 0.3.36's buffers (weights per buffer type, the iSWA KV cache, the compute buffer by
+replaying the gpt-oss graph through ggml-alloc's allocator) and picks the placement: all on the GPU,
+the experts of the first N layers in RAM (`--n-cpu-moe N`), all experts in RAM, or CPU only.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ossgguf.errors import OssggufError
+from ossgguf.model import ARCH, TensorClass, expert_offload_pattern, layer_of, tensor_class
+from ossgguf.sizes import parse_size as _parse_size
+
+log = logging.getLogger(__name__)
+
+GiB = 1024**3
+MiB = 1024**2
+DEFAULT_CTX = 65536  # capped by the model's context; long enough for tool use, 2.4 GB of KV on 120b
+UBATCH_OFFLOAD = 2048  # large prompt batches amortise streaming RAM-resident experts to the GPU
+UBATCH_DEFAULT = 512
+CPU_ALIGN, GPU_ALIGN = 32, 128  # ggml CPU (TENSOR_ALIGNMENT) and CUDA buffer alignment
+_SHARD = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<n>\d{5})\.gguf$")
+
+
+# --- the model ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    type_name: str  # ggml type, e.g. MXFP4, Q8_0, F32
+    shape: tuple[int, ...]  # GGUF order (ne0 first)
+    nbytes: int
+    cls: TensorClass
+    layer: int | None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the planner needs from a gpt-oss GGUF (all shards)."""
+
+    path: Path
+    files: tuple[Path, ...]
+    file_bytes: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_expert: int
+    n_expert_used: int
+    n_ff_exp: int
+    n_vocab: int
+    n_ctx_train: int
+    n_swa: int
+    swa_layers: tuple[bool, ...]
+    tensors: tuple[TensorInfo, ...] = field(repr=False)
+
+    def bytes_where(self, cls: TensorClass | None = None, layers: range | None = None,
+                    align: int = 1) -> int:
+        """Sum of tensor bytes (each padded to `align`, as a backend buffer lays them out)."""
+        return sum(_pad(t.nbytes, align) for t in self.tensors
+                   if (cls is None or t.cls == cls) and (layers is None or t.layer in layers))
+
+    def expert_weights(self, layer: int) -> list[TensorInfo]:
+        return [t for t in self.tensors if t.layer == layer and t.cls == TensorClass.EXPERT]
+
+    def type_summary(self, cls: TensorClass) -> str:
+        return "/".join(sorted({t.type_name for t in self.tensors if t.cls == cls})) or "-"
+
+
+def _pad(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+def shard_paths(path: str | Path) -> list[Path]:
+    """All files of a (possibly split) GGUF, given any of its shards; a missing shard is an error."""
+    path = Path(path)
+    if not path.exists():
+        raise OssggufError(f"{path} not found")
+    m = _SHARD.match(path.name)
+    if not m:
+        return [path]
+    n = int(m.group("n"))
+    files = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise OssggufError(f"{path.name} is split in {n} files but {', '.join(missing)} "
+                           f"{'is' if len(missing) == 1 else 'are'} missing from {path.parent}: "
+                           "download every shard into the same folder")
+    return files
+
+
+def _reader(path: Path):
+    """gguf.GGUFReader, except that long arrays (the 200k-token vocabulary, 446k merges) are stepped
+    over as one raw part: gguf-py builds a numpy view per element, 25 s on gpt-oss's header."""
+    import struct
+
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType
+
+    class HeaderReader(GGUFReader):
+        def _get_field_parts(self, orig_offs, raw_type):
+            if GGUFValueType(raw_type) != GGUFValueType.ARRAY:
+                return super()._get_field_parts(orig_offs, raw_type)
+            itype, alen = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+            if int(alen[0]) < 4096:
+                return super()._get_field_parts(orig_offs, raw_type)
+            offs, n = orig_offs + 12, int(alen[0])
+            if GGUFValueType(int(itype[0])) == GGUFValueType.STRING:
+                buf = self.data
+                for _ in range(n):
+                    offs += 8 + struct.unpack_from("<Q", buf, offs)[0]
+            else:
+                offs += n * np.dtype(self.gguf_scalar_to_np[GGUFValueType(int(itype[0]))]).itemsize
+            raw = self._get(orig_offs + 12, np.uint8, offs - orig_offs - 12)
+            return offs - orig_offs, [itype, alen, raw], [], [GGUFValueType.ARRAY, GGUFValueType(int(itype[0]))]
+
+    return HeaderReader(path)
+
+
+def _field(reader, key: str, default=None):
+    f = reader.get_field(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def read_model(path: str | Path) -> ModelInfo:
+    """Tensor infos and the hyperparameters the byte model needs, from a gpt-oss GGUF's headers."""
+    files = shard_paths(path)
+    readers = []
+    for f in files:
+        try:
+            readers.append(_reader(f))
+        except (ValueError, OSError) as e:
+            raise OssggufError(f"{f} is not a readable GGUF file ({e})") from None
+    head = readers[0]
+    arch = _field(head, "general.architecture")
+    if arch != ARCH:
+        raise OssggufError(f"{files[0].name} is a '{arch}' model, not gpt-oss: ossgguf runs only gpt-oss "
+                           f"GGUF files (general.architecture = {ARCH})")
+
+    def key(name: str, default=None):
+        v = _field(head, f"{ARCH}.{name}", default)
+        if v is None:
+            raise OssggufError(f"{files[0].name} has no '{ARCH}.{name}' key: convert it again with ossgguf")
+        return v
+
+    tensors = []
+    for r in readers:
+        for t in r.tensors:
+            tensors.append(TensorInfo(t.name, t.tensor_type.name, tuple(int(x) for x in t.shape),
+                                      int(t.n_bytes), tensor_class(t.name), layer_of(t.name)))
+    n_layer = int(key("block_count"))
+    n_head = int(key("attention.head_count"))
+    n_embd = int(key("embedding_length"))
+    head_k = int(key("attention.key_length", n_embd // n_head))
+    pattern = _field(head, f"{ARCH}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        swa = tuple(bool(x) for x in pattern)
+    else:  # llama.cpp's gpt-oss default: every other layer, starting with a sliding one
+        n_pat = int(pattern or 2)
+        swa = tuple(n_pat == 0 or i % n_pat < n_pat - 1 for i in range(n_layer))
+    embd = next((t for t in tensors if t.cls == TensorClass.EMBEDDING), None)
+    if embd is None:
+        raise OssggufError(f"{files[0].name} has no token_embd.weight tensor")
+    return ModelInfo(
+        path=files[0], files=tuple(files), file_bytes=sum(f.stat().st_size for f in files),
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+        n_head_kv=int(key("attention.head_count_kv")),
+        head_dim_k=head_k, head_dim_v=int(key("attention.value_length", head_k)),
+        n_expert=int(key("expert_count")), n_expert_used=int(key("expert_used_count")),
+        n_ff_exp=int(key("expert_feed_forward_length")), n_vocab=embd.shape[1],
+        n_ctx_train=int(key("context_length")), n_swa=int(key("attention.sliding_window")),
+        swa_layers=swa, tensors=tuple(tensors),
+    )
+
+
+# --- devices -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Devices:
+    """The memory the plan may use. `gpu_total` is 0 without a GPU; on unified memory (Apple) it is
+    the GPU working-set limit (macOS wires ~75% of RAM by default) and every byte also counts in RAM."""
+
+    ram_total: int
+    gpu_total: int = 0
+    gpu_name: str = ""
+    unified: bool = False
+    source: str = "given"
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.gpu_total > 0
+
+    @property
+    def gpu_budget(self) -> int:
+        # driver context, cuBLAS/Metal workspaces, the desktop and fragmentation live outside our buffers
+        return max(0, self.gpu_total - (768 * MiB + self.gpu_total // 20)) if self.has_gpu else 0
+
+    @property
+    def ram_budget(self) -> int:
+        # the OS and the user's other programs keep at least 4 GiB or 10% of RAM
+        return max(0, self.ram_total - max(4 * GiB, self.ram_total // 10))
+
+
+def system_ram() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+
+
+def resolve_devices(gpu_mem: int | None = None, ram: int | None = None, unified: int | None = None,
+                    detect: bool = True) -> Devices:
+    """Devices from the options; what is not given is detected (llama.cpp's device list, system RAM)."""
+    if unified:
+        ws = gpu_mem or unified * 3 // 4
+        return Devices(ram_total=unified, gpu_total=ws, gpu_name="unified GPU", unified=True)
+    ram_total = ram or system_ram()
+    if gpu_mem is not None:
+        return Devices(ram_total=ram_total, gpu_total=gpu_mem, gpu_name="GPU" if gpu_mem else "")
+    if not detect:
+        return Devices(ram_total=ram_total)
+    from .llama_ctypes import backend_devices
+
+    gpus = [d for d in backend_devices() if d.kind in ("gpu", "igpu")]
+    if not gpus:
+        return Devices(ram_total=ram_total, source="detected")
+    g = gpus[0]  # one GPU: splitting layers across GPUs is not planned here
+    # Metal reports its working-set limit as the device's memory; an iGPU shares RAM as well
+    return Devices(ram_total=ram_total, gpu_total=g.total, gpu_name=g.description or g.name,
+                   unified=sys.platform == "darwin" or g.kind == "igpu", source="detected")
+
+
+def parse_size(text: str | int) -> int:
+    """A memory size: '24G' and '24GiB' are binary, '24GB' decimal."""
+    return _parse_size(text, bare_unit_base=1024)
+
+
+# --- the compute buffer: the gpt-oss graph replayed through ggml-alloc -------------------------------
+
+
+class _Allocator:
+    """ggml-alloc's dynamic allocator: best fit among inner free blocks, else the growing tail."""
+
+    def __init__(self, align: int):
+        self.align, self.blocks, self.tail, self.max = align, [], 0, 0  # inner free blocks (offset, size)
+
+    def alloc(self, size: int) -> int:
+        size = _pad(size, self.align)
+        fit = [i for i, (_, s) in enumerate(self.blocks) if s >= size]
+        if fit:
+            i = min(reversed(fit), key=lambda j: self.blocks[j][1])
+            off, s = self.blocks[i]
+            self.blocks[i:i + 1] = [(off + size, s - size)] if s > size else []
+            return off
+        off, self.tail = self.tail, self.tail + size
+        self.max = max(self.max, self.tail)
+        return off
+
+    def free(self, off: int, size: int) -> None:
+        blocks = sorted([*self.blocks, (off, _pad(size, self.align))])
+        merged: list[tuple[int, int]] = []
+        for o, s in blocks:
+            if merged and sum(merged[-1]) == o:
+                merged[-1] = (merged[-1][0], merged[-1][1] + s)
+            else:
+                merged.append((o, s))
+        if merged and sum(merged[-1]) == self.tail:  # a block touching the tail joins it
+            self.tail = merged.pop()[0]
+        self.blocks = merged
+
+
+class _Graph:
+    """Nodes as ggml builds them: (size, sources, may run in place). Inputs are allocated first."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.kind: list[str] = []  # input, node, output
+        self.nodes: list[tuple[int, tuple[int, ...], bool]] = []
+
+    def tensor(self, size: int, kind: str) -> int:
+        self.sizes.append(size)
+        self.kind.append(kind)
+        return len(self.sizes) - 1
+
+    def op(self, size: int, *srcs: int, inplace: bool = False, output: bool = False) -> int:
+        t = self.tensor(size, "output" if output else "node")
+        self.nodes.append((t, srcs, inplace))
+        return t
+
+    def ip(self, src: int, *others: int, output: bool = False) -> int:
+        """An op that may run in place on `src` (norm, bias add, rope, soft_max, ...): same size."""
+        return self.op(self.sizes[src], src, *others, inplace=True, output=output)
+
+    def peak(self, align: int) -> int:
+        """The allocator's high-water mark, following ggml_gallocr_alloc_graph_impl."""
+        children = [0] * len(self.sizes)
+        a, addr = _Allocator(align), {}
+        for t, kind in enumerate(self.kind):  # graph inputs are leafs: allocated first, in graph order
+            if kind == "input":
+                addr[t] = a.alloc(self.sizes[t])
+        for _, srcs, _ in self.nodes:
+            for s in srcs:
+                children[s] += 1
+        for t, srcs, inplace in self.nodes:
+            parent = next((s for s in srcs if inplace and s in addr and children[s] == 1
+                           and self.kind[s] != "output" and self.sizes[s] == self.sizes[t]), None)
+            addr[t] = addr.pop(parent) if parent is not None else a.alloc(self.sizes[t])
+            for s in srcs:
+                children[s] -= 1
+                if children[s] == 0 and s in addr and self.kind[s] != "output":
+                    a.free(addr.pop(s), self.sizes[s])  # outputs are never freed
+        return a.max
+
+
+@functools.lru_cache(maxsize=256)
+def _compute(*args) -> int:
+    return compute_buffer_bytes(*args)
+
+
+def compute_buffer_bytes(m: ModelInfo, n_tokens: int, n_outputs: int, kv_full: int, kv_swa: int,
+                         flash_attn: bool, align: int, offloaded_weight: int = 0) -> int:
+    """Peak of llama.cpp's compute buffer for one ubatch (src/models/openai-moe.cpp, build_moe_ffn).
+
+    `offloaded_weight`: with RAM-resident experts and op offload, each expert matmul of a prompt
+    batch runs on the GPU from a copy of the weight in this buffer.
+    """
+    g, T, E, f = _Graph(), n_tokens, m.n_embd, 4
+    H, D, Dv, Hkv = m.n_head, m.head_dim_k, m.head_dim_v, m.n_head_kv
+    F, K, X = m.n_ff_exp, m.n_expert_used, m.n_expert
+    tokens = g.tensor(T * 4, "input")
+    g.tensor(E * T * f, "input")  # inp_embd: the float-embeddings path, built but not taken (never freed)
+    pos = g.tensor(T * 4, "input")
+    attn_in = {}
+    for swa in (True, False):
+        n_kv = kv_swa if swa else kv_full
+        v_idx = T * 8 if flash_attn else Hkv * Dv * T * 8
+        attn_in[swa] = (g.tensor(T * 8, "input"), g.tensor(v_idx, "input"),
+                        g.tensor(n_kv * T * (2 if flash_attn else 4), "input"))
+    out_ids = g.tensor(n_outputs * 4, "input")  # the last leaf
+    h = g.op(E * T * f, tokens)  # token embeddings
+    for il in range(m.n_layer):
+        k_idx, v_idx, mask = attn_in[m.swa_layers[il]]
+        n_kv = kv_swa if m.swa_layers[il] else kv_full
+        x = g.ip(g.ip(h))  # rms_norm, * attn_norm
+        # wq, +bias, rope (rope reads a reshaped view, so ggml-alloc does not run it in place)
+        q = g.op(H * D * T * f, g.ip(g.op(H * D * T * f, x)), pos)
+        k = g.op(Hkv * D * T * f, g.ip(g.op(Hkv * D * T * f, x)), pos)
+        v = g.ip(g.op(Hkv * Dv * T * f, x))
+        g.op(0, k, k_idx)  # set_rows into the cache (a view: no memory)
+        g.op(0, v, v_idx)
+        if flash_attn:
+            o = g.op(H * Dv * T * f, q, mask)
+        else:
+            kq = g.ip(g.op(n_kv * T * H * f, q), mask)  # k*q, soft_max_ext
+            o = g.op(H * Dv * T * f, g.op(H * Dv * T * f, kq))  # v*kq, cont
+        res = g.ip(g.ip(g.op(E * T * f, o)), h)  # wo, +bias, + residual
+        x = g.ip(g.ip(res))  # rms_norm, * post norm
+        probs = g.ip(g.op(X * T * f, x))  # router, +bias
+        topk = g.op(X * T * 4, probs)  # argsort (top-k is a view of it)
+        w = g.ip(g.op(K * T * f, probs, topk))  # get_rows, soft_max
+        mm = []
+        for _ in ("gate", "up"):
+            cp = (g.op(offloaded_weight),) if offloaded_weight else ()
+            mm.append(g.ip(g.op(F * K * T * f, *cp, x, topk), topk))  # mul_mat_id, +bias (add_id)
+        act = g.op(F * K * T * f, *mm)  # swiglu_oai
+        cp = (g.op(offloaded_weight),) if offloaded_weight else ()
+        y = g.ip(g.ip(g.op(E * K * T * f, *cp, act, topk), topk), w)  # down, +bias, * weights
+        acc = g.op(E * T * f, y, y)  # sum over the chosen experts (views of y)
+        for _ in range(K - 2):
+            acc = g.ip(acc, y)
+        h = g.ip(acc, res, output=il == m.n_layer - 1)  # + residual (the last is an output: t_h_nextn)
+    x = g.ip(g.ip(g.op(E * n_outputs * f, h, out_ids)), output=True)  # get_rows, result_norm
+    g.op(m.n_vocab * n_outputs * f, x, output=True)  # logits
+    return g.peak(align)
+
+
+# --- one placement ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlacementOptions:
+    """Options shared by plan/run/chat/serve (CLI flags of the same names); None lets the planner decide."""
+
+    gpu_mem: int | None = None  # --gpu-mem: GPU memory in bytes (0: no GPU); default: ask llama.cpp
+    ram: int | None = None  # --ram: system RAM in bytes; default: the machine's
+    unified: int | None = None  # --unified: Apple-style memory of this size, GPU working set 75% (or gpu_mem)
+    cpu_moe: bool = False  # --cpu-moe: all experts in RAM
+    n_cpu_moe: int | None = None  # --n-cpu-moe N: the experts of layers 0..N-1 in RAM
+    ctx: int | None = None  # --ctx: context tokens; default min(65536, the model's)
+    ubatch: int | None = None  # --ubatch: prompt batch; default 2048 with experts in RAM, else 512
+    threads: int | None = None  # --threads: default the physical cores
+    flash_attn: bool = True  # no n_ctx x batch x heads score matrix; llama.cpp supports gpt-oss sinks in it
+    op_offload: bool = True  # prompt batches stream RAM-resident experts through the GPU
+    verbose: bool = False  # -v: llama.cpp's whole log (debug lines too) on stderr
+
+
+@dataclass(frozen=True)
+class Buffer:
+    device: str  # "gpu" or "cpu"
+    kind: str  # model, kv, compute
+    bytes: int
+    what: str
+
+
+@dataclass
+class Plan:
+    fits: bool
+    placement: str  # gpu, hybrid, cpu, none
+    n_cpu_moe: int
+    n_ctx: int
+    n_ubatch: int
+    flash_attn: bool
+    op_offload: bool
+    gpu_bytes: int
+    cpu_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+    overrides: list[str]
+    buffers: list[Buffer]
+    devices: Devices
+    model: ModelInfo = field(repr=False)
+    notes: list[str] = field(default_factory=list)
+    reason: str = ""
+
+    @property
+    def gpu_layers(self) -> int:
+        """llama.cpp's n_gpu_layers: all of them, or none for a CPU-only plan."""
+        return 0 if self.placement in ("cpu",) or not self.devices.has_gpu else self.model.n_layer + 1
+
+    def to_json(self) -> dict:
+        return {
+            "fits": self.fits, "n_cpu_moe": self.n_cpu_moe, "gpu_bytes": self.gpu_bytes,
+            "cpu_bytes": self.cpu_bytes, "kv_bytes": self.kv_bytes, "compute_bytes": self.compute_bytes,
+            "overrides": self.overrides, "notes": self.notes, "placement": self.placement,
+            "n_ctx": self.n_ctx, "n_ubatch": self.n_ubatch, "flash_attn": self.flash_attn,
+            "gpu_budget": self.devices.gpu_budget, "ram_budget": self.devices.ram_budget,
+            "unified": self.devices.unified,
+            "buffers": [{"device": b.device, "kind": b.kind, "bytes": b.bytes, "what": b.what}
+                        for b in self.buffers],
+        }
+
+
+def kv_cells(model: ModelInfo, n_ctx: int, n_ubatch: int) -> tuple[int, int]:
+    """(full-attention cells, sliding-window cells) as llama.cpp 0.3.36 sizes them (swa_full=False)."""
+    full = _pad(n_ctx, 256)
+    swa = min(full, _pad(model.n_swa + min(n_ubatch, full), 256))
+    return full, swa
+
+
+def kv_bytes(model: ModelInfo, n_ctx: int, n_ubatch: int, type_size: int = 2) -> int:
+    """f16 K and V for every layer: full layers grow with the context, SWA layers keep window + ubatch."""
+    full, swa = kv_cells(model, n_ctx, n_ubatch)
+    per_cell = model.n_head_kv * (model.head_dim_k + model.head_dim_v) * type_size
+    return sum((swa if is_swa else full) * per_cell for is_swa in model.swa_layers)
+
+
+def estimate(model: ModelInfo, devices: Devices, n_ctx: int, n_cpu_moe: int, *, n_ubatch: int | None = None,
+             gpu: bool = True, flash_attn: bool = True, op_offload: bool = True,
+             n_outputs: int = 1) -> Plan:
+    """Bytes per device for one placement: experts of layers 0..n_cpu_moe-1 in RAM (gpu=True), or
+    everything in RAM (gpu=False). Does not judge fit beyond filling `fits`."""
+    use_gpu = gpu and devices.has_gpu
+    n_cpu_moe = max(0, min(n_cpu_moe, model.n_layer)) if gpu else model.n_layer
+    ub = min(n_ubatch or (UBATCH_OFFLOAD if use_gpu and n_cpu_moe > 0 else UBATCH_DEFAULT), n_ctx)
+    cpu_layers = range(n_cpu_moe)
+    g_align = GPU_ALIGN if use_gpu else CPU_ALIGN
+    bufs: list[Buffer] = []
+    embd = model.bytes_where(TensorClass.EMBEDDING, align=CPU_ALIGN)
+    if use_gpu:
+        cpu_exp = model.bytes_where(TensorClass.EXPERT, cpu_layers, CPU_ALIGN)
+        gpu_w = sum(_pad(t.nbytes, g_align) for t in model.tensors if t.cls != TensorClass.EMBEDDING
+                    and not (t.cls == TensorClass.EXPERT and t.layer in cpu_layers))
+        bufs.append(Buffer("cpu", "model", embd, "token embeddings (llama.cpp keeps the input layer in RAM)"))
+        if cpu_exp:
+            bufs.append(Buffer("cpu", "model", cpu_exp, f"experts of layers 0-{n_cpu_moe - 1}"))
+        bufs.append(Buffer("gpu", "model", gpu_w, "attention, router, norms, output"
+                           + (f", experts of layers {n_cpu_moe}-{model.n_layer - 1}"
+                              if n_cpu_moe < model.n_layer else "")))
+    else:
+        exp = model.bytes_where(TensorClass.EXPERT, align=CPU_ALIGN)
+        bufs += [Buffer("cpu", "model", exp, "experts (CPU_REPACK where the CPU repacks MXFP4)"),
+                 Buffer("cpu", "model", model.bytes_where(align=CPU_ALIGN) - exp, "other weights")]
+    kv = kv_bytes(model, n_ctx, ub)
+    full, swa = kv_cells(model, n_ctx, ub)
+    bufs.append(Buffer("gpu" if use_gpu else "cpu", "kv", kv, f"f16 K/V: {full} cells full, {swa} sliding"))
+    n_out = min(ub, n_outputs)
+    copies = ([max(t.nbytes for t in model.expert_weights(i)) for i in cpu_layers]
+              if use_gpu and op_offload and ub >= 32 else [])
+    comp = _compute(model, ub, n_out, full, swa, flash_attn, g_align, max(copies, default=0))
+    out_buf = model.n_vocab * 4 * n_out  # llama.cpp's host output buffer (logits of the last tokens)
+    if use_gpu:
+        host = model.n_embd * ub * 4 + ub * 4 + out_buf  # embeddings are looked up on the CPU
+        bufs += [Buffer("gpu", "compute", comp, f"graph for {ub}-token batches"),
+                 Buffer("cpu", "compute", host, "input embeddings, logits")]
+    else:
+        bufs.append(Buffer("cpu", "compute", comp + out_buf, f"graph for {ub}-token batches, logits"))
+    # overrides follow the request even without a GPU: llama.cpp then logs them, placing nothing elsewhere
+    overrides = [f"{expert_offload_pattern(None if n_cpu_moe == model.n_layer else range(n_cpu_moe))}=CPU"
+                 ] if gpu and n_cpu_moe > 0 else []
+    placement = "cpu" if not use_gpu else "gpu" if n_cpu_moe == 0 else "hybrid"
+    gpu_bytes = sum(b.bytes for b in bufs if b.device == "gpu")
+    cpu_bytes = sum(b.bytes for b in bufs if b.device == "cpu")
+    return Plan(fits=False, placement=placement, n_cpu_moe=n_cpu_moe, n_ctx=n_ctx, n_ubatch=ub,
+                flash_attn=flash_attn, op_offload=op_offload, gpu_bytes=gpu_bytes, cpu_bytes=cpu_bytes,
+                kv_bytes=kv, compute_bytes=sum(b.bytes for b in bufs if b.kind == "compute"),
+                overrides=overrides, buffers=bufs, devices=devices, model=model)
+
+
+def _check(p: Plan) -> Plan:
+    """Fill fits/notes: every byte within its device's budget (unified: all of them within RAM too)."""
+    d = p.devices
+    ram_need = p.cpu_bytes + (p.gpu_bytes if d.unified else 0)
+    gpu_ok = p.gpu_bytes <= d.gpu_budget
+    ram_ok = ram_need <= d.ram_budget
+    p.fits = gpu_ok and ram_ok
+    if not gpu_ok:
+        p.notes.append(f"GPU: needs {_gb(p.gpu_bytes)}, budget {_gb(d.gpu_budget)} of {_gb(d.gpu_total)}"
+                       + (" (the GPU working set of unified memory)" if d.unified else ""))
+    if not ram_ok:
+        p.notes.append(f"RAM: needs {_gb(ram_need)}, budget {_gb(d.ram_budget)} of {_gb(d.ram_total)}: "
+                       "running anyway would rely on the OS paging weights from disk (mmap), "
+                       "which is not fitting")
+    return p
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+# --- choosing ----------------------------------------------------------------------------------------
+
+
+def plan(model: ModelInfo | str | Path, options: PlacementOptions | None = None,
+         devices: Devices | None = None) -> Plan:
+    """Choose the placement for a model, the devices and a context size.
+
+    With a GPU: all on the GPU if it fits, else the smallest N whose non-expert weights, KV cache and
+    compute buffer fit on the GPU with the experts of layers 0..N-1 in RAM; else CPU only. Options
+    `cpu_moe`/`n_cpu_moe` force a placement (the plan then says whether it fits).
+    """
+    o = options or PlacementOptions()
+    m = model if isinstance(model, ModelInfo) else read_model(model)
+    d = devices or resolve_devices(o.gpu_mem, o.ram, o.unified)
+    n_ctx = o.ctx or min(DEFAULT_CTX, m.n_ctx_train)
+    if n_ctx > m.n_ctx_train:
+        raise OssggufError(f"context {n_ctx} is larger than the model's {m.n_ctx_train} tokens: "
+                           f"use --ctx {m.n_ctx_train} or less")
+    kw = dict(n_ubatch=o.ubatch, flash_attn=o.flash_attn, op_offload=o.op_offload)
+    forced = m.n_layer if o.cpu_moe else o.n_cpu_moe
+    if forced is not None:
+        p = _check(estimate(m, d, n_ctx, forced, **kw))
+        p.reason = f"placement given: experts of {p.n_cpu_moe} of {m.n_layer} layers in RAM"
+    else:
+        p = _choose(m, d, n_ctx, kw)
+    if not o.ctx:
+        p.notes.append(f"context {n_ctx} tokens (default; --ctx up to {m.n_ctx_train})")
+    if not o.flash_attn:
+        p.notes.append("flash attention off: the compute buffer holds a context x batch x heads score matrix")
+    if not p.fits:
+        p.notes.extend(alternatives(m, d, n_ctx, kw))
+    return p
+
+
+def _choose(m: ModelInfo, d: Devices, n_ctx: int, kw: dict) -> Plan:
+    if d.has_gpu:
+        for n in range(m.n_layer + 1):
+            p = estimate(m, d, n_ctx, n, **kw)
+            if p.gpu_bytes <= d.gpu_budget:
+                _check(p)
+                if p.fits:
+                    p.reason = ("everything fits on the GPU" if n == 0 else
+                                "all experts in RAM, attention and KV cache on the GPU"
+                                if n == m.n_layer else
+                                f"the experts of layers 0-{n - 1} in RAM, the rest on the GPU "
+                                f"(N={n - 1} does not fit the GPU)")
+                    return p
+                break  # more experts in RAM only needs more RAM
+    cpu = _check(estimate(m, d, n_ctx, m.n_layer, gpu=False, **kw))
+    if cpu.fits:
+        cpu.reason = "CPU only: " + ("no GPU" if not d.has_gpu else "the GPU cannot hold even the attention")
+        return cpu
+    best = _check(estimate(m, d, n_ctx, m.n_layer, **kw)) if d.has_gpu else cpu
+    best.placement = "none"
+    best.reason = "does not fit these devices"
+    return best
+
+
+def alternatives(m: ModelInfo, d: Devices, n_ctx: int, kw: dict) -> list[str]:
+    """What would fit instead: a smaller context, a smaller recipe, a pruned model."""
+    out = []
+    for ctx in (65536, 32768, 16384, 8192, 4096):
+        if ctx < n_ctx and _choose(m, d, ctx, kw).fits:
+            out.append(f"fits with --ctx {ctx}")
+            break
+    # RAM short by this much with every expert in RAM (the placement needing the least GPU)
+    least = estimate(m, d, n_ctx, m.n_layer, gpu=d.has_gpu, **kw)
+    short = least.cpu_bytes + (least.gpu_bytes if d.unified else 0) - d.ram_budget
+    wide = sum(t.nbytes for t in m.tensors if t.type_name in ("BF16", "F16", "F32")
+               and t.cls in (TensorClass.ATTENTION, TensorClass.EMBEDDING, TensorClass.OUTPUT))
+    if wide:
+        saving = wide - wide * 34 // 64  # Q8_0: 34 bytes per 32 values
+        out.append(f"the mxfp4-q8 recipe (Q8_0 attention, embeddings and head) saves {_gb(saving)}"
+                   + (" and would fit" if 0 < short <= saving else ""))
+    exp = m.bytes_where(TensorClass.EXPERT)
+    if any(t.type_name != "MXFP4" for t in m.tensors if t.cls == TensorClass.EXPERT):
+        out.append(f"the mxfp4 recipe keeps the experts at 4.25 bits per weight ({_gb(exp)} now)")
+    if short > 0 and exp:
+        keep = int(m.n_expert * (1 - short / exp))
+        if keep >= m.n_expert_used:
+            out.append(f"a model pruned to at most {keep} of {m.n_expert} experts per layer would fit")
+    return out
+
+
+# --- the report --------------------------------------------------------------------------------------
+
+
+def format_plan(p: Plan) -> str:
+    """A per-device table and the reason for the choice, for people."""
+    d, m = p.devices, p.model
+    lines = [f"model: {m.path.name} ({_gb(m.file_bytes)}, {m.n_layer} layers, {m.n_expert} experts; "
+             f"experts {m.type_summary(TensorClass.EXPERT)}, attention {m.type_summary(TensorClass.ATTENTION)})",
+             f"context {p.n_ctx}, batch {p.n_ubatch}, flash attention {'on' if p.flash_attn else 'off'}", ""]
+    rows = [("device", "kind", "bytes", "what")]
+    rows += [(b.device, b.kind, _human(b.bytes), b.what) for b in p.buffers]
+    gpu_desc = (f"{d.gpu_name or 'GPU'}: {_gb(p.gpu_bytes)} of {_gb(d.gpu_budget)} budget"
+                f" ({_gb(d.gpu_total)}{' working set' if d.unified else ''})") if d.has_gpu else "no GPU"
+    ram_used = p.cpu_bytes + (p.gpu_bytes if d.unified else 0)
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines += ["  ".join(r[i].ljust(widths[i]) if i < 2 else r[i].rjust(widths[i]) for i in range(3)) + "  " + r[3]
+              for r in rows]
+    lines += ["", gpu_desc, f"RAM: {_gb(ram_used)} of {_gb(d.ram_budget)} budget ({_gb(d.ram_total)})", "",
+              f"{'fits' if p.fits else 'DOES NOT FIT'}: {p.placement}"
+              + (f", n_cpu_moe={p.n_cpu_moe}" if p.placement == "hybrid" else "") + f" - {p.reason}"]
+    lines += [f"  override: {o}" for o in p.overrides]
+    lines += [f"  note: {n}" for n in p.notes]
+    return "\n".join(lines)
+

@@ -1,0 +1,136 @@
+"""The engine on a CPU build of llama.cpp: expert placement visible in llama.cpp's own load log,
+generation unchanged by the placement, KV-cache prefix reuse, cancel, errors; token ids against
+Hugging Face tokenizers."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+from gguf import GGUFReader
+from gptoss_shapes import GPT_OSS_20B, write_sparse_gguf
+from tokenizers import Tokenizer
+
+from ossgguf.errors import OssggufError
+from ossgguf.model import TensorClass, tensor_class
+from ossgguf.runner.engine import Engine
+from ossgguf.runner.llama_ctypes import LLAMA_LOG
+from ossgguf.runner.plan import GiB, PlacementOptions
+
+OVERRIDDEN = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (CPU\S*)")
+CPU = PlacementOptions(ram=16 * GiB, gpu_mem=0, ctx=512)  # this machine has no GPU: say so, no detection
+PROMPT = "<|start|>user<|message|>Tell me about the weather in Paris today.<|end|><|start|>assistant"
+
+
+@pytest.fixture(scope="module")
+def model(make_gguf):
+    return make_gguf(num_hidden_layers=3, seed=5)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    with Engine.load(model, CPU) as e:
+        yield e
+
+
+def greedy(e: Engine, prompt, n: int = 12) -> list[int]:
+    return [c.token for c in e.generate(prompt, max_tokens=n, temperature=0) if c.token is not None]
+
+
+def expert_weights(path) -> set[str]:
+    return {t.name for t in GGUFReader(path).tensors if tensor_class(t.name) == TensorClass.EXPERT}
+
+
+@pytest.mark.parametrize("placement,layers", [({"cpu_moe": True}, {0, 1, 2}), ({"n_cpu_moe": 1}, {0}),
+                                              ({"n_cpu_moe": 2}, {0, 1})])
+def test_overrides_place_the_planned_experts(model, engine, placement, layers):
+    with LLAMA_LOG.capture() as lines, Engine.load(model, CPU, **placement) as e:
+        got = dict(m.groups() for _, text in lines if (m := OVERRIDDEN.search(text)))
+        tokens = greedy(e, PROMPT)
+    expected = {n for n in expert_weights(model) if int(n.split(".")[1]) in layers}
+    assert set(got) == expected  # the weights only: the small expert biases stay with their layer
+    assert e.plan.n_cpu_moe == max(layers) + 1
+    assert tokens == greedy(engine, PROMPT)  # same tokens as without overrides
+
+
+def test_verbose_passes_llama_log_through(model, capsys):
+    with Engine.load(model, CPU, n_cpu_moe=1, verbose=True):
+        pass
+    err = capsys.readouterr().err
+    assert "buffer type overridden" in err  # a debug-level line
+    assert "llama_context" in err
+    with Engine.load(model, CPU, n_cpu_moe=1):
+        pass
+    assert "llama" not in capsys.readouterr().err
+
+
+def test_prefix_reuse_gives_the_same_tokens(engine):
+    first = greedy(engine, PROMPT)
+    prompt = engine.tokenize(PROMPT)
+    follow = prompt + first[:5] + engine.tokenize("<|end|><|start|>user<|message|>and tomorrow?<|end|>")
+    chunks = list(engine.generate(follow, max_tokens=8, temperature=0))
+    assert chunks[-1].cached_tokens == len(prompt) + 5
+    reused = [c.token for c in chunks if c.token is not None]
+    engine.reset()
+    assert greedy(engine, follow, 8) == reused
+
+
+def test_rewind_past_the_sliding_window_prefills_again(model):
+    """The window layers keep 8 + 256 positions (padded to 512 cells): a rewind to position 100
+    after 700 tokens cannot reuse them, so the engine must prefill from scratch."""
+    with Engine.load(model, CPU, ctx=1024, ubatch=256) as e:
+        long = (e.tokenize(PROMPT) * 40)[:700]
+        greedy(e, long, 4)
+        chunks = list(e.generate(long[:100], max_tokens=6, temperature=0))
+        assert chunks[-1].cached_tokens == 0
+        rewound = [c.token for c in chunks if c.token is not None]
+        e.reset()
+        assert greedy(e, long[:100], 6) == rewound
+        kept = list(e.generate(long[:100] + rewound[:2], max_tokens=3, temperature=0))
+        assert kept[-1].cached_tokens == 101  # a short rewind keeps the window
+
+
+def test_stream_text_and_stats(engine):
+    chunks = list(engine.generate(PROMPT, max_tokens=6, temperature=0))
+    assert chunks[-1].finish_reason in ("length", "stop") and all(c.finish_reason is None for c in chunks[:-1])
+    tokens = [c.token for c in chunks if c.token is not None and not engine.is_stop(c.token)]
+    assert "".join(c.text for c in chunks) == engine.detokenize(tokens)
+    assert chunks[-1].generation_tokens == len(tokens) + (chunks[-1].finish_reason == "stop")
+    assert "tok/s" in engine.stats.summary()
+
+
+def test_cancel_between_tokens(engine):
+    it = engine.generate(PROMPT, max_tokens=50, temperature=0)
+    got = [next(it), next(it)]
+    engine.cancel()
+    rest = list(it)
+    assert rest[-1].finish_reason == "cancelled" and len(got) + len(rest) <= 4
+
+
+def test_seeded_sampling_is_reproducible_and_defaults_follow_openai(engine):
+    a = [c.token for c in engine.generate(PROMPT, max_tokens=8, seed=7)]
+    b = [c.token for c in engine.generate(PROMPT, max_tokens=8, seed=7)]
+    assert a == b
+    sig = inspect.signature(Engine.generate).parameters
+    assert (sig["temperature"].default, sig["top_p"].default, sig["top_k"].default, sig["min_p"].default) == (
+        1.0, 1.0, 0, 0.0)
+
+
+def test_tokens_match_hugging_face_tokenizers(make_ckpt, engine):
+    ref = Tokenizer.from_file(str(make_ckpt(num_hidden_layers=3, seed=5) / "tokenizer.json"))
+    for text in ("Hello world, it's 2025!", PROMPT, "  spaces\tand\nnewlines  ", "naïve café"):
+        assert engine.tokenize(text) == ref.encode(text, add_special_tokens=False).ids
+
+
+def test_errors(model, engine, tmp_path):
+    with pytest.raises(OssggufError, match="the prompt is 600 tokens, the context holds 512"):
+        list(engine.generate([100] * 600))
+    with pytest.raises(OssggufError, match="larger than the model's"):
+        Engine.load(model, CPU, ctx=10**7)
+    with pytest.raises(OssggufError, match="not gpt-oss"):
+        Engine.load(write_sparse_gguf(tmp_path / "l.gguf", GPT_OSS_20B, arch="llama"), CPU)
+    shard = tmp_path / "m-00001-of-00003.gguf"
+    shard.write_bytes(model.read_bytes())
+    with pytest.raises(OssggufError, match="m-00002-of-00003.gguf, m-00003-of-00003.gguf are missing"):
+        Engine.load(shard, CPU)
