@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# llama-cpp-python compiles llama.cpp (~5 min on 2 cores the first time; pip caches the wheel).
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,server]'
 	$(MAKE) --no-print-directory $(REFCONV) || echo "note: llama.cpp's converter not fetched; the tests that compare with it will skip"
 	touch $(STAMP)
 
