@@ -68,7 +68,7 @@ def dequantize_hf(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
 def quantize_hf(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float [..., cols] -> HF-layout MXFP4 with the standard scale rule e = floor(log2(amax)) - 2.
 
-    Rounds to the nearest E2M1 value (ties to the even code), never emits negative zero, so a
+    Rounds to the nearest E2M1 value (ties toward zero, as ggml), never emits negative zero, so a
     dequantized result quantizes back to the same bytes.
     """
     w = np.asarray(w, dtype=np.float32)
