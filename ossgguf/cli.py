@@ -291,6 +291,102 @@ def plan_cmd(model: Path, as_json: bool, **kw) -> None:
     click.echo(json.dumps(p.to_json(), indent=1) if as_json else format_plan(p))
 
 
+def chat_options(f):
+    """Conversation and generation flags shared by run and chat (DESIGN.md)."""
+    opts = [
+        click.option("--system", help="System prompt (the developer instructions gpt-oss reads)."),
+        click.option("--messages", "messages_path", type=click.Path(exists=True, dir_okay=False),
+                     help="Start from these OpenAI chat messages (a JSON list, or a request body)."),
+        click.option("--tools", "tools_path", type=click.Path(exists=True, dir_okay=False),
+                     help="OpenAI function tools the model may call (JSON)."),
+        click.option("--tool-cmd", metavar="CMD",
+                     help="Run tool calls with CMD: the call as JSON on stdin, its stdout is the result."),
+        click.option("--tool-timeout", type=float, default=60.0, show_default=True, help="Seconds per tool call."),
+        click.option("--reasoning", type=click.Choice(["low", "medium", "high"]), default="medium",
+                     show_default=True, help="Reasoning effort."),
+        click.option("--show-reasoning", is_flag=True, help="Show the model's reasoning (on stderr, dimmed)."),
+        click.option("--date", help="Current date for the system message, YYYY-MM-DD (default: today)."),
+        click.option("--temp", type=float, default=1.0, show_default=True, help="Temperature (0: greedy)."),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0: off."),
+        click.option("--min-p", type=float, default=0.0, show_default=True),
+        click.option("--seed", type=int, help="Sampling seed (default: random)."),
+        click.option("--max-tokens", type=int, help="Tokens per generation round (default: until the context is full)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _chat_setup(context: click.Context, model: Path, kw: dict):
+    """Engine, conversation, sampling and tool runner from the run/chat flags (loads the model last)."""
+    from .runner.chat import Sampling, ToolRunner, load_conversation
+    from .runner.engine import Engine
+    from .runner.terminal import load_line
+
+    conv = load_conversation(kw.pop("messages_path"), kw.pop("tools_path"), kw.pop("system"),
+                             kw.pop("reasoning"), kw.pop("date"))
+    cmd, timeout = kw.pop("tool_cmd"), kw.pop("tool_timeout")
+    runner = ToolRunner.from_command(cmd, timeout) if cmd else None
+    sampling = Sampling(temperature=kw.pop("temp"), top_p=kw.pop("top_p"), top_k=kw.pop("top_k"),
+                        min_p=kw.pop("min_p"), seed=kw.pop("seed"), max_tokens=kw.pop("max_tokens"))
+    engine = Engine.load(model, _placement(kw, context.obj["verbose"]))
+    click.echo(load_line(engine), err=True)
+    return engine, conv, sampling, runner
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-p", "--prompt", help="The user message (optional with --messages).")
+@chat_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON result: content, reasoning, tool_calls, "
+              "finish_reason, usage, timings, placement.")
+@placement_options
+@click.pass_context
+def run(context: click.Context, model: Path, prompt: str | None, show_reasoning: bool, as_json: bool, **kw) -> None:
+    """Answer one prompt: the answer on stdout, reasoning (--show-reasoning) and stats on stderr.
+
+    \b
+    Examples:
+      ossgguf run gpt-oss-20b.gguf -p "Why is the sky blue?" --reasoning low
+      ossgguf run gpt-oss-120b.gguf -p "Weather in Paris?" --tools tools.json --tool-cmd ./tools.py --json
+      ossgguf run gpt-oss-120b.gguf --messages chat.json --n-cpu-moe 26 --ctx 32768
+    """
+    from .runner.terminal import run_once
+
+    if prompt is None and kw.get("messages_path") is None:
+        raise click.UsageError("give a prompt with -p, or a conversation with --messages")
+    engine, conv, sampling, runner = _chat_setup(context, model, kw)
+    with engine:
+        if prompt is not None:
+            conv.add_user(prompt)
+        run_once(engine, conv, sampling, runner, sys.stdout, sys.stderr, show_reasoning, as_json)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@chat_options
+@placement_options
+@click.pass_context
+def chat(context: click.Context, model: Path, show_reasoning: bool, **kw) -> None:
+    """Chat in the terminal: streaming answers, tool calls, /reasoning, /reset, /save, /help, /exit.
+
+    Ctrl-C stops an answer; Ctrl-C or Ctrl-D at the prompt leaves. With stdin piped, each line is
+    one message.
+
+    \b
+    Examples:
+      ossgguf chat gpt-oss-20b.gguf --show-reasoning
+      ossgguf chat gpt-oss-120b.gguf --gpu-mem 24GiB --tools tools.json --tool-cmd "python3 tools.py"
+      printf 'Hi\\nWhat did I just say?\\n' | ossgguf chat gpt-oss-20b.gguf
+    """
+    from .runner.terminal import chat_loop
+
+    engine, conv, sampling, runner = _chat_setup(context, model, kw)
+    with engine:
+        chat_loop(engine, conv, sampling, runner, sys.stdin, sys.stdout, sys.stderr, show_reasoning)
+
+
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to keep the tiny checkpoint and GGUF (default: a temporary folder).")

@@ -248,7 +248,9 @@ def resolve_devices(gpu_mem: int | None = None, ram: int | None = None, unified:
 
 
 def parse_size(text: str | int) -> int:
-    """A memory size: '24G' and '24GiB' are binary, '24GB' decimal."""
+    """A memory size: '24G' and '24GiB' are binary, '24GB' decimal; 0 (as in --gpu-mem 0: no GPU) is allowed."""
+    if isinstance(text, str) and re.fullmatch(r"\s*0+\s*[KMGT]?i?B?\s*", text, re.IGNORECASE):
+        return 0
     return _parse_size(text, bare_unit_base=1024)
 
 
