@@ -11,18 +11,19 @@ import hashlib
 import logging
 import os
 import re
-import struct
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from ..errors import OssggufError
+from ..gguf_read import read_gguf_file
 from ..model import ARCH, TensorClass, tensor_class
 from .card import FileEntry, group_models, human_size, model_bits_per_weight, model_card, split_parts
 from .download import looks_like_repo_id, offline_mode
@@ -56,98 +57,21 @@ class GgufHeader:
     tensors: list[GgufTensor]
     data_offset: int
 
-    @property
-    def data_end(self) -> int:
-        """Where the last tensor's data ends: a complete file is at least this long."""
-        return self.data_offset + max((t.offset + t.n_bytes for t in self.tensors), default=0)
-
-
-_SCALARS = {
-    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
-    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?",
-    GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
-}
-
-
-class _Truncated(Exception):
-    pass
-
-
-class _Reader:
-    def __init__(self, f: BinaryIO):
-        self.f = f
-
-    def read(self, n: int) -> bytes:
-        b = self.f.read(n)
-        if len(b) != n:
-            raise _Truncated
-        return b
-
-    def unpack(self, fmt: str) -> Any:
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        return self.read(self.unpack("<Q")).decode("utf-8", errors="replace")
-
-    def value(self, vtype: int) -> Any:
-        if vtype == GGUFValueType.STRING:
-            return self.string()
-        if vtype == GGUFValueType.ARRAY:
-            sub, count = self.unpack("<I"), self.unpack("<Q")
-            if sub in (GGUFValueType.STRING, GGUFValueType.ARRAY):
-                for _ in range(count):
-                    self.value(sub)
-            else:
-                self.read(struct.calcsize(_SCALARS[GGUFValueType(sub)]) * count)
-            return None
-        return self.unpack(_SCALARS[GGUFValueType(vtype)])
 
 
 def read_gguf_header(path: str | Path) -> GgufHeader:
-    """Read a GGUF file's header (GGUF v2/v3, little-endian); OssggufError if it is not one or is cut short."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        r = _Reader(f)
-        try:
-            if f.read(4) != GGUF_MAGIC:
-                raise OssggufError(f"{path} is not a GGUF file: publish takes the .gguf files that "
-                                   "`ossgguf convert` or `ossgguf quantize` write")
-            version = r.unpack("<I")
-            if version not in (2, 3):
-                raise OssggufError(f"{path}: GGUF version {version} is not supported (big-endian or too old): "
-                                   "convert the checkpoint again with `ossgguf convert`")
-            n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
-            metadata: dict[str, Any] = {}
-            for _ in range(n_kv):
-                key = r.string()
-                metadata[key] = r.value(r.unpack("<I"))
-            tensors = []
-            for _ in range(n_tensors):
-                name = r.string()
-                dims = [r.unpack("<Q") for _ in range(r.unpack("<I"))]
-                qtype = GGMLQuantizationType(r.unpack("<I"))
-                n = 1
-                for d in dims:
-                    n *= d
-                block, type_size = GGML_QUANT_SIZES[qtype]
-                tensors.append(GgufTensor(name, qtype, n, n // block * type_size, r.unpack("<Q")))
-            align = int(metadata.get("general.alignment") or 32)
-            data_offset = -(-f.tell() // align) * align
-        except _Truncated:
-            raise OssggufError(f"{path} is truncated inside its header ({size} bytes): an interrupted copy "
-                               "or download? Write or fetch it again") from None
-        except (ValueError, KeyError, OverflowError, MemoryError) as e:
-            raise OssggufError(f"{path} has a corrupt GGUF header ({e}): write it again") from None
-    return GgufHeader(path, size, metadata, tensors, data_offset)
+    """A GGUF file's header (ossgguf.gguf_read): scalar metadata and tensor infos, no tensor data;
+    OssggufError if it is not a GGUF or is cut short."""
+    f = read_gguf_file(path)
+    metadata = {k: kv.value for k, kv in f.kvs.items() if kv.type != GGUFValueType.ARRAY}
+    tensors = [GgufTensor(t.name, t.qtype, int(np.prod(t.shape, dtype=np.int64)), t.nbytes, t.offset - f.data_offset)
+               for t in f.tensors]
+    return GgufHeader(f.path, f.size, metadata, tensors, f.data_offset)
 
 
 def check_gguf(path: Path, first_shard: bool = True) -> GgufHeader:
     """A complete gpt-oss GGUF (the first shard of a split holds the metadata)."""
-    h = read_gguf_header(path)
-    if h.size < h.data_end:
-        raise OssggufError(f"{path} is truncated: its tensors end at byte {h.data_end:,} but the file has "
-                           f"{h.size:,} bytes (an interrupted write or copy?): write it again")
+    h = read_gguf_header(path)  # refuses a file cut short inside its header or its data
     _, no, count = split_parts(path.name)
     sn, sc = h.metadata.get("split.no"), h.metadata.get("split.count")
     if count > 1 and ((sc is not None and sc != count) or (sn is not None and sn != no - 1)):

@@ -10,8 +10,8 @@ import numpy as np
 from gguf import GGUFValueType, LlamaFileType
 
 from ..errors import OssggufError
+from ..gguf_read import GgufSet, read_gguf
 from ..model import TensorClass, tensor_class
-from .gguf_read import GgufSet, read_gguf
 
 MAX_ARRAY = 16  # longer arrays (tokens, merges, token types) are shown as their element type and count
 OTHER = "other"  # tensors that are not gpt-oss's (inspect reads any GGUF)

@@ -21,11 +21,11 @@ from ..convert.convert import peak_rss_bytes, pipelined
 from ..convert.gguf_writer import ALIGNMENT, GGUFFileWriter, Shard, TensorInfo, plan_layout
 from ..convert.safetensors import TensorEntry, TensorReader
 from ..errors import OssggufError
+from ..gguf_read import SPLIT_KEYS, GgufSet, GgufTensor, read_gguf
 from ..kv import KV, kv_str, kv_u32
 from ..model import ARCH, TensorClass, tensor_class
 from . import mxfp4
 from .encode import encode, to_f32
-from .gguf_read import SPLIT_KEYS, GgufSet, GgufTensor, read_gguf
 from .policy import (
     DEFAULT_RECIPE,
     FLOAT_TYPES,

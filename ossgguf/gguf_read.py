@@ -16,8 +16,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from ..errors import OssggufError
-from ..kv import KV
+from .errors import OssggufError
+from .kv import KV
 
 Q = GGMLQuantizationType
 MAGIC = b"GGUF"
