@@ -330,6 +330,8 @@ def _chat_setup(context: click.Context, model: Path, kw: dict):
     runner = ToolRunner.from_command(cmd, timeout) if cmd else None
     sampling = Sampling(temperature=kw.pop("temp"), top_p=kw.pop("top_p"), top_k=kw.pop("top_k"),
                         min_p=kw.pop("min_p"), seed=kw.pop("seed"), max_tokens=kw.pop("max_tokens"))
+    if not context.obj["verbose"]:  # run/chat report malformed model output themselves, once
+        logging.getLogger("ossgguf.runner.harmony_parse").setLevel(logging.ERROR)
     engine = Engine.load(model, _placement(kw, context.obj["verbose"]))
     click.echo(load_line(engine), err=True)
     return engine, conv, sampling, runner

@@ -1,0 +1,318 @@
+"""An OpenAI-compatible HTTP server for a gpt-oss GGUF: Chat Completions, Responses, models, health.
+
+`create_app(engine_or_path, model_name)` builds the FastAPI app around one loaded model; `serve(path)`
+loads the model through the planner and runs it under uvicorn (127.0.0.1 unless told otherwise).
+Requests are rendered to harmony prompts here (deterministically: the date is fixed when the server
+starts, so a conversation's next request starts with the same tokens and reuses the KV cache), then
+queued and generated one at a time (server_worker). Endpoint details live in server_chat and
+server_responses, request checks in server_params, error shapes in server_errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import hmac
+import ipaddress
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ossgguf.errors import OssggufError
+
+from .harmony import render
+from .plan import PlacementOptions
+from .server_chat import completion, include_usage, new_id, parse_chat, stream_chunks
+from .server_errors import APIError, context_exceeded, install_handlers, invalid, read_json_object
+from .server_responses import OutputBuilder, ResponseStore, parse_responses, sse
+from .server_worker import Backend, ClientGone, GenerateFn, GenerationRequest, Job, TurnEnd, Worker, run_turn
+
+log = logging.getLogger(__name__)
+
+_SPLIT_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def default_model_name(path: str | Path) -> str:
+    """The GGUF's file name without `.gguf` and without a split suffix (`-00001-of-00003`)."""
+    return _SPLIT_SUFFIX.sub("", Path(path).name.removesuffix(".gguf"))
+
+
+@dataclass
+class ServerState:
+    model_name: str
+    aliases: frozenset[str]
+    backend: Backend
+    worker: Worker
+    api_key: str | None
+    date: str
+    default_effort: str
+    store: ResponseStore
+    created: int
+    engine: Any = None  # the Engine when the app loaded it (closed at shutdown)
+
+    def check_model(self, body: dict) -> str:
+        model = body.get("model")
+        if model is not None and model not in self.aliases:
+            raise APIError(f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                           404, "model", "model_not_found")
+        return self.model_name
+
+    async def prepare(self, turn) -> GenerationRequest:
+        """Render and tokenize off the event loop; refuse a prompt the context cannot hold."""
+
+        def work() -> GenerationRequest:
+            try:
+                prompt = render(turn.messages, turn.tools, turn.reasoning_effort, date=turn.date or self.date,
+                                model_identity=turn.model_identity)
+            except OssggufError as exc:
+                raise invalid(str(exc), "messages") from None
+            prompt += turn.prefill
+            tokens = self.backend.tokenize(prompt) if self.backend.tokenize else None
+            if tokens is not None and self.backend.n_ctx and len(tokens) >= self.backend.n_ctx:
+                raise context_exceeded(len(tokens), self.backend.n_ctx)
+            return GenerationRequest(prompt, tokens, turn.params)
+
+        return await asyncio.to_thread(work)
+
+
+class _JobStream(StreamingResponse):
+    """An SSE response whose job is cancelled however the response ends (done, error, client gone)."""
+
+    def __init__(self, worker: Worker, job: Job, content: AsyncIterator[str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=_SSE_HEADERS)
+        self._worker, self._job = worker, job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._worker.cancel(self._job)
+
+
+async def _guard(events: AsyncIterator[str], on_error: Callable[[str], str]) -> AsyncIterator[str]:
+    """After the headers went out, an error can only be reported inside the stream."""
+    try:
+        async for text in events:
+            yield text
+    except ClientGone:
+        return
+    except Exception as exc:
+        log.exception("generation failed mid-stream")
+        yield on_error(f"{type(exc).__name__}: {exc}")
+
+
+async def _last(events: AsyncIterator) -> TurnEnd:
+    end = None
+    async for item in events:
+        if isinstance(item, TurnEnd):
+            end = item
+    assert end is not None
+    return end
+
+
+def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str | None = None, *,
+               options: PlacementOptions | None = None, generate: GenerateFn | None = None,
+               date: str | None = None, reasoning_effort: str = "medium", stored_responses: int = 100) -> FastAPI:
+    """The FastAPI app serving one model.
+
+    `engine_or_path`: a loaded `Engine` (the caller closes it), a GGUF path (loaded now with `options`,
+    closed at shutdown), or None with `generate`. `generate(GenerationRequest)` replaces the engine's
+    generation (tests script the model's harmony output with it). `date` (YYYY-MM-DD) goes into every
+    system message unless a request sends its own `date`; default: today, fixed for the server's life.
+    """
+    from .engine import Engine
+
+    engine, owned = engine_or_path, False
+    if isinstance(engine_or_path, str | Path):
+        engine, owned = Engine.load(engine_or_path, options), True
+    if engine is None and generate is None:
+        raise OssggufError("create_app needs an Engine, a GGUF path, or a generate function")
+    backend = Backend.from_engine(engine, generate) if engine is not None else Backend(generate=generate)
+    name = model_name or (default_model_name(engine.path) if engine is not None else "gpt-oss")
+    aliases = {name} | ({default_model_name(engine.path), Path(engine.path).name} if engine is not None else set())
+    state = ServerState(model_name=name, aliases=frozenset(aliases), backend=backend, worker=Worker(backend),
+                        api_key=api_key, date=date or _dt.date.today().isoformat(),
+                        default_effort=reasoning_effort, store=ResponseStore(stored_responses),
+                        created=int(time.time()), engine=engine if owned else None)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        state.worker.close()
+        if state.engine is not None:
+            state.engine.close()
+
+    app = FastAPI(title="ossgguf", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    install_handlers(app)
+
+    async def check_key(request: Request) -> None:
+        if state.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), state.api_key.encode()):
+            msg = "Incorrect API key provided." if given else "You didn't provide an API key (Authorization: Bearer)."
+            raise APIError(msg, 401, code="invalid_api_key")
+
+    @app.get("/health")
+    @app.get("/v1/health")
+    async def health() -> dict:
+        w = state.worker
+        return {"status": "ok", "model": state.model_name, "busy": w.busy, "waiting": w.waiting,
+                "served": w.served, "cancelled": w.cancelled}
+
+    api = APIRouter(dependencies=[Depends(check_key)])
+
+    def model_card() -> dict:
+        card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "ossgguf"}
+        if state.backend.n_ctx:
+            card["context_length"] = state.backend.n_ctx
+        return card
+
+    @api.get("/v1/models")
+    @api.get("/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        state.check_model({"model": model_id})
+        return model_card()
+
+    @api.post("/v1/chat/completions")
+    @api.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await read_json_object(request)
+        model_name = state.check_model(body)
+        turn = parse_chat(body, state.default_effort)
+        job = state.worker.submit(await state.prepare(turn))
+        events = run_turn(state.worker, job, request.is_disconnected, turn.prefill, turn.stop)
+        if turn.stream:
+            def error(msg: str) -> str:
+                return "data: " + APIError(msg, 500).response().body.decode() + "\n\ndata: [DONE]\n\n"
+            chunks = stream_chunks(events, model_name, include_usage(body))
+            return _JobStream(state.worker, job, _guard(chunks, error))
+        try:
+            end = await _last(events)
+        except ClientGone:
+            return Response(status_code=499)
+        return JSONResponse(completion(end, new_id(), model_name, int(time.time())))
+
+    @api.post("/v1/responses")
+    @api.post("/responses")
+    async def responses(request: Request) -> Response:
+        body = await read_json_object(request)
+        model_name = state.check_model(body)
+        req = parse_responses(body, state.default_effort, state.store)
+        job = state.worker.submit(await state.prepare(req.turn))
+        events = run_turn(state.worker, job, request.is_disconnected, req.turn.prefill)
+        out = OutputBuilder("resp_" + new_id().removeprefix("chatcmpl-"), model_name, {**req.echo, "store": req.store})
+
+        def remember(resp: dict) -> None:
+            if req.store:
+                usable = [i for i in resp["output"] if i.get("status") != "incomplete" or i["type"] != "function_call"]
+                state.store.put(resp["id"], req.items + usable)
+
+        if req.turn.stream:
+            async def stream() -> AsyncIterator[str]:
+                for ev in out.start():
+                    yield sse(ev)
+                async for item in events:
+                    if isinstance(item, TurnEnd):
+                        final, resp = out.finish(item)
+                        remember(resp)
+                        for ev in final:
+                            yield sse(ev)
+                        return
+                    for ev in out.feed(item):
+                        yield sse(ev)
+
+            return _JobStream(state.worker, job, _guard(stream(), lambda msg: "".join(sse(e) for e in out.fail(msg))))
+        try:
+            async for item in events:
+                if isinstance(item, TurnEnd):
+                    _, resp = out.finish(item)
+                    remember(resp)
+                    return JSONResponse(resp)
+                out.feed(item)
+        except ClientGone:
+            return Response(status_code=499)
+        raise APIError("the generation ended without a result", 500)
+
+    app.include_router(api)
+    return app
+
+
+# -- running it ----------------------------------------------------------------------------------
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8080, options: PlacementOptions | None = None,
+          api_key: str | None = None, model_name: str | None = None, reasoning_effort: str = "medium",
+          log_level: str = "info") -> None:
+    """Load the model through the planner and serve it until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    from .engine import Engine
+
+    if not _is_loopback(host) and not api_key:
+        log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
+                    "(set --api-key)", host)
+    with Engine.load(path, options) as engine:
+        app = create_app(engine, model_name, api_key, reasoning_effort=reasoning_effort)
+        name = app.state.server.model_name
+        log.info("serving %s at http://%s:%d/v1 (%s)", name, host, port, engine.plan.placement)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+class ServerThread:
+    """Run an app under uvicorn on a background thread, on a free port of 127.0.0.1 (tests, benchmarks).
+
+    `with ServerThread(app) as srv: OpenAI(base_url=srv.base_url, ...)`.
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets (else Nagle adds ~40 ms a request)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.host, self.port = self._sock.getsockname()[:2]
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise OssggufError("the server thread did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=30)
+        self._sock.close()

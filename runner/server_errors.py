@@ -1,0 +1,95 @@
+"""Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with its status codes.
+
+Clients (the openai SDKs, Codex, opencode) branch on the status and on `code`
+(`context_length_exceeded`, `model_not_found`, `invalid_api_key`), so both follow OpenAI's API.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error", 503: "server_error"}
+
+
+@dataclass
+class APIError(Exception):
+    """An error answered to the client; `status` picks the HTTP status and the default `type`."""
+
+    message: str
+    status: int = 400
+    param: str | None = None
+    code: str | None = None
+    type: str | None = None
+
+    def __str__(self) -> str:
+        return self.message
+
+    def body(self) -> dict[str, Any]:
+        kind = self.type or _TYPES.get(self.status, "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(message, 400, param, code)
+
+
+def context_exceeded(n_prompt: int, n_ctx: int) -> APIError:
+    return APIError(f"This model's maximum context length is {n_ctx} tokens. However, your messages resulted "
+                    f"in {n_prompt} tokens. Shorten the conversation, or restart the server with a larger --ctx.",
+                    400, "messages", "context_length_exceeded")
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    raw = await request.body()
+    if not raw.strip():
+        raise invalid("The request body is empty: send a JSON object (Content-Type: application/json).")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise invalid(f"We could not parse the JSON body of your request ({exc}). "
+                      "Send a valid JSON object (Content-Type: application/json).") from None
+    if not isinstance(body, dict):
+        raise invalid(f"The request body must be a JSON object, not {type(body).__name__}.")
+    return body
+
+
+def install_handlers(app) -> None:
+    """Every error the app can raise leaves it in OpenAI's shape (FastAPI's own are `{"detail": ...}`)."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            msg = f"Unknown request URL: {request.method} {request.url.path}. Please check the URL and method."
+            return APIError(msg, 404, code="unknown_url").response()
+        if exc.status_code == 405:
+            msg = f"Method {request.method} is not allowed on {request.url.path}."
+            return APIError(msg, 405, code="method_not_allowed").response()
+        return APIError(str(exc.detail), exc.status_code).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return invalid(f"Invalid request: {first.get('msg', 'invalid body')}", param).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return APIError(f"The server had an error while processing your request: {type(exc).__name__}: {exc}",
+                        500).response()

@@ -1,0 +1,177 @@
+"""Request fields shared by the Chat Completions and Responses endpoints, checked as OpenAI checks them.
+
+Every problem becomes a 400 that names the field (`param`), so a client sees what to fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from ossgguf.errors import OssggufError
+
+from .harmony import REASONING_EFFORTS, normalize_tools
+from .harmony_tools import tool_namespace
+from .server_errors import invalid
+from .server_worker import SamplingParams
+
+log = logging.getLogger(__name__)
+
+# OpenAI's rule for function names; it also keeps the harmony recipient `functions.NAME` one word.
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Efforts of newer OpenAI models, mapped to the nearest of gpt-oss's three (Codex sends them).
+_EFFORT_ALIASES = {"none": "low", "minimal": "low", "xhigh": "high", "max": "high"}
+
+
+def number(body: dict, key: str, lo: float, hi: float, integer: bool = False) -> Any:
+    value = body.get(key)
+    if value is None:
+        return None
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise invalid(f"'{key}' must be {'an integer' if integer else 'a number'}, not {value!r}.", key)
+    if not lo <= value <= hi:
+        raise invalid(f"'{key}' is {value}; it must be between {lo} and {hi}.", key)
+    return value
+
+
+def sampling(body: dict, max_keys: tuple[str, ...]) -> SamplingParams:
+    """Sampling options; the first of `max_keys` present bounds the generated tokens."""
+    max_tokens = None
+    for key in max_keys:
+        if body.get(key) is not None:
+            max_tokens = number(body, key, 1, 2**31 - 1, integer=True)
+            break
+    fields = {
+        "temperature": number(body, "temperature", 0, 2),
+        "top_p": number(body, "top_p", 0, 1),
+        "top_k": number(body, "top_k", 0, 2**31 - 1, integer=True),
+        "min_p": number(body, "min_p", 0, 1),
+        "seed": number(body, "seed", -(2**63), 2**64 - 1, integer=True),
+    }
+    return SamplingParams(max_tokens=max_tokens, **{k: v for k, v in fields.items() if v is not None})
+
+
+def effort(value: Any, param: str, default: str) -> str:
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise invalid(f"'{param}' must be one of {', '.join(REASONING_EFFORTS)}.", param)
+    value = _EFFORT_ALIASES.get(value, value)
+    if value not in REASONING_EFFORTS:
+        raise invalid(f"'{param}' is {value!r}: gpt-oss takes {', '.join(REASONING_EFFORTS)}.", param)
+    return value
+
+
+def stop_strings(value: Any) -> list[str]:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > 4:
+        raise invalid("'stop' must be a string or a list of up to 4 strings.", "stop")
+    return stops
+
+
+def _check_schema(schema: Any, where: str) -> None:
+    """The parts of a JSON schema the harmony tool renderer reads must have the right JSON types."""
+    if not isinstance(schema, dict):
+        raise invalid(f"Invalid schema at {where}: expected a JSON object, got {type(schema).__name__}.", where)
+    kind = schema.get("type")
+    if kind is not None and not (isinstance(kind, str) or (isinstance(kind, list) and
+                                                            all(isinstance(k, str) for k in kind))):
+        raise invalid(f"Invalid schema at {where}: 'type' must be a string or a list of strings.", where)
+    props = schema.get("properties")
+    if props is not None:
+        if not isinstance(props, dict):
+            raise invalid(f"Invalid schema at {where}: 'properties' must be an object.", where)
+        for name, sub in props.items():
+            _check_schema(sub, f"{where}.properties.{name}")
+    required = schema.get("required")
+    if required is not None and not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
+        raise invalid(f"Invalid schema at {where}: 'required' must be a list of strings.", where)
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            _check_schema(schema[key], f"{where}.{key}")
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in schema:
+            if not isinstance(schema[key], list):
+                raise invalid(f"Invalid schema at {where}: '{key}' must be a list of schemas.", where)
+            for k, sub in enumerate(schema[key]):
+                _check_schema(sub, f"{where}.{key}[{k}]")
+
+
+def tools(value: Any, param: str = "tools") -> list[dict]:
+    """Function tools in the chat form `{"type": "function", "function": {...}}`, checked."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise invalid(f"'{param}' must be a list of function tools.", param)
+    try:
+        out = normalize_tools(value)
+    except OssggufError as exc:
+        raise invalid(str(exc), param) from None
+    seen: set[str] = set()
+    for k, tool in enumerate(out):
+        fn = tool["function"]
+        where = f"{param}[{k}].function"
+        if not _TOOL_NAME.fullmatch(fn["name"]):
+            raise invalid(f"Invalid '{where}.name': {fn['name']!r}. Use letters, digits, underscores and dashes "
+                          "(at most 64).", f"{where}.name")
+        if fn["name"] in seen:
+            raise invalid(f"Duplicate tool name {fn['name']!r} in '{param}'.", f"{where}.name")
+        seen.add(fn["name"])
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise invalid(f"'{where}.description' must be a string.", f"{where}.description")
+        params = fn.get("parameters")
+        if params is not None:
+            _check_schema(params, f"{where}.parameters")
+            if params.get("type", "object") != "object":
+                raise invalid(f"Invalid schema for function {fn['name']!r}: schema must be a JSON Schema of "
+                              f"'type: \"object\"', got 'type: {params.get('type')!r}'.", f"{where}.parameters")
+    if out:
+        try:
+            tool_namespace(out)  # a schema the renderer cannot read fails here, not in the middle of a request
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise invalid(f"'{param}' could not be rendered for gpt-oss: {type(exc).__name__}: {exc}", param) from None
+    return out
+
+
+def tool_choice(value: Any, fns: list[dict], param: str = "tool_choice") -> tuple[list[dict], str]:
+    """The tools to render and the start of the answer that forces a call, for OpenAI's `tool_choice`.
+
+    gpt-oss has no constrained decoding here: `required` and a named function are forced by
+    starting the assistant's message as a tool call (harmony's own header), `none` hides the tools.
+    """
+    if value is None or value == "auto":
+        return fns, ""
+    if value == "none":
+        return [], ""
+    names = [f["function"]["name"] for f in fns]
+    if value == "required":
+        if not fns:
+            raise invalid("'tool_choice' is 'required' but no tools were given.", param)
+        return fns, "<|channel|>commentary to=functions."
+    name = None
+    if isinstance(value, dict) and value.get("type") == "function":
+        fn = value.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else value.get("name")  # chat form, Responses form
+    if not isinstance(name, str):
+        raise invalid("'tool_choice' must be 'none', 'auto', 'required' or "
+                      "{'type': 'function', 'function': {'name': ...}}.", param)
+    if name not in names:
+        raise invalid(f"'tool_choice' names {name!r}, which is not among the tools ({', '.join(names) or 'none'}).",
+                      param)
+    return fns, f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>"
+
+
+def unsupported(body: dict) -> None:
+    """Options gpt-oss cannot honour here: refuse them rather than silently answer something else."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise invalid("Only n=1 is supported: this server generates one choice per request.", "n")
+    if body.get("logprobs"):
+        raise invalid("logprobs are not supported by this server.", "logprobs")
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        raise invalid(f"response_format {fmt.get('type')!r} is not supported: only 'text'.", "response_format")

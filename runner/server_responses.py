@@ -1,0 +1,289 @@
+"""`POST /v1/responses` (the API Codex CLI speaks): input items to a chat conversation, harmony events to
+output items (`reasoning`, `message`, `function_call`) and to the Responses streaming events.
+
+Reasoning items carry the raw analysis text as `reasoning_text` content (as OpenAI's gpt-oss reference
+server does); sent back as input, they are rendered inside a tool loop and dropped after it, as the
+harmony format wants. `previous_response_id` works for responses this server stored (in memory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import server_params as P
+from .harmony_parse import Event
+from .server_chat import Turn, date_field, template_kwargs
+from .server_errors import APIError, invalid
+from .server_worker import TurnEnd, Usage
+
+log = logging.getLogger(__name__)
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+class ResponseStore:
+    """The last `size` stored conversations (input and output items), for `previous_response_id`."""
+
+    def __init__(self, size: int = 100) -> None:
+        self.size = size
+        self._items: OrderedDict[str, list[dict]] = OrderedDict()
+
+    def get(self, rid: str) -> list[dict]:
+        if rid not in self._items:
+            raise APIError(f"Previous response with id '{rid}' not found.", 400, "previous_response_id",
+                           "previous_response_not_found")
+        self._items.move_to_end(rid)
+        return self._items[rid]
+
+    def put(self, rid: str, items: list[dict]) -> None:
+        self._items[rid] = items
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
+# -- request -------------------------------------------------------------------------------------
+def _chat_tools(value: Any) -> list[dict]:
+    """Responses function tools (`{"type": "function", "name", "parameters"}`) in chat form. Hosted tools
+    (web_search, ...) that only OpenAI's servers run are left out, so agents that list them still work."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise invalid("'tools' must be a list of function tools.", "tools")
+    out = []
+    for k, tool in enumerate(value):
+        if not isinstance(tool, dict):
+            raise invalid(f"'tools[{k}]' must be an object.", f"tools[{k}]")
+        if tool.get("type", "function") != "function":
+            log.warning("tools[%d] of type %r left out: this server runs function tools only", k, tool.get("type"))
+            continue
+        fn = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+        out.append({"type": "function", "function": {k2: fn[k2] for k2 in ("name", "description", "parameters")
+                                                      if k2 in fn}})
+    return P.tools(out)
+
+
+def _reasoning_text(item: dict) -> str:
+    parts = item.get("content") or item.get("summary") or []
+    if not isinstance(parts, list):
+        return ""
+    return "\n".join(p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str))
+
+
+def input_messages(items: list, where: str = "input") -> list[dict]:
+    """Responses input items as chat messages. Consecutive assistant-side items (reasoning, an assistant
+    message, function calls) make one assistant message, as harmony renders them."""
+    msgs: list[dict] = []
+    group: dict | None = None  # the assistant message being assembled
+
+    def assistant(fresh_if_filled: bool) -> dict:
+        nonlocal group
+        if group is None or (fresh_if_filled and (group["content"] or group.get("tool_calls"))):
+            group = {"role": "assistant", "content": ""}
+            msgs.append(group)
+        return group
+
+    for k, item in enumerate(items):
+        here = f"{where}[{k}]"
+        if not isinstance(item, dict):
+            raise invalid(f"'{here}' must be an object.", here)
+        kind = item.get("type", "message" if "role" in item else None)
+        if kind == "message":
+            role = item.get("role")
+            if role == "assistant":
+                assistant(fresh_if_filled=True)["content"] = item.get("content") or ""
+            elif role in ("user", "system", "developer"):
+                group = None
+                msgs.append({"role": role, "content": item.get("content")})
+            else:
+                raise invalid(f"'{here}.role' is {role!r}: use user, system, developer or assistant.", f"{here}.role")
+        elif kind == "reasoning":
+            g = assistant(fresh_if_filled=True)
+            text = _reasoning_text(item)
+            g["reasoning_content"] = "\n".join(t for t in (g.get("reasoning_content"), text) if t)
+        elif kind == "function_call":
+            if not isinstance(item.get("name"), str) or not isinstance(item.get("call_id"), str):
+                raise invalid(f"'{here}' needs 'name' and 'call_id' strings.", here)
+            assistant(fresh_if_filled=False).setdefault("tool_calls", []).append(
+                {"id": item["call_id"], "type": "function",
+                 "function": {"name": item["name"], "arguments": item.get("arguments") or "{}"}})
+        elif kind == "function_call_output":
+            group = None
+            msgs.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": item.get("output")})
+        else:
+            raise invalid(f"'{here}' has type {kind!r}: this server takes message, reasoning, function_call and "
+                          "function_call_output items.", f"{here}.type")
+    return msgs
+
+
+@dataclass
+class ResponsesRequest:
+    turn: Turn
+    items: list[dict]  # the whole conversation as input items (previous response included)
+    store: bool
+    echo: dict[str, Any] = field(default_factory=dict)  # request fields repeated in the response object
+
+
+def parse_responses(body: dict, default_effort: str, store: ResponseStore) -> ResponsesRequest:
+    raw = body.get("input")
+    if raw is None:
+        raise invalid("Missing required parameter: 'input'.", "input", "missing_required_parameter")
+    items = [{"type": "message", "role": "user", "content": raw}] if isinstance(raw, str) else raw
+    if not isinstance(items, list):
+        raise invalid("'input' must be a string or a list of input items.", "input")
+    prev = body.get("previous_response_id")
+    if prev is not None:
+        items = list(store.get(str(prev))) + items
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise invalid("'instructions' must be a string.", "instructions")
+    messages = input_messages(items)
+    if instructions:
+        messages.insert(0, {"role": "developer", "content": instructions})
+    if not messages:
+        raise invalid("'input' holds no messages.", "input")
+    fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        raise invalid(f"text.format {fmt.get('type')!r} is not supported: only 'text'.", "text.format")
+    fns = _chat_tools(body.get("tools"))
+    fns, prefill = P.tool_choice(body.get("tool_choice"), fns)
+    reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
+    effort_in = reasoning.get("effort") or template_kwargs(body).get("reasoning_effort")
+    effort = P.effort(effort_in, "reasoning.effort", default_effort)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise invalid("'stream' must be true or false.", "stream")
+    turn = Turn(messages=messages, tools=fns, reasoning_effort=effort,
+                params=P.sampling(body, ("max_output_tokens",)), prefill=prefill, stream=stream,
+                date=date_field(body))
+    echo = {"instructions": instructions, "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice", "auto"),
+            "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
+            "max_output_tokens": body.get("max_output_tokens"), "previous_response_id": prev,
+            "parallel_tool_calls": body.get("parallel_tool_calls", True), "metadata": body.get("metadata") or {},
+            "reasoning": {"effort": effort, "summary": None}, "text": {"format": {"type": "text"}},
+            "truncation": "disabled", "user": body.get("user")}
+    return ResponsesRequest(turn, items, body.get("store", True) is not False, echo)
+
+
+# -- output --------------------------------------------------------------------------------------
+def usage_json(u: Usage) -> dict[str, Any]:
+    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_tokens},
+            "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+            "total_tokens": u.total_tokens}
+
+
+class OutputBuilder:
+    """Harmony events -> output items, and the streaming events that describe them (with sequence numbers)."""
+
+    def __init__(self, rid: str, model: str, echo: dict[str, Any]) -> None:
+        self.rid, self.model, self.echo = rid, model, echo
+        self.created = int(time.time())
+        self.items: list[dict] = []
+        self._open: dict | None = None
+        self._seq = 0
+
+    def _event(self, kind: str, **data) -> dict:
+        ev = {"type": kind, "sequence_number": self._seq, **data}
+        self._seq += 1
+        return ev
+
+    def response(self, status: str, usage: Usage | None = None, error: dict | None = None,
+                 incomplete: str | None = None) -> dict:
+        return {"id": self.rid, "object": "response", "created_at": self.created, "status": status,
+                "model": self.model, "output": [json.loads(json.dumps(i)) for i in self.items],
+                "usage": usage_json(usage) if usage else None, "error": error,
+                "incomplete_details": {"reason": incomplete} if incomplete else None,
+                "completed_at": int(time.time()) if status == "completed" else None, **self.echo}
+
+    def start(self) -> list[dict]:
+        snapshot = self.response("in_progress")
+        return [self._event("response.created", response=snapshot),
+                self._event("response.in_progress", response=snapshot)]
+
+    def _where(self) -> dict:
+        return {"item_id": self._open["id"], "output_index": len(self.items) - 1}
+
+    def _begin(self, item: dict) -> list[dict]:
+        out = self._close("completed")
+        self.items.append(item)
+        self._open = item
+        out.append(self._event("response.output_item.added", output_index=len(self.items) - 1,
+                               item=json.loads(json.dumps(item))))
+        if item["type"] != "function_call":
+            out.append(self._event("response.content_part.added", **self._where(), content_index=0,
+                                   part=dict(item["content"][0])))
+        return out
+
+    def feed(self, ev: Event) -> list[dict]:
+        item, out = self._open, []
+        if ev.kind == "tool_call":
+            return self._begin({"id": _id("fc"), "type": "function_call", "status": "in_progress",
+                                "call_id": ev.id, "name": ev.name, "arguments": ""})
+        if ev.kind == "tool_args":
+            item["arguments"] += ev.text
+            return [self._event("response.function_call_arguments.delta", **self._where(), delta=ev.text)]
+        kind = "reasoning" if ev.kind == "reasoning" else "message"
+        if item is None or item["type"] != kind:
+            if kind == "reasoning":
+                new = {"id": _id("rs"), "type": "reasoning", "status": "in_progress", "summary": [],
+                       "content": [{"type": "reasoning_text", "text": ""}]}
+            else:
+                new = {"id": _id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
+                       "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
+            out, item = self._begin(new), new
+        item["content"][0]["text"] += ev.text
+        extra = {"logprobs": []} if kind == "message" else {}
+        delta = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+        out.append(self._event(delta, **self._where(), content_index=0, delta=ev.text, **extra))
+        return out
+
+    def _close(self, status: str) -> list[dict]:
+        item, self._open = self._open, None
+        if item is None:
+            return []
+        where = {"item_id": item["id"], "output_index": self.items.index(item)}
+        out = []
+        if item["type"] == "function_call":
+            try:
+                json.loads(item["arguments"] or "{}")
+            except json.JSONDecodeError:
+                status = "incomplete"  # cut off or malformed: the client must not run it
+            item["arguments"] = item["arguments"] or "{}"
+            out.append(self._event("response.function_call_arguments.done", **where, name=item["name"],
+                                   arguments=item["arguments"]))
+        else:
+            part = item["content"][0]
+            done = "response.reasoning_text.done" if item["type"] == "reasoning" else "response.output_text.done"
+            extra = {"logprobs": []} if item["type"] == "message" else {}
+            out.append(self._event(done, **where, content_index=0, text=part["text"], **extra))
+            out.append(self._event("response.content_part.done", **where, content_index=0, part=dict(part)))
+        item["status"] = status
+        out.append(self._event("response.output_item.done", output_index=where["output_index"],
+                               item=json.loads(json.dumps(item))))
+        return out
+
+    def finish(self, end: TurnEnd) -> tuple[list[dict], dict]:
+        """Close the last item; the final events and the response object."""
+        length = end.finish_reason == "length"
+        out = self._close("incomplete" if length else "completed")
+        resp = self.response("incomplete" if length else "completed", end.usage,
+                             incomplete="max_output_tokens" if length else None)
+        out.append(self._event("response.incomplete" if length else "response.completed", response=resp))
+        return out, resp
+
+    def fail(self, message: str) -> list[dict]:
+        out = self._close("incomplete")
+        resp = self.response("failed", error={"code": "server_error", "message": message})
+        out.append(self._event("response.failed", response=resp))
+        return out
+
+
+def sse(event: dict) -> str:
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"

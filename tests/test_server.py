@@ -1,0 +1,445 @@
+"""The OpenAI-compatible server, driven by the official `openai` client over loopback.
+
+References: prompts are compared with the official gpt-oss template rendered by transformers; token
+counts with Hugging Face tokenizers; answers on the tiny GGUF with what llama.cpp generates for the
+same prompt directly. Tool calls need a model that calls tools, so those tests script the model's
+harmony output through `create_app(generate=...)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib.resources import files
+
+import httpx
+import pytest
+from tokenizers import Tokenizer
+
+from ossgguf.runner.engine import Engine, GenerationChunk
+from ossgguf.runner.harmony import parse_completion
+from ossgguf.runner.plan import GiB, PlacementOptions
+from ossgguf.runner.server import ServerThread, create_app
+
+openai = pytest.importorskip("openai")
+ctu = pytest.importorskip("transformers.utils.chat_template_utils")
+psutil = pytest.importorskip("psutil")
+
+TEMPLATE = (files("ossgguf") / "data" / "chat_template.jinja").read_text(encoding="utf-8")
+DATE = "2025-03-14"
+CPU = PlacementOptions(ram=16 * GiB, gpu_mem=0, ctx=1024)
+SPEC = {"num_hidden_layers": 3, "seed": 5}  # the engine tests' model (cached per session)
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
+                   "required": ["city"]}}}
+USER = {"role": "user", "content": "What is the weather in Paris?"}
+CALL_TEXT = ("<|channel|>analysis<|message|>Need the weather tool.<|end|><|start|>assistant<|channel|>commentary "
+             'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}')  # llama.cpp drops <|call|>
+FINAL_TEXT = "<|channel|>analysis<|message|>It answered.<|end|><|start|>assistant<|channel|>final<|message|>Sunny, 21 C."
+
+
+class _FixedDatetime(dt.datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return cls(2025, 3, 14, 12, 0, 0)
+
+
+@pytest.fixture
+def fixed_date(monkeypatch):
+    monkeypatch.setattr(ctu, "datetime", _FixedDatetime)  # transformers' strftime_now
+
+
+def reference(messages, tools=None, **kwargs) -> str:
+    """The official template's prompt (transformers' renderer), for messages in the template's form."""
+    rendered, _ = ctu.render_jinja_template(conversations=[copy.deepcopy(messages)], tools=copy.deepcopy(tools),
+                                            chat_template=TEMPLATE, add_generation_prompt=True, **kwargs)
+    return rendered[0]
+
+
+class Script:
+    """A scripted model: call k answers texts[k] (the last one repeats) in 3-character chunks.
+    `None` writes forever, slowly. Records the requests and how many generations were stopped early."""
+
+    def __init__(self, *texts: str | None, delay: float = 0.0, fail: bool = False) -> None:
+        self.texts, self.delay, self.fail = list(texts), delay, fail
+        self.requests: list = []
+        self.stopped = self.active = self.max_active = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, req):
+        self.requests.append(req)
+        return self._run(self.texts[min(len(self.requests), len(self.texts)) - 1])
+
+    def _run(self, text):
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        n, done = 0, False
+        try:
+            if self.fail:
+                raise RuntimeError("the model fell over")
+            while text is None or n * 3 < len(text):
+                time.sleep(self.delay)
+                piece = "la " if text is None else text[n * 3:n * 3 + 3]
+                n += 1
+                yield GenerationChunk(piece, 1, None, 0.0, 0.0, 42, 0, n)
+            done = True
+            yield GenerationChunk("", 200012, "stop", 0.0, 0.0, 42, 0, n + 1)
+        finally:
+            with self._lock:
+                self.active -= 1
+                self.stopped += not done
+
+
+def _serve(script: Script, **kw) -> ServerThread:
+    return ServerThread(create_app(None, "gpt-oss-test", generate=script, date=DATE, **kw))
+
+
+def _client(srv: ServerThread, key: str = "none", **kw):
+    return openai.OpenAI(base_url=srv.base_url, api_key=key, max_retries=0, **kw)
+
+
+def _wait_idle(srv: ServerThread, timeout: float = 5.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        health = httpx.get(srv.base_url.removesuffix("/v1") + "/health").json()
+        if not health["busy"] and not health["waiting"] or time.monotonic() > deadline:
+            return health
+        time.sleep(0.02)
+
+
+# -- the real engine on the tiny GGUF ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model(make_gguf):
+    return make_gguf(**SPEC)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    with Engine.load(model, CPU) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def real(engine):
+    with ServerThread(create_app(engine, "tiny", date=DATE)) as srv:
+        yield srv
+
+
+def test_models_and_health(real):
+    client = _client(real)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    health = httpx.get(real.base_url.removesuffix("/v1") + "/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny"
+
+
+def test_app_from_a_path_loads_and_closes_its_engine(model):
+    app = create_app(model, options=CPU, date=DATE)
+    with ServerThread(app) as srv:
+        assert [m.id for m in _client(srv).models.list()] == [model.name.removesuffix(".gguf")]
+    assert not app.state.server.engine._ctx  # closed at shutdown
+
+
+def test_chat_on_the_tiny_model_is_what_llama_cpp_generates(real, engine, make_ckpt, fixed_date):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
+    prompt = reference(messages, reasoning_effort="low")
+    engine.reset()
+    direct = list(engine.generate(prompt, max_tokens=24, seed=11))
+    text = "".join(c.text for c in direct)
+    expected = parse_completion(text, ended_by=direct[-1].finish_reason)
+    client = _client(real)
+    engine.reset()  # same cache state as the direct run: sampling is then bit-identical
+    r = client.chat.completions.create(model="tiny", messages=messages, reasoning_effort="low", max_tokens=24,
+                                       seed=11)
+    msg = r.choices[0].message
+    assert (msg.content or "") == expected.content
+    assert getattr(msg, "reasoning_content", None) == getattr(msg, "reasoning", None) == (expected.reasoning or None)
+    tok = Tokenizer.from_file(str(make_ckpt(**SPEC) / "tokenizer.json"))
+    assert r.usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=False).ids)
+    assert r.usage.completion_tokens == direct[-1].generation_tokens
+
+    engine.reset()
+    stream = client.chat.completions.create(model="tiny", messages=messages, reasoning_effort="low", max_tokens=24,
+                                            seed=11, stream=True, stream_options={"include_usage": True})
+    content, reasoning, finish, usage = "", "", None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            content += ch.delta.content or ""
+            reasoning += getattr(ch.delta, "reasoning_content", None) or ""
+            finish = ch.finish_reason or finish
+    assert (content, reasoning or None, finish) == (msg.content or "", getattr(msg, "reasoning_content", None),
+                                                    r.choices[0].finish_reason)
+    assert usage.completion_tokens == r.usage.completion_tokens and usage.prompt_tokens == r.usage.prompt_tokens
+    # the next turn of the conversation starts with the same tokens: the engine reuses its cache
+    r2 = client.chat.completions.create(model="tiny", max_tokens=4, reasoning_effort="low", messages=messages + [
+        {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Spain?"}])
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens - 4
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(real):
+    client, url = _client(real), real.base_url
+    raw = httpx.post(url + "/chat/completions", content=b'{"model": "tiny", "messages": [', timeout=10,
+                     headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and set(raw.json()["error"]) == {"message", "type", "param", "code"}
+    raw = httpx.get(url + "/nowhere")
+    assert raw.status_code == 404 and raw.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-5", messages=[USER])
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=None)
+    assert e.value.param == "messages"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 2000}])
+    assert e.value.code == "context_length_exceeded"
+    bad_tools = [
+        [{"type": "function", "function": {"name": "get weather", "parameters": {"type": "object"}}}],
+        [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+        [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": []}}}],
+        [{"type": "function", "function": {"description": "no name"}}],
+        [{"type": "retrieval"}],
+    ]
+    for tools in bad_tools:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=[USER], tools=tools)
+        assert e.value.param.startswith("tools"), tools
+    for kwargs in ({"temperature": 3}, {"max_tokens": 0}, {"n": 2}, {"reasoning_effort": "extreme"}):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="tiny", messages=[USER], **kwargs)
+    with pytest.raises(openai.BadRequestError):  # a tool result that answers no call
+        client.chat.completions.create(model="tiny", messages=[USER, {"role": "tool", "tool_call_id": "x",
+                                                                      "content": "1"}])
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="tiny", input=[{"type": "web_search_call", "id": "x"}])
+    assert client.chat.completions.create(model="tiny", messages=[USER], max_tokens=3).choices
+
+
+def test_api_key():
+    with _serve(Script(FINAL_TEXT), api_key="sesame") as srv:
+        with pytest.raises(openai.AuthenticationError) as e:
+            _client(srv, "wrong").chat.completions.create(model="gpt-oss-test", messages=[USER])
+        assert e.value.code == "invalid_api_key"
+        assert httpx.get(srv.base_url + "/models").status_code == 401
+        assert httpx.get(srv.base_url.removesuffix("/v1") + "/health").status_code == 200
+        r = _client(srv, "sesame").chat.completions.create(model="gpt-oss-test", messages=[USER])
+        assert r.choices[0].message.content == "Sunny, 21 C."
+
+
+# -- scripted model output: tool calls, reasoning, the Responses API ---------------------------------
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_tool_call_then_final_answer(field, fixed_date):
+    script = Script(CALL_TEXT, FINAL_TEXT)
+    with _serve(script) as srv:
+        client = _client(srv)
+        r1 = client.chat.completions.create(model="gpt-oss-test", messages=[USER], tools=[WEATHER])
+        assert r1.choices[0].finish_reason == "tool_calls"
+        msg = r1.choices[0].message
+        assert msg.content is None and msg.reasoning_content == msg.reasoning == "Need the weather tool."
+        (call,) = msg.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+        back = {"role": "assistant", "content": None, field: "Need the weather tool.",
+                "tool_calls": [call.model_dump()]}
+        result = {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}
+        r2 = client.chat.completions.create(model="gpt-oss-test", messages=[USER, back, result], tools=[WEATHER])
+        assert r2.choices[0].message.content == "Sunny, 21 C." and r2.choices[0].finish_reason == "stop"
+    assert script.requests[0].prompt == reference([USER], [WEATHER])
+    template_form = {"role": "assistant", "content": "", "thinking": "Need the weather tool.",
+                     "tool_calls": [{"id": call.id, "type": "function",
+                                     "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+    assert script.requests[1].prompt == reference([USER, template_form, result], [WEATHER])
+
+
+def test_streamed_tool_call():
+    with _serve(Script(CALL_TEXT)) as srv:
+        stream = _client(srv).chat.completions.create(model="gpt-oss-test", messages=[USER], tools=[WEATHER],
+                                                      stream=True)
+        calls, reasoning, finish = {}, "", None
+        for chunk in stream:
+            delta = chunk.choices[0].delta
+            reasoning += getattr(delta, "reasoning_content", None) or ""
+            for tc in delta.tool_calls or []:
+                c = calls.setdefault(tc.index, {"id": tc.id, "name": tc.function.name, "arguments": ""})
+                c["arguments"] += tc.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and reasoning == "Need the weather tool."
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [("get_weather", {"city": "Paris"})]
+    assert calls[0]["id"].startswith("call_")
+
+
+def test_reasoning_effort_changes_the_prompt(fixed_date):
+    script = Script(FINAL_TEXT)
+    with _serve(script) as srv:
+        client = _client(srv)
+        for effort in ("low", "high"):
+            client.chat.completions.create(model="gpt-oss-test", messages=[USER], reasoning_effort=effort)
+        client.chat.completions.create(model="gpt-oss-test", messages=[USER])
+        client.responses.create(model="gpt-oss-test", input=[USER], reasoning={"effort": "high"})
+    prompts = [r.prompt for r in script.requests]
+    expected = [reference([USER], reasoning_effort=e) for e in ("low", "high", "medium", "high")]
+    assert prompts == expected and len(set(prompts)) == 3
+
+
+def test_forced_tool_choice_and_stop_strings():
+    script = Script('{"city": "Rome"}', "<|channel|>final<|message|>one two three four")
+    with _serve(script) as srv:
+        client = _client(srv)
+        r = client.chat.completions.create(model="gpt-oss-test", messages=[USER], tools=[WEATHER],
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        (call,) = r.choices[0].message.tool_calls
+        assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Rome"})
+        r = client.chat.completions.create(model="gpt-oss-test", messages=[USER], stop=["thr", "zzz"])
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("one two ", "stop")
+    assert script.requests[0].prompt.endswith(
+        "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>")
+    assert script.stopped == 1  # the stop string ended the generation
+
+
+def test_responses_function_call_round_trip(fixed_date):
+    script = Script(CALL_TEXT, FINAL_TEXT, FINAL_TEXT, CALL_TEXT)
+    tools = [{"type": "function", **WEATHER["function"]}]  # the Responses API's flat form
+    with _serve(script) as srv:
+        client = _client(srv)
+        r1 = client.responses.create(model="gpt-oss-test", instructions="Be brief.", input=[USER], tools=tools)
+        assert [o.type for o in r1.output] == ["reasoning", "function_call"] and r1.status == "completed"
+        assert r1.output[0].content[0].text == "Need the weather tool."
+        fc = r1.output[1]
+        assert fc.name == "get_weather" and json.loads(fc.arguments) == {"city": "Paris"}
+        output = {"type": "function_call_output", "call_id": fc.call_id, "output": "sunny, 21 C"}
+        items = [USER] + [o.model_dump(exclude_none=True) for o in r1.output] + [output]
+        r2 = client.responses.create(model="gpt-oss-test", instructions="Be brief.", input=items, tools=tools)
+        assert r2.output_text == "Sunny, 21 C." and [o.type for o in r2.output] == ["reasoning", "message"]
+        r3 = client.responses.create(model="gpt-oss-test", instructions="Be brief.", tools=tools,
+                                     previous_response_id=r1.id, input=[output])
+        assert r3.output_text == "Sunny, 21 C."
+        hosted = [{"type": "web_search"}]  # listed by agents; left out, the function tools still work
+        with client.responses.stream(model="gpt-oss-test", input=[USER], tools=tools + hosted) as stream:
+            kinds = [ev.type for ev in stream]
+            final = stream.get_final_response()
+        assert "response.function_call_arguments.delta" in kinds and "response.reasoning_text.delta" in kinds
+        assert kinds[-1] == "response.completed" and json.loads(final.output[1].arguments) == {"city": "Paris"}
+    call = {"id": fc.call_id, "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    conversation = [{"role": "system", "content": "Be brief."}, USER,
+                    {"role": "assistant", "content": "", "thinking": "Need the weather tool.", "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": fc.call_id, "content": "sunny, 21 C"}]
+    assert script.requests[1].prompt == script.requests[2].prompt == reference(conversation, [WEATHER])
+
+
+def test_generation_failure_is_a_500_and_the_server_recovers():
+    script = Script(FINAL_TEXT, fail=True)
+    with _serve(script) as srv:
+        client = _client(srv)
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model="gpt-oss-test", messages=[USER])
+        with pytest.raises(openai.APIError):  # inside the stream: an error event
+            list(client.chat.completions.create(model="gpt-oss-test", messages=[USER], stream=True))
+        script.fail = False
+        assert client.chat.completions.create(model="gpt-oss-test", messages=[USER]).choices[0].message.content
+
+
+# -- queueing, cancellation, load ------------------------------------------------------------------
+def test_disconnects_cancel_running_and_queued_generations():
+    script = Script(None, None, FINAL_TEXT, delay=0.01)
+    with _serve(script) as srv:
+        body = {"model": "gpt-oss-test", "messages": [USER], "stream": True}
+        with httpx.Client(timeout=10) as http, http.stream("POST", srv.base_url + "/chat/completions",
+                                                           json=body) as resp:
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data: ")
+            with pytest.raises(httpx.ReadTimeout):  # queued behind the endless stream, then gone
+                httpx.post(srv.base_url + "/chat/completions", json={**body, "stream": False}, timeout=0.5)
+            next(lines)
+        health = _wait_idle(srv)
+        assert script.stopped == 1 and len(script.requests) == 1  # the queued one never ran
+        assert health["cancelled"] == 2
+        with pytest.raises(httpx.ReadTimeout):  # a running generation whose (non-streaming) client left
+            httpx.post(srv.base_url + "/chat/completions", json={**body, "stream": False}, timeout=0.6)
+        health = _wait_idle(srv)
+        assert script.stopped == 2 and health["cancelled"] == 3
+        r = _client(srv).chat.completions.create(model="gpt-oss-test", messages=[USER])
+        assert r.choices[0].message.content == "Sunny, 21 C."
+
+
+def test_concurrent_requests_are_served_one_at_a_time_and_not_mixed_up():
+    script = Script("<|channel|>final<|message|>echo", delay=0.001)
+
+    def echo(req):  # answers with the request's own question
+        script(req)
+        question = req.prompt.rsplit("<|start|>user<|message|>", 1)[1].split("<|end|>")[0]
+        return script._run(f"<|channel|>final<|message|>{question}/{req.params.seed}")
+
+    with ServerThread(create_app(None, "m", generate=echo, date=DATE)) as srv:
+        client = _client(srv)
+
+        def ask(i: int) -> bool:
+            r = client.chat.completions.create(model="m", seed=i, messages=[{"role": "user", "content": f"q{i}"}])
+            return r.choices[0].message.content == f"q{i}/{i}"
+
+        with ThreadPoolExecutor(8) as pool:
+            assert all(pool.map(ask, range(48)))
+    assert script.max_active == 1 and len(script.requests) == 48
+
+
+def test_load_on_the_tiny_model(real):
+    """4 clients x 6 requests, each identified by its seed and max_tokens, against a sequential run.
+    All share one prompt, so after a warm-up every request reuses the same cached prefix whatever the
+    order (a different cached prefix changes the float rounding of the prompt, hence the samples)."""
+    client = _client(real, timeout=60)
+    ask = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story."}]}
+
+    def one(i: int):
+        r = client.chat.completions.create(**ask, seed=1000 + i, max_tokens=4 + i)
+        return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
+
+    one(-1)
+    proc = psutil.Process()
+    rss0 = proc.memory_info().rss
+    sequential = [one(i) for i in range(24)]
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(one, range(24)))
+    assert concurrent == sequential
+    assert len({c for c, _, _ in sequential}) > 12  # the seeds really give different answers
+    assert proc.memory_info().rss - rss0 < 64 * 2**20
+
+
+# -- serve(): the model loaded from a path, uvicorn in its own process ------------------------------
+def test_serve_loads_the_model_and_binds_loopback(model):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("from ossgguf.runner.server import serve; from ossgguf.runner.plan import PlacementOptions; "
+            f"serve({str(model)!r}, port={port}, api_key='k', "
+            "options=PlacementOptions(gpu_mem=0, ram=16 * 2**30, ctx=512), log_level='warning')")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        assert [m.id for m in client.models.list()] == [model.name.removesuffix(".gguf")]
+        r = client.chat.completions.create(model=model.name.removesuffix(".gguf"), messages=[USER], max_tokens=5)
+        assert r.usage.completion_tokens <= 5
+        for conn in psutil.Process(proc.pid).net_connections():
+            if conn.status == psutil.CONN_LISTEN:
+                assert conn.laddr.ip == "127.0.0.1"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
