@@ -390,6 +390,39 @@ def chat(context: click.Context, model: Path, show_reasoning: bool, **kw) -> Non
 
 
 @cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (another than loopback is reachable from the network: set --api-key).")
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--api-key", envvar="OSSGGUF_API_KEY", help="Require `Authorization: Bearer KEY` (env OSSGGUF_API_KEY).")
+@click.option("--model-name", help="The model's id in the API (default: the file name without .gguf).")
+@click.option("--reasoning", type=click.Choice(["low", "medium", "high"]), default="medium", show_default=True,
+              help="Reasoning effort when a request does not say.")
+@placement_options
+@click.pass_context
+def serve(context: click.Context, model: Path, host: str, port: int, api_key: str | None, model_name: str | None,
+          reasoning: str, **kw) -> None:
+    """Serve the model over the OpenAI API: /v1/chat/completions, /v1/responses, /v1/models, /health.
+
+    \b
+    Examples:
+      ossgguf serve gpt-oss-20b-mxfp4.gguf                       # http://127.0.0.1:8080/v1
+      ossgguf serve gpt-oss-120b-mxfp4-00001-of-00003.gguf --gpu-mem 24GiB --ctx 32768 --port 8081
+      ossgguf serve gpt-oss-20b-mxfp4.gguf --host 0.0.0.0 --api-key "$OSSGGUF_API_KEY"
+    """
+    try:
+        from .runner.server import serve as run_server
+    except ImportError as e:  # fastapi/uvicorn are the `server` extra
+        raise OssggufError(f"the server needs its extra: pip install 'ossgguf[server]' ({e})") from None
+
+    verbose = context.obj["verbose"]
+    options = _placement(kw, verbose)
+    run_server(model, host=host, port=port, options=options, api_key=api_key, model_name=model_name,
+               reasoning_effort=reasoning, log_level="info" if verbose else "warning",
+               on_ready=lambda line: click.echo(line, err=True))
+
+
+@cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to keep the tiny checkpoint and GGUF (default: a temporary folder).")
 @click.option("--keep", is_flag=True, help="Keep the files (with --workdir they are always kept).")

@@ -265,8 +265,11 @@ def _is_loopback(host: str) -> bool:
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8080, options: PlacementOptions | None = None,
           api_key: str | None = None, model_name: str | None = None, reasoning_effort: str = "medium",
-          log_level: str = "info") -> None:
-    """Load the model through the planner and serve it until interrupted (Ctrl-C)."""
+          log_level: str = "info", on_ready: Callable[[str], None] | None = None) -> None:
+    """Load the model through the planner and serve it until interrupted (Ctrl-C).
+
+    `on_ready(line)` gets one line saying where the weights live and the URL, once the model is loaded.
+    """
     import uvicorn
 
     from .engine import Engine
@@ -277,7 +280,10 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8080, options: 
     with Engine.load(path, options) as engine:
         app = create_app(engine, model_name, api_key, reasoning_effort=reasoning_effort)
         name = app.state.server.model_name
-        log.info("serving %s at http://%s:%d/v1 (%s)", name, host, port, engine.plan.placement)
+        from .terminal import load_line
+
+        line = f"{load_line(engine)}; serving {name!r} at http://{host}:{port}/v1 (Ctrl-C stops)"
+        (on_ready or log.info)(line)
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 

@@ -419,11 +419,9 @@ def test_serve_loads_the_model_and_binds_loopback(model):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = ("from ossgguf.runner.server import serve; from ossgguf.runner.plan import PlacementOptions; "
-            f"serve({str(model)!r}, port={port}, api_key='k', "
-            "options=PlacementOptions(gpu_mem=0, ram=16 * 2**30, ctx=512), log_level='warning')")
-    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cmd = [sys.executable, "-m", "ossgguf.cli", "serve", str(model), "--port", str(port), "--api-key", "k",
+           "--gpu-mem", "0", "--ram", "16GiB", "--ctx", "512"]  # the CLI, as a user starts it
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -443,3 +441,5 @@ def test_serve_loads_the_model_and_binds_loopback(model):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+    log = proc.stderr.read()
+    assert "weights in RAM (CPU)" in log and f"http://127.0.0.1:{port}/v1" in log, log
