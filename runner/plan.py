@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ossgguf.errors import OssggufError
+from ossgguf.gguf_read import shard_paths
 from ossgguf.model import ARCH, TensorClass, expert_offload_pattern, layer_of, tensor_class
 from ossgguf.sizes import parse_size as _parse_size
 
@@ -30,7 +31,6 @@ DEFAULT_CTX = 65536  # capped by the model's context; long enough for tool use, 
 UBATCH_OFFLOAD = 2048  # large prompt batches amortise streaming RAM-resident experts to the GPU
 UBATCH_DEFAULT = 512
 CPU_ALIGN, GPU_ALIGN = 32, 128  # ggml CPU (TENSOR_ALIGNMENT) and CUDA buffer alignment
-_SHARD = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<n>\d{5})\.gguf$")
 
 
 # --- the model ---------------------------------------------------------------------------------------
@@ -79,24 +79,6 @@ class ModelInfo:
 
     def type_summary(self, cls: TensorClass) -> str:
         return "/".join(sorted({t.type_name for t in self.tensors if t.cls == cls})) or "-"
-
-
-def shard_paths(path: str | Path) -> list[Path]:
-    """All files of a (possibly split) GGUF, given any of its shards; a missing shard is an error."""
-    path = Path(path)
-    if not path.exists():
-        raise OssggufError(f"{path} not found")
-    m = _SHARD.match(path.name)
-    if not m:
-        return [path]
-    n = int(m.group("n"))
-    files = [path.with_name(f"{m.group('stem')}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
-    missing = [f.name for f in files if not f.exists()]
-    if missing:
-        raise OssggufError(f"{path.name} is split in {n} files but {', '.join(missing)} "
-                           f"{'is' if len(missing) == 1 else 'are'} missing from {path.parent}: "
-                           "download every shard into the same folder")
-    return files
 
 
 def _reader(path: Path):

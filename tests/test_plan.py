@@ -195,7 +195,7 @@ def test_errors(tmp_path, buf_model):
         read_model(llama)
     split = tmp_path / "m-00001-of-00002.gguf"
     split.write_bytes(buf_model.read_bytes())
-    with pytest.raises(OssggufError, match="m-00002-of-00002.gguf is missing"):
+    with pytest.raises(OssggufError, match="m-00002-of-00002.gguf missing"):
         read_model(split)
     n_train = read_model(buf_model).n_ctx_train
     with pytest.raises(OssggufError, match=f"larger than the model's {n_train}"):
