@@ -132,5 +132,5 @@ def test_errors(model, engine, tmp_path):
         Engine.load(write_sparse_gguf(tmp_path / "l.gguf", GPT_OSS_20B, arch="llama"), CPU)
     shard = tmp_path / "m-00001-of-00003.gguf"
     shard.write_bytes(model.read_bytes())
-    with pytest.raises(OssggufError, match="m-00002-of-00003.gguf, m-00003-of-00003.gguf are missing"):
+    with pytest.raises(OssggufError, match="m-00002-of-00003.gguf, m-00003-of-00003.gguf missing"):
         Engine.load(shard, CPU)
