@@ -423,6 +423,116 @@ def serve(context: click.Context, model: Path, host: str, port: int, api_key: st
 
 
 @cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("more_texts", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--text", "texts", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Calibration text file (repeatable; more files may follow as arguments).")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Statistics file (default: MODEL.stats.json). An existing one is extended: files already "
+                   "in it are skipped.")
+@placement_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (never-selected experts included).")
+@click.pass_context
+def calibrate(context: click.Context, model: Path, more_texts: tuple[Path, ...], texts: tuple[Path, ...],
+              out: Path | None, as_json: bool, **kw) -> None:
+    """Run MODEL over calibration text and record, per layer and expert, how often the router selects
+    it, the gate weights it gets and the size of its outputs: the statistics `prune` ranks experts by.
+
+    --ctx is the length of each evaluated sequence (default 2048). Use text like the model's real
+    work: harmony chat transcripts, code, your own domain (see docs/pruning.md).
+
+    \b
+    Examples:
+      ossgguf calibrate gpt-oss-120b-mxfp4-00001-of-00003.gguf --text chat.txt code/*.py -o 120b.stats.json
+      ossgguf calibrate gpt-oss-20b-mxfp4.gguf --text mydomain.txt -o 20b.stats.json --cpu-moe
+    """
+    from tqdm import tqdm
+
+    from .runner.calibrate import DEFAULT_CHUNK
+    from .runner.calibrate import calibrate as run_calibrate
+
+    files = list(texts) + list(more_texts)
+    if not files:
+        raise click.UsageError("give calibration text with --text FILE")
+    out = out or model.with_name(model.name.removesuffix(".gguf") + ".stats.json")
+    options = _placement(kw, context.obj["verbose"])
+    chunk = options.ctx or DEFAULT_CHUNK
+    with tqdm(total=0, unit="tok", unit_scale=True, desc="calibrate", file=sys.stderr, disable=None,
+              dynamic_ncols=True) as bar:
+        def total(n: int) -> None:
+            bar.total = n
+            bar.refresh()
+
+        r = run_calibrate(model, files, out, options, chunk=chunk, progress=bar.update, on_total=total)
+    s = r.stats
+    never = s.never_selected()
+    summary = {"stats": str(out), "tokens_total": s.tokens, "tokens_this_run": r.tokens, "files_done": r.done,
+               "files_skipped": r.skipped, "tokens_per_second": r.tps,
+               "never_selected": {f"blk.{i}": e for i, e in enumerate(never) if e}}
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+        return
+    for f in r.skipped:
+        click.echo(f"skipped (already in {out.name}): {f}", err=True)
+    click.echo(f"{r.tokens:,} tokens in {r.seconds:.1f} s ({r.tps:.1f} tok/s); {s.tokens:,} tokens over "
+               f"{len(s.files)} file(s) in the statistics", err=True)
+    n_never = sum(len(e) for e in never)
+    if n_never:
+        click.echo(f"{n_never} experts were never selected: "
+                   + "; ".join(f"blk.{i}: {', '.join(map(str, e))}" for i, e in enumerate(never) if e)[:400], err=True)
+    click.echo(str(out))
+
+
+@cli.command()
+@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output GGUF path (with --split-max-size: the name shards are derived from).")
+@click.option("--keep", type=int, help="Experts to keep in every layer.")
+@click.option("--target-size", metavar="SIZE", help="Keep the most experts whose file fits SIZE (e.g. 50GiB).")
+@click.option("--target-device", metavar="SPEC",
+              help="Keep the most experts the planner fits on: unified:64GiB, gpu:80GiB, gpu:24GiB,ram:64GiB, ram:64GiB.")
+@click.option("--ctx", type=int, default=32768, show_default=True, help="Context the --target-device plan holds.")
+@click.option("--stats", "stats_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Statistics from `ossgguf calibrate` of this model (needed to write).")
+@click.option("--score", type=click.Choice(["reap", "frequency"]), default="reap", show_default=True,
+              help="Rank experts by REAP (gate weight x output norm) or by how often they are selected.")
+@click.option("--split-max-size", metavar="SIZE", help="Split into gguf-split shards of at most SIZE (e.g. 48G).")
+@click.option("--dry-run", is_flag=True, help="Plan only: print what would be written, write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable plan on stdout.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+def prune(src: Path, out: Path, keep: int | None, target_size: str | None, target_device: str | None, ctx: int,
+          stats_path: Path | None, score: str, split_max_size: str | None, dry_run: bool, as_json: bool,
+          force: bool) -> None:
+    """Keep the K best experts of every layer (ranked by `calibrate` statistics) and write a smaller GGUF.
+
+    Expert weights, expert biases and router rows are sliced as stored (MXFP4 stays bit for bit);
+    the metadata records the kept experts, the score and the statistics. See docs/pruning.md for
+    what it costs.
+
+    \b
+    Examples:
+      ossgguf prune gpt-oss-120b-mxfp4-00001-of-00003.gguf -o 120b-pruned.gguf --target-device unified:64GiB --dry-run
+      ossgguf prune gpt-oss-120b-mxfp4-00001-of-00003.gguf -o 120b-96.gguf --keep 96 --stats 120b.stats.json
+      ossgguf prune gpt-oss-20b-mxfp4.gguf -o 20b-small.gguf --target-size 9GiB --stats 20b.stats.json --dry-run --json
+    """
+    from .convert.gguf_writer import parse_size
+    from .quantize.prune import PruneReport, plan_prune, run_prune, summarize
+
+    if as_json and not dry_run:
+        raise click.UsageError("--json goes with --dry-run")
+    plan = plan_prune(src, out, keep=keep, target_size=parse_size(target_size) if target_size else None,
+                      target_device=target_device, ctx=ctx, stats=stats_path, score=score,
+                      split_max_size=parse_size(split_max_size) if split_max_size else None, dry_run=dry_run)
+    if dry_run:
+        click.echo(json.dumps(plan.to_json(), indent=1) if as_json else summarize(PruneReport(plan)))
+        return
+    with _progress_bar(plan.data_bytes, "prune") as bar:
+        report = run_prune(plan, force=force, progress=bar.update)
+    click.echo(summarize(report), err=True)
+    click.echo(str(plan.shards[0].path))
+
+
+@cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to keep the tiny checkpoint and GGUF (default: a temporary folder).")
 @click.option("--keep", is_flag=True, help="Keep the files (with --workdir they are always kept).")

@@ -1,0 +1,328 @@
+"""Expert pruning: keep the K best experts of every layer (the `prune` command).
+
+llama.cpp needs the same expert count in every layer, so K is global and each layer keeps its own
+K experts, ranked by calibration statistics (runner.calibrate: REAP's router-weighted activation
+or selection frequency). Every tensor with an expert axis (dim 0 in numpy order, ne[last] in GGUF:
+the three expert matrices, their biases, the router's rows and bias) is sliced expert by expert as
+raw bytes (each expert is one contiguous block, so quantized data is never decoded); the rest is
+copied. Built on the converter's writer: the plan is exact from the headers (this is --dry-run),
+the output appears only when complete, and split output works as for convert.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGUFValueType
+
+from ..convert.convert import peak_rss_bytes, pipelined
+from ..convert.gguf_writer import ALIGNMENT, GGUFFileWriter, Shard, TensorInfo, plan_layout
+from ..convert.safetensors import TensorEntry, TensorReader
+from ..errors import OssggufError
+from ..gguf_read import SPLIT_KEYS, GgufSet, GgufTensor, read_gguf
+from ..kv import KV, kv_array, kv_str, kv_u32
+from ..model import ARCH, EXPERT_DOWN, EXPERT_GATE, EXPERT_UP, LAYER_TENSORS, layer_of
+from ..runner.calibrate import SCORES, ExpertStats, model_identity
+
+log = logging.getLogger(__name__)
+COPY_BYTES = 16 * 1024 * 1024
+DEVICE_CTX = 32768  # --target-device plans for this context unless told
+_ROUTER = [name for name, _ in LAYER_TENSORS.values() if name.startswith("ffn_gate_inp.")]
+EXPERT_AXIS = tuple(f"{t}.{w}" for t in (EXPERT_GATE, EXPERT_UP, EXPERT_DOWN) for w in ("weight", "bias")) + tuple(_ROUTER)
+KEY_KEPT, KEY_ORIGINAL = "ossgguf.prune.kept", "ossgguf.prune.expert_count_original"
+KEY_SCORE, KEY_STATS, KEY_TOKENS = "ossgguf.prune.score", "ossgguf.prune.stats_sha256", "ossgguf.prune.calibration_tokens"
+_SHA_PLACEHOLDER = "0" * 64  # a dry run without statistics: same header size as the real run
+
+
+def has_expert_axis(name: str) -> bool:
+    return layer_of(name) is not None and name.split(".", 2)[2] in EXPERT_AXIS
+
+
+@dataclass
+class PrunePlan:
+    source: GgufSet
+    keep: int
+    n_expert: int
+    kept: list[list[int]] | None  # per layer, source expert ids in order; None: a dry run without statistics
+    score: str
+    stats_sha256: str | None
+    tensors: list[tuple[GgufTensor, TensorInfo]]  # (source, output)
+    shards: list[Shard]
+    reason: str
+    device_plan: Any = None  # runner.plan.Plan for --target-device
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for s in self.shards for t in s.tensors)
+
+    def to_json(self) -> dict[str, Any]:
+        """convert's dry-run shape, plus what is kept and why."""
+        out = {
+            "total_bytes": self.total_bytes,
+            "files": [{"path": str(s.path), "bytes": s.size, "tensors": len(s.tensors)} for s in self.shards],
+            "tensors": [{"name": o.name, "type": o.qtype.name, "shape": list(reversed(o.shape)), "bytes": o.nbytes}
+                        for _, o in self.tensors],
+            "source": [str(f.path) for f in self.source.files], "source_bytes": self.source.size,
+            "expert_count": self.n_expert, "keep": self.keep, "score": self.score,
+            "stats_sha256": self.stats_sha256, "kept": self.kept, "reason": self.reason,
+        }
+        if self.device_plan is not None:
+            out["device_plan"] = self.device_plan.to_json()
+        return out
+
+
+@dataclass
+class PruneReport:
+    plan: PrunePlan
+    seconds: float = 0.0
+    peak_rss: int = 0
+    written: int = 0
+
+
+# --- planning ------------------------------------------------------------------------------------------
+
+def _metadata(src: GgufSet, keep: int, kept: list[list[int]] | None, n_layer: int, score: str,
+              stats: ExpertStats | None) -> dict[str, KV]:
+    kvs = {k: v for k, v in src.kvs.items() if k not in SPLIT_KEYS}
+    if "general.alignment" in kvs and int(kvs["general.alignment"].value) != ALIGNMENT:
+        del kvs["general.alignment"]  # the writer aligns to 32 (GGUF's default)
+    prev = src.get(KEY_KEPT)
+    n_orig = int(src.get(KEY_ORIGINAL, src.get(f"{ARCH}.expert_count")))
+    if kept is None:
+        ids = np.zeros(n_layer * keep, np.int32)
+    else:  # ids of the original model, also when pruning a pruned file again
+        k = np.asarray(kept, np.int32)
+        ids = (np.asarray(prev, np.int32).reshape(n_layer, -1)[np.arange(n_layer)[:, None], k] if prev is not None
+               else k).reshape(-1)
+    kvs[f"{ARCH}.expert_count"] = kv_u32(keep)  # in place: key order is kept
+    kvs[KEY_ORIGINAL] = kv_u32(n_orig)
+    kvs[KEY_KEPT] = kv_array(GGUFValueType.INT32, ids)  # layer-major, K per layer (GGUF has no nested arrays)
+    kvs[KEY_SCORE] = kv_str(score)
+    kvs[KEY_STATS] = kv_str(stats.sha256 if stats is not None else _SHA_PLACEHOLDER)
+    kvs[KEY_TOKENS] = KV(GGUFValueType.UINT64, stats.tokens if stats is not None else 0)
+    return kvs
+
+
+def _layout(src: GgufSet, keep: int, kept, score: str, stats, out: Path, split: int | None):
+    n_expert, n_layer = int(src.get(f"{ARCH}.expert_count")), int(src.get(f"{ARCH}.block_count"))
+    pairs = []
+    for t in src.tensors:
+        shape = t.shape
+        if has_expert_axis(t.name):
+            if shape[0] != n_expert:
+                raise OssggufError(f"{t.file}: {t.name} has {shape[0]} experts, the metadata says {n_expert}")
+            shape = (keep, *shape[1:])
+        pairs.append((t, TensorInfo(t.name, t.qtype, shape)))
+    kvs = _metadata(src, keep, kept, n_layer, score, stats)
+    return pairs, plan_layout(kvs, [o for _, o in pairs], out, split)
+
+
+def parse_device(spec: str) -> Any:
+    """'unified:64GiB', 'gpu:80GiB', 'gpu:24GiB,ram:64GiB' or 'ram:64GiB' -> runner.plan.Devices."""
+    from ..runner.plan import parse_size, resolve_devices
+
+    parts: dict[str, int] = {}
+    for item in spec.split(","):
+        kind, sep, size = item.partition(":")
+        if not sep or kind.strip() not in ("unified", "gpu", "ram"):
+            raise OssggufError(f"cannot read --target-device '{spec}': use unified:64GiB, gpu:80GiB, "
+                               "gpu:24GiB,ram:64GiB or ram:64GiB")
+        parts[kind.strip()] = parse_size(size.strip())
+    if "unified" in parts and len(parts) > 1:
+        raise OssggufError("--target-device unified:SIZE stands alone (its GPU working set is ~75% of SIZE)")
+    return resolve_devices(parts.get("gpu", 0 if "ram" in parts else None), parts.get("ram", 1 << 50)
+                           if "unified" not in parts else None, parts.get("unified"), detect=False)
+
+
+def _device_fit(src: GgufSet, pairs, total: int, keep: int, devices, ctx: int):
+    """The planner's verdict on the would-be pruned model: unified memory or a lone GPU must hold all of
+    it (the GPU working set), a GPU with a RAM size may keep experts in RAM, RAM alone runs CPU-only."""
+    from ..runner.plan import PlacementOptions, plan
+
+    info = _base_info(src.path)
+    sizes = {o.name: o for _, o in pairs}
+    tensors = tuple(replace(t, shape=tuple(reversed(sizes[t.name].shape)), nbytes=sizes[t.name].nbytes)
+                    for t in info.tensors)
+    m = replace(info, n_expert=keep, tensors=tensors, file_bytes=total)
+    p = plan(m, PlacementOptions(ctx=ctx), devices=devices)
+    whole_gpu = devices.unified or devices.ram_total >= 1 << 50
+    ok = p.fits and (p.placement == "gpu" if whole_gpu and devices.has_gpu else True)
+    return ok, p
+
+
+_INFO_CACHE: dict[Path, Any] = {}
+
+
+def _base_info(path: Path) -> Any:
+    from ..runner.plan import read_model
+
+    if path not in _INFO_CACHE:
+        _INFO_CACHE.clear()
+        _INFO_CACHE[path] = read_model(path)
+    return _INFO_CACHE[path]
+
+
+def plan_prune(src_gguf: str | Path, out: str | Path, *, keep: int | None = None, target_size: int | None = None,
+               target_device: str | None = None, ctx: int = DEVICE_CTX, stats: str | Path | ExpertStats | None = None,
+               score: str = "reap", kept: list[list[int]] | None = None, split_max_size: int | None = None,
+               dry_run: bool = False) -> PrunePlan:
+    """Everything a pruning will do, from the headers (and the statistics): this is --dry-run.
+
+    Exactly one of keep / target_size / target_device; `kept` (per-layer expert ids) overrides the
+    ranking by statistics (tests, and pruning chosen elsewhere).
+    """
+    if sum(x is not None for x in (keep, target_size, target_device)) != 1:
+        raise OssggufError("say how many experts to keep: exactly one of --keep K, --target-size SIZE or "
+                           "--target-device unified:64GiB")
+    if score not in SCORES:
+        raise OssggufError(f"unknown --score '{score}': use one of {', '.join(SCORES)}")
+    src = read_gguf(src_gguf)
+    identity = model_identity(src)  # also refuses a non-gpt-oss file
+    out = Path(out)
+    if any(s.resolve() == out.resolve() for s in (f.path for f in src.files)):
+        raise OssggufError(f"the output {out} is the input: write to another path with -o")
+    n_expert, n_used, n_layer = identity["expert_count"], identity["expert_used_count"], identity["block_count"]
+    st = stats if isinstance(stats, ExpertStats) or stats is None else ExpertStats.load(stats)
+    if st is not None:
+        st.check_model(identity, "the statistics" if isinstance(stats, ExpertStats) else str(stats), src.path)
+    if st is None and kept is None and not dry_run:
+        raise OssggufError("pruning needs statistics to choose the experts: run `ossgguf calibrate MODEL.gguf "
+                           "--text FILE... -o stats.json`, then pass --stats stats.json")
+
+    def layout(k: int):
+        return _layout(src, k, None, score, st, out, split_max_size)
+
+    device_plan, reason = None, ""
+    if keep is not None:
+        if not n_used <= keep <= n_expert:
+            raise OssggufError(f"--keep {keep} is outside {n_used}..{n_expert}: the model has {n_expert} experts "
+                               f"per layer and routes every token to {n_used} of them")
+        reason = f"--keep {keep}"
+    else:
+        if target_device is not None:
+            devices = parse_device(target_device)
+
+            def fits(k: int) -> bool:
+                pairs, shards = layout(k)
+                return _device_fit(src, pairs, sum(s.size for s in shards), k, devices, ctx)[0]
+            what = f"{target_device} at a {ctx}-token context"
+        else:
+            def fits(k: int) -> bool:
+                return sum(s.size for s in layout(k)[1]) <= target_size
+            what = f"{target_size:,} bytes"
+        if not fits(n_used):
+            smallest = sum(s.size for s in layout(n_used)[1])
+            raise OssggufError(f"no expert count fits {what}: even {n_used} experts per layer (the fewest, as "
+                               f"many as each token uses) make {smallest:,} bytes; choose a larger target "
+                               "or a smaller recipe")
+        lo, hi = n_used, n_expert  # fits(lo) holds; sizes grow with K, so search for the largest
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        keep = lo
+        reason = f"the largest K that fits {what}"
+    if kept is None and st is not None:
+        kept = [sorted(int(e) for e in row[:keep]) for row in st.ranking(score)]
+    if kept is not None:
+        if len(kept) != n_layer or any(len(set(r)) != keep or not all(0 <= e < n_expert for e in r) for r in kept):
+            raise OssggufError(f"kept experts must be {n_layer} lists of {keep} distinct ids in 0..{n_expert - 1}")
+        kept = [sorted(int(e) for e in r) for r in kept]
+    pairs, shards = _layout(src, keep, kept, score, st, out, split_max_size)
+    if target_device is not None:
+        device_plan = _device_fit(src, pairs, sum(s.size for s in shards), keep, parse_device(target_device), ctx)[1]
+    return PrunePlan(src, keep, n_expert, kept, score, st.sha256 if st is not None else None, pairs, shards, reason,
+                     device_plan)
+
+
+# --- writing -------------------------------------------------------------------------------------------
+
+Chunk = tuple[str, int, np.ndarray]
+
+
+def _runs(ids: list[int]) -> Iterator[tuple[int, int, int]]:
+    """(first source expert, first output slot, length) of each run of consecutive kept ids."""
+    slot = 0
+    while slot < len(ids):
+        n = 1
+        while slot + n < len(ids) and ids[slot + n] == ids[slot] + n:
+            n += 1
+        yield ids[slot], slot, n
+        slot += n
+
+
+def _tasks(plan: PrunePlan, reader: TensorReader) -> Iterator[Callable[[], list[Chunk]]]:
+    assert plan.kept is not None
+    for src, _ in plan.tensors:
+        rows, row_bytes = reader.entries[src.name].shape
+        il = layer_of(src.name)
+        if has_expert_axis(src.name):  # rows are experts
+            pieces = list(_runs(plan.kept[il]))
+        else:
+            pieces = [(0, 0, rows)]
+        per = max(1, COPY_BYTES // row_bytes)
+        for first, slot, n in pieces:
+            for s in range(0, n, per):
+                c = min(per, n - s)
+
+                def task(name=src.name, a=first + s, b=slot + s, c=c, rb=row_bytes) -> list[Chunk]:
+                    return [(name, b * rb, reader.read(name, a, c))]
+
+                yield task
+
+
+def run_prune(plan: PrunePlan, force: bool = False, progress: Callable[[int], None] | None = None,
+              threads: int | None = None) -> PruneReport:
+    """Write the planned file(s); they appear only when complete."""
+    if plan.kept is None:
+        raise OssggufError("this plan has no experts chosen (made without statistics): pass --stats")
+    t0 = time.perf_counter()
+    entries = {}
+    for t, _ in plan.tensors:
+        rows = t.shape[0] if has_expert_axis(t.name) else (
+            int(np.prod(t.shape[:-1], dtype=np.int64)) if len(t.shape) > 1 else 1)
+        entries[t.name] = TensorEntry(t.name, "U8", (rows, t.nbytes // rows), t.file, t.offset, t.nbytes)
+    written = 0
+    with TensorReader(entries) as reader, GGUFFileWriter(plan.shards, force=force) as w:
+        for name, off, data in pipelined(_tasks(plan, reader), threads or os.cpu_count() or 2):
+            n = w.write(name, data, off)
+            written += n
+            if progress:
+                progress(n)
+        if written != plan.data_bytes:
+            raise OssggufError(f"internal error: wrote {written} bytes of tensor data, planned {plan.data_bytes}")
+        w.commit()
+    log.info("wrote %s (%d of %d experts per layer)", plan.shards[0].path, plan.keep, plan.n_expert)
+    return PruneReport(plan, time.perf_counter() - t0, peak_rss_bytes(), written)
+
+
+def summarize(report: PruneReport) -> str:
+    p = report.plan
+    lines = [f"keep {p.keep} of {p.n_expert} experts per layer ({p.reason}; score {p.score})",
+             f"{p.source.size:,} -> {p.total_bytes:,} bytes ({100 * p.total_bytes / p.source.size:.1f}%) in "
+             f"{len(p.shards)} file(s): " + ", ".join(str(s.path) for s in p.shards)]
+    if p.kept is None:
+        lines.append("experts not chosen yet: a real run needs --stats from `ossgguf calibrate`")
+    elif p.n_expert - p.keep <= 16:
+        for i, row in enumerate(p.kept):
+            gone = sorted(set(range(p.n_expert)) - set(row))
+            lines.append(f"  blk.{i}: pruned {', '.join(map(str, gone)) or '-'}")
+    if p.device_plan is not None:
+        d = p.device_plan
+        lines.append(f"planner: {'fits' if d.fits else 'DOES NOT FIT'} ({d.placement}), GPU {d.gpu_bytes / 1e9:.2f} GB "
+                     f"of {d.devices.gpu_budget / 1e9:.2f} GB budget, context {d.n_ctx}")
+    if report.seconds:
+        lines.append(f"{report.seconds:.1f} s, {report.written / report.seconds / 1e9:.2f} GB/s, "
+                     f"peak RSS {report.peak_rss / 2**20:.0f} MiB")
+    return "\n".join(lines)
+

@@ -1,0 +1,388 @@
+"""Expert statistics from running a gpt-oss GGUF over calibration text (the `calibrate` command).
+
+llama.cpp's graph evaluation callback (`cb_eval` in the context params, as llama-imatrix uses it)
+hands over three tensors of every MoE layer as they are computed (names from llama.cpp's
+build_moe_ffn, src/llama-graph.cpp): `ffn_moe_topk-N` (selected expert ids, I32 [n_used, tokens]),
+`ffn_moe_weights_softmax-N` (the gate weights applied to them, F32 [1, n_used, tokens]) and
+`ffn_moe_down_biased-N` (each selected expert's output, F32 [n_embd, n_used, tokens]). Per layer and
+expert we sum the selections, the gate weights, the output norms and gate x norm: REAP's score
+(Lasby et al. 2025) is the last divided by the selections.
+
+The statistics carry the model's identity (shape and a hash of the router tensors, which every
+recipe keeps F32) so that `prune` refuses statistics of another model, and the text files done, so
+a run over many files can be resumed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ossgguf.errors import OssggufError
+from ossgguf.gguf_read import GgufSet, read_gguf
+from ossgguf.model import ARCH
+
+log = logging.getLogger(__name__)
+
+STATS_VERSION = 1
+DEFAULT_CHUNK = 2048  # tokens per evaluated sequence (REAP calibrates on 2048-token sequences)
+SCORES = ("reap", "frequency")
+_TOPK, _WEIGHTS, _OUT = b"ffn_moe_topk-", b"ffn_moe_weights_softmax-", b"ffn_moe_down_biased-"
+_WANTED = (_TOPK, _WEIGHTS, _OUT)
+GGML_TYPE_F32, GGML_TYPE_I32 = 0, 26
+
+
+# --- identity ------------------------------------------------------------------------------------------
+
+def router_names(n_layer: int) -> list[str]:
+    return [f"blk.{i}.ffn_gate_inp.{w}" for i in range(n_layer) for w in ("weight", "bias")]
+
+
+def model_identity(src: GgufSet | str | Path) -> dict[str, Any]:
+    """What makes statistics belong to a model: its MoE shape and the bytes of its routers."""
+    g = src if isinstance(src, GgufSet) else read_gguf(src)
+    arch = g.get("general.architecture")
+    if arch != ARCH:
+        raise OssggufError(f"{g.path} holds a '{arch}' model, not {ARCH}: ossgguf calibrates gpt-oss GGUFs only")
+    n_layer = int(g.get(f"{ARCH}.block_count"))
+    by_name = {t.name: t for t in g.tensors}
+    h = hashlib.sha256()
+    for name in router_names(n_layer):
+        t = by_name.get(name)
+        if t is None:
+            raise OssggufError(f"{g.path} has no {name} tensor: is it a complete gpt-oss GGUF?")
+        with open(t.file, "rb") as f:
+            f.seek(t.offset)
+            h.update(f.read(t.nbytes))
+    return {"architecture": arch, "block_count": n_layer, "expert_count": int(g.get(f"{ARCH}.expert_count")),
+            "expert_used_count": int(g.get(f"{ARCH}.expert_used_count")),
+            "embedding_length": int(g.get(f"{ARCH}.embedding_length")), "router_sha256": h.hexdigest()}
+
+
+# --- statistics ----------------------------------------------------------------------------------------
+
+@dataclass
+class ExpertStats:
+    """Sums per [layer, expert]; scores are means over the tokens routed to each expert."""
+
+    identity: dict[str, Any]
+    count: np.ndarray  # selections (int64)
+    gate_sum: np.ndarray  # sum of gate weights g_j(x) over the tokens routed to j
+    norm_sum: np.ndarray  # sum of ||expert_j(x)||_2
+    reap_sum: np.ndarray  # sum of g_j(x) * ||expert_j(x)||_2
+    tokens: int = 0
+    files: list[dict[str, Any]] = field(default_factory=list)  # {"path", "sha256", "tokens"}
+
+    @classmethod
+    def empty(cls, identity: dict[str, Any]) -> ExpertStats:
+        shape = (identity["block_count"], identity["expert_count"])
+        return cls(identity, np.zeros(shape, np.int64), *(np.zeros(shape) for _ in range(3)))
+
+    def add(self, other: ExpertStats) -> None:
+        self.count += other.count
+        self.gate_sum += other.gate_sum
+        self.norm_sum += other.norm_sum
+        self.reap_sum += other.reap_sum
+        self.tokens += other.tokens
+        self.files += other.files
+
+    def scores(self, kind: str = "reap") -> np.ndarray:
+        """[layer, expert]; higher is more worth keeping. Never-selected experts score 0."""
+        if kind == "frequency":
+            return self.count.astype(np.float64)
+        if kind == "reap":
+            return np.divide(self.reap_sum, self.count, out=np.zeros_like(self.reap_sum), where=self.count > 0)
+        raise OssggufError(f"unknown score '{kind}': use one of {', '.join(SCORES)}")
+
+    def ranking(self, kind: str = "reap") -> np.ndarray:
+        """Expert ids per layer, best first: by score, ties by selections, then by gate weight."""
+        s, c, g = self.scores(kind), self.count, self.gate_sum
+        return np.stack([np.lexsort((g[i], c[i], s[i]))[::-1] for i in range(len(s))])
+
+    def never_selected(self) -> list[list[int]]:
+        return [np.flatnonzero(row == 0).tolist() for row in self.count]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": STATS_VERSION, "identity": self.identity, "tokens": self.tokens, "files": self.files,
+                "count": self.count.tolist(), "gate_sum": self.gate_sum.tolist(),
+                "norm_sum": self.norm_sum.tolist(), "reap_sum": self.reap_sum.tolist(),
+                "reap": self.scores("reap").tolist()}
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+
+    def save(self, path: str | Path) -> None:
+        """Atomically: an interrupted save never leaves half a file."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(json.dumps(self.to_json()))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExpertStats:
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+            if d.get("version") != STATS_VERSION:
+                raise ValueError(f"version {d.get('version')}")
+            return cls(d["identity"], np.asarray(d["count"], np.int64), np.asarray(d["gate_sum"], float),
+                       np.asarray(d["norm_sum"], float), np.asarray(d["reap_sum"], float), int(d["tokens"]),
+                       list(d["files"]))
+        except FileNotFoundError:
+            raise OssggufError(f"{path} does not exist: make statistics with `ossgguf calibrate`") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise OssggufError(f"{path} is not an `ossgguf calibrate` statistics file ({e})") from None
+
+    def check_model(self, identity: dict[str, Any], where: str, model: str | Path) -> None:
+        if self.identity != identity:
+            diff = [k for k in identity if self.identity.get(k) != identity[k]]
+            raise OssggufError(f"{where} holds statistics of another model than {model} (differs in "
+                               f"{', '.join(diff)}): calibrate this model with `ossgguf calibrate`")
+
+
+# --- the eval callback ---------------------------------------------------------------------------------
+
+class GgmlTensor(ctypes.Structure):
+    """struct ggml_tensor of the ggml bundled with llama-cpp-python 0.3.36 (ggml/include/ggml.h)."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+                ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64),
+                ("extra", ctypes.c_void_p), ("padding", ctypes.c_char * 8)]
+
+
+_NAME_OFFSET = GgmlTensor.name.offset
+
+
+def _tensor_get():
+    from .llama_ctypes import ggml_lib
+
+    lib = ggml_lib()
+    fn = lib.ggml_backend_tensor_get  # copies from any backend (GPU buffers too), ggml-backend.h
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None
+    nbytes = lib.ggml_nbytes
+    nbytes.argtypes, nbytes.restype = [ctypes.c_void_p], ctypes.c_size_t
+    return fn, nbytes
+
+
+class _Collector:
+    """Receives the MoE tensors of each ubatch and accumulates them into `stats`."""
+
+    def __init__(self, stats: ExpertStats):
+        self.stats = stats
+        self.n_expert = stats.count.shape[1]
+        self.pending: dict[int, dict[bytes, np.ndarray]] = {}
+        self.error: BaseException | None = None
+        self._get, self._nbytes = _tensor_get()
+
+    def _read(self, addr: int, dtype: type) -> np.ndarray:
+        t = GgmlTensor.from_address(addr)
+        want = {GGML_TYPE_F32: np.float32, GGML_TYPE_I32: np.int32}.get(t.type)
+        if want is not dtype:
+            raise OssggufError(f"llama.cpp's {t.name.decode()} has ggml type {t.type}, expected {dtype.__name__}: "
+                               "this llama-cpp-python is not the pinned 0.3.36")
+        n = self._nbytes(addr)
+        buf = np.empty(n, np.uint8)
+        self._get(addr, buf.ctypes.data, 0, n)
+        item = np.dtype(dtype).itemsize
+        ne, nb = list(t.ne)[:3], list(t.nb)[:3]  # views (the top-k ids) have strides of the full argsort
+        arr = np.lib.stride_tricks.as_strided(buf.view(dtype)[: max(1, n // item)], shape=ne[::-1], strides=nb[::-1])
+        return np.array(arr)  # [ne2, ne1, ne0]
+
+    def __call__(self, addr: int, ask: bool, _user: int) -> bool:
+        name = ctypes.string_at(addr + _NAME_OFFSET)
+        if ask:
+            return name.startswith(_WANTED)
+        try:
+            kind, _, layer = name.rpartition(b"-")
+            kind += b"-"
+            il = int(layer)
+            slot = self.pending.setdefault(il, {})
+            slot[kind] = self._read(addr, np.int32 if kind == _TOPK else np.float32)
+            if len(slot) == 3:
+                self._accumulate(il, self.pending.pop(il))
+        except BaseException as e:  # noqa: BLE001 - a Python error must not unwind through C; re-raised after
+            self.error = self.error or e
+        return True  # False would stop llama.cpp's graph computation
+
+    def _accumulate(self, il: int, t: dict[bytes, np.ndarray]) -> None:
+        ids = t[_TOPK][0]  # [tokens, n_used]
+        w = t[_WEIGHTS][:, :, 0]  # [tokens, n_used]
+        out = t[_OUT]  # [tokens, n_used, n_embd]
+        nrm = np.sqrt(np.einsum("tue,tue->tu", out, out, dtype=np.float64))
+        flat, E, s = ids.ravel(), self.n_expert, self.stats
+        s.count[il] += np.bincount(flat, minlength=E)
+        s.gate_sum[il] += np.bincount(flat, w.ravel(), minlength=E)
+        s.norm_sum[il] += np.bincount(flat, nrm.ravel(), minlength=E)
+        s.reap_sum[il] += np.bincount(flat, (w * nrm).ravel(), minlength=E)
+        if il == 0:
+            s.tokens += len(ids)
+
+
+# --- running -------------------------------------------------------------------------------------------
+
+@dataclass
+class CalibrationReport:
+    stats: ExpertStats
+    done: list[str]  # files processed in this run
+    skipped: list[str]  # files already in the statistics
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def calibrate(model: str | Path, texts: Sequence[str | Path], out: str | Path | None = None,
+              options: Any = None, chunk: int = DEFAULT_CHUNK,
+              progress: Callable[[int], None] | None = None, on_total: Callable[[int], None] | None = None,
+              collect: bool = True) -> CalibrationReport:
+    """Run `model` over each text file (in sequences of `chunk` tokens) and record expert statistics.
+
+    With `out`, statistics already there (of this model) are extended: files already processed are
+    skipped, and the file is saved after each text file, so an interrupted run resumes.
+    `options` are runner.plan.PlacementOptions (the hybrid placement works: the callback copies from
+    any backend). `collect=False` evaluates without the callback (the benchmark's baseline).
+    """
+    from .plan import PlacementOptions
+
+    texts = [Path(t) for t in texts]
+    for t in texts:
+        if not t.is_file():
+            raise OssggufError(f"calibration text {t} does not exist")
+    identity = model_identity(model)
+    stats = ExpertStats.empty(identity)
+    if out is not None and Path(out).exists():
+        stats = ExpertStats.load(out)
+        stats.check_model(identity, str(out), model)
+    done_sha = {f["sha256"] for f in stats.files}
+    todo, skipped = [], []
+    for t in texts:
+        sha = _file_sha(t)
+        (skipped if sha in done_sha else todo).append((t, sha))
+        done_sha.add(sha)
+    report = CalibrationReport(stats, [str(t) for t, _ in todo], [str(t) for t, _ in skipped])
+    if not todo:
+        return report
+    opts = replace(options or PlacementOptions(), ctx=chunk)
+    with _Session(model, opts, collect) as s:
+        tokenized = [(t, sha, s.tokenize(t.read_text(encoding="utf-8", errors="replace"))) for t, sha in todo]
+        if on_total:
+            on_total(sum(len(ids) for _, _, ids in tokenized))
+        t0 = time.perf_counter()
+        for path, sha, ids in tokenized:
+            part = ExpertStats.empty(identity)
+            s.collector.stats = part
+            for start in range(0, len(ids), chunk):
+                s.evaluate(ids[start:start + chunk], progress)
+            report.tokens += len(ids)
+            part.files = [{"path": str(path), "sha256": sha, "tokens": len(ids)}]
+            stats.add(part)
+            if out is not None:
+                stats.save(out)
+            log.info("calibrated on %s: %d tokens", path, len(ids))
+        report.seconds = time.perf_counter() - t0
+    return report
+
+
+class _Session:
+    """The model and a context whose eval callback feeds a _Collector, placed by the planner."""
+
+    def __init__(self, path: str | Path, opts: Any, collect: bool):
+        from .engine import FLASH_ATTN_DISABLED, FLASH_ATTN_ENABLED, GGML_TYPE_F16, _default_threads
+        from .llama_ctypes import LLAMA_LOG, BufferOverrides, llama_cpp_module
+        from .plan import plan, read_model
+
+        lc = self.lc = llama_cpp_module()
+        info = read_model(path)
+        p = self.plan = plan(info, opts)
+        if not p.fits:
+            log.warning("the plan does not fit (%s); loading anyway", "; ".join(p.notes) or p.reason)
+        LLAMA_LOG.install()
+        LLAMA_LOG.verbose = opts.verbose
+        lc.llama_backend_init()
+        self._overrides = BufferOverrides([o.rsplit("=", 1)[0] for o in p.overrides])  # llama.cpp keeps it
+        mp = lc.llama_model_default_params()
+        mp.n_gpu_layers = p.gpu_layers if p.placement != "none" else info.n_layer + 1
+        if self._overrides.address:
+            mp.tensor_buft_overrides = self._overrides.address
+        self.model = lc.llama_model_load_from_file(str(info.path).encode(), mp)
+        if not self.model:
+            raise OssggufError(f"llama.cpp could not load {info.path}: {LLAMA_LOG.last_errors()}")
+        self.collector = _Collector(ExpertStats.empty({"block_count": info.n_layer, "expert_count": info.n_expert}))
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = p.n_ctx
+        cp.n_batch = cp.n_ubatch = self.n_ubatch = p.n_ubatch
+        cp.n_outputs_max = 1
+        cp.n_threads = cp.n_threads_batch = opts.threads or _default_threads()
+        cp.flash_attn_type = FLASH_ATTN_ENABLED if p.flash_attn else FLASH_ATTN_DISABLED
+        cp.type_k = cp.type_v = GGML_TYPE_F16
+        cp.swa_full = False
+        cp.op_offload = p.op_offload
+        self._cb = lc.ggml_backend_sched_eval_callback(self.collector) if collect else None
+        if self._cb is not None:
+            cp.cb_eval, cp.cb_eval_user_data = self._cb, None
+        self.ctx = lc.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            lc.llama_model_free(self.model)
+            raise OssggufError(f"llama.cpp could not create a {p.n_ctx}-token context: {LLAMA_LOG.last_errors()}")
+        self.vocab = lc.llama_model_get_vocab(self.model)
+
+    def tokenize(self, text: str) -> list[int]:
+        # special=True: chat transcripts in harmony format calibrate on the real <|start|>... tokens
+        lc, data = self.lc, text.encode()
+        buf = (lc.llama_token * (len(data) + 8))()
+        n = lc.llama_tokenize(self.vocab, data, len(data), buf, len(buf), False, True)
+        if n < 0:
+            buf = (lc.llama_token * -n)()
+            n = lc.llama_tokenize(self.vocab, data, len(data), buf, -n, False, True)
+        return list(buf[:n])
+
+    def evaluate(self, ids: Sequence[int], progress: Callable[[int], None] | None) -> None:
+        """One sequence from position 0, in ubatches, no logits (only the routing is wanted)."""
+        from .llama_ctypes import LLAMA_LOG
+
+        lc = self.lc
+        lc.llama_memory_clear(lc.llama_get_memory(self.ctx), True)
+        batch = lc.llama_batch_init(self.n_ubatch, 0, 1)
+        try:
+            for start in range(0, len(ids), self.n_ubatch):
+                part = ids[start:start + self.n_ubatch]
+                for i, t in enumerate(part):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, start + i, 1, False
+                    batch.seq_id[i][0] = 0
+                batch.n_tokens = len(part)
+                rc = lc.llama_decode(self.ctx, batch)
+                if self.collector.error is not None:
+                    err, self.collector.error = self.collector.error, None
+                    raise err
+                if rc != 0:
+                    raise OssggufError(f"llama_decode failed ({rc}): {LLAMA_LOG.last_errors()}")
+                if progress:
+                    progress(len(part))
+        finally:
+            lc.llama_batch_free(batch)
+
+    def __enter__(self) -> _Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lc.llama_free(self.ctx)
+        self.lc.llama_model_free(self.model)
