@@ -101,6 +101,10 @@ def plan_conversion(src: str | Path, out: str | Path, recipe: str = DEFAULT_RECI
     )
     kvs.update(vocab_metadata(ckpt.path, cfg.vocab_size, cfg.raw))
     shards = plan_layout(kvs, infos, Path(out), split_max_size)
+    inputs = {f.resolve() for f in ckpt.files} | {f.resolve() for f in ckpt.path.iterdir() if f.is_file()}
+    clash = [s.path for s in shards if s.path.resolve() in inputs]
+    if clash:  # even with --force: the checkpoint would be destroyed while it is read
+        raise OssggufError(f"the output {clash[0]} is a file of the checkpoint: write to another path with -o")
     return ConversionPlan(ckpt, table, by_name, shards, recipe)
 
 

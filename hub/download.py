@@ -67,10 +67,14 @@ def download(repo_id: str, local_dir: str | Path | None = None, revision: str | 
     offline = offline_mode() if offline is None else offline
     where = f"'{repo_id}'" + (f" at revision '{revision}'" if revision else "")
     try:
-        folder = snapshot_download(
-            repo_id, repo_type="model", revision=revision, local_dir=local_dir, cache_dir=cache_dir,
-            token=token, local_files_only=offline, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS,
-        )
+        # config.json first: a repo that is not gpt-oss is refused before its weights are fetched
+        for patterns in (["config.json"], ALLOW_PATTERNS):
+            folder = snapshot_download(
+                repo_id, repo_type="model", revision=revision, local_dir=local_dir, cache_dir=cache_dir,
+                token=token, local_files_only=offline, allow_patterns=patterns, ignore_patterns=IGNORE_PATTERNS,
+            )
+            if patterns != ALLOW_PATTERNS:
+                _check_config(Path(folder), repo_id)
     except IncompleteSnapshotError as e:
         raise OssggufError(f"{where} is only partly in the cache ({_first_line(e)}): run "
                            f"`ossgguf download {repo_id}` with network to complete it") from None
@@ -98,9 +102,7 @@ def download(repo_id: str, local_dir: str | Path | None = None, revision: str | 
     return path
 
 
-def check_checkpoint(path: Path, what: str | None = None) -> GptOssConfig:
-    """A folder is a gpt-oss checkpoint: config.json says gpt_oss and safetensors weights are there."""
-    what = what or str(path)
+def _check_config(path: Path, what: str) -> GptOssConfig:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise OssggufError(f"{what} has no config.json: it is not a Hugging Face checkpoint")
@@ -108,7 +110,13 @@ def check_checkpoint(path: Path, what: str | None = None) -> GptOssConfig:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise OssggufError(f"{cfg_path} cannot be read: {e}") from None
-    config = GptOssConfig.from_dict(cfg, where=f"{what}/config.json")
+    return GptOssConfig.from_dict(cfg, where=f"{what}/config.json")
+
+
+def check_checkpoint(path: Path, what: str | None = None) -> GptOssConfig:
+    """A folder is a gpt-oss checkpoint: config.json says gpt_oss and safetensors weights are there."""
+    what = what or str(path)
+    config = _check_config(path, what)
     if not any(path.glob("*.safetensors")):
         raise OssggufError(f"{what} has no .safetensors weights in {path}: run `ossgguf download` with network "
                            "to fetch them")

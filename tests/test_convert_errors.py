@@ -123,6 +123,16 @@ def test_existing_output_needs_force(ckpt, tmp_path):
     assert out.read_bytes()[:4] == b"GGUF"
 
 
+@pytest.mark.parametrize("victim", ["model.safetensors", "config.json"])
+def test_output_onto_the_checkpoint_is_refused_even_with_force(ckpt, victim):
+    target = ckpt / victim if (ckpt / victim).exists() else next(ckpt.glob("*.safetensors"))
+    before = target.read_bytes()
+    proc = run_cli("convert", ckpt, "-o", target, "--force")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "is a file of the checkpoint" in proc.stderr.splitlines()[-1]
+    assert target.read_bytes() == before and not partial_path(target).exists()
+
+
 def test_full_disk(ckpt, tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()

@@ -181,6 +181,7 @@ def test_download_offline_goes_through_huggingface_hub_cache(hf_cache, hf_config
     monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
     got = dl.download(REPO)
     assert got == snap
+    assert [c.kwargs["allow_patterns"] for c in spy.call_args_list] == [["config.json"], dl.ALLOW_PATTERNS]
     kw = spy.call_args.kwargs
     assert kw["local_files_only"] is True and kw["allow_patterns"] == dl.ALLOW_PATTERNS
     assert kw["ignore_patterns"] == ["original/*", "metal/*"]
@@ -208,10 +209,13 @@ def test_download_incomplete_snapshot(hf_cache, hf_configs):
         dl.download(REPO, offline=True)
 
 
-def test_download_refuses_other_models(hf_cache, hf_configs):
+def test_download_refuses_other_models_before_fetching_weights(hf_cache, hf_configs, monkeypatch):
     populate_cache(hf_cache, "meta-llama/tiny", checkpoint_files(hf_configs["llama"]))
+    spy = mock.Mock(wraps=huggingface_hub.snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
     with pytest.raises(OssggufError, match="'llama' model, not gpt-oss"):
         dl.download("meta-llama/tiny", offline=True)
+    assert [c.kwargs["allow_patterns"] for c in spy.call_args_list] == [["config.json"]]
 
 
 def test_download_local_dir_offline(tmp_path, hf_configs, no_network):

@@ -238,6 +238,26 @@ def test_allow_fallback_reports_the_type(make_gguf, tmp_path):
     assert {got[f["name"]].tensor_type.name for f in fb} == {"Q5_0"}
 
 
+@pytest.mark.parametrize("override,fallback", [("ffn_down_exps=q5_0", False), ("_exps=q4_k", True)])
+def test_expert_overrides_keep_the_biases_f32_and_llama_cpp_runs_it(make_gguf, tmp_path, override, fallback):
+    """A regex that also matches the 2-D expert biases must not quantize them: llama.cpp's add_id
+    asserts F32 biases and aborts the process otherwise."""
+    out = tmp_path / "o.gguf"
+    requantize(make_gguf("mxfp4"), out, "mxfp4", tensor_types=[override], allow_fallback=fallback)
+    got = read_all(out)[0]
+    biases = {n: t.tensor_type.name for n, t in got.items() if "_exps.bias" in n}
+    assert biases and set(biases.values()) == {"F32"}, biases
+    weights = {t.tensor_type.name for n, t in got.items() if re.search(override.split("=")[0], n) and n.endswith("weight")}
+    assert weights == {"Q5_0"}
+    assert np.isfinite(run_in_llama(out)).all()
+
+
+def test_override_of_only_f32_tensors_is_refused(make_gguf, tmp_path):
+    with pytest.raises(OssggufError, match="matched only norms, sinks or biases"):
+        requantize(make_gguf("mxfp4"), tmp_path / "o.gguf", "mxfp4", tensor_types=["exps\\.bias=q8_0"])
+    assert not list(tmp_path.iterdir())
+
+
 def _truncate(p: Path, n: int) -> None:
     with open(p, "r+b") as f:
         f.truncate(n)
