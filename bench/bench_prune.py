@@ -1,0 +1,175 @@
+"""Pruning benchmark: calibration speed against plain evaluation, prune throughput against a copy.
+
+1. Calibration: a mid-size tiny gpt-oss (4 layers, 32 experts, hidden 512; made once in the
+   workdir) evaluates the same text with and without the eval callback that gathers expert
+   statistics: same model, same threads, same sequences; rounds interleaved, best of each.
+   Prints the ratio calibrate / plain in tokens per second (target: at least 0.8).
+2. Prune: a GGUF with gpt-oss-20b's real shapes (synthetic data; an existing bench/out source of
+   the requantize or run benchmarks is reused, else one is converted) pruned to 24 of 32 experts,
+   against `cp` of the same source plus `sync`. Prints the ratio of throughputs in source bytes
+   and our peak RSS (wait4 rusage of the child). Page caches are dropped when running as root.
+
+    python bench/bench_prune.py [--workdir bench/out] [--rounds 3] [--skip-prune] [--src X.gguf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MID = dict(hidden_size=512, intermediate_size=512, num_hidden_layers=4, num_local_experts=32, num_experts_per_tok=4,
+           num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+KEEP = 24
+
+
+def drop_caches() -> bool:
+    subprocess.run(["sync"])
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds (sync included) and peak RSS in bytes of a child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, ru = os.wait4(proc.pid, 0)
+    subprocess.run(["sync"])
+    dt = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"command failed: {' '.join(cmd)}")
+    return dt, ru.ru_maxrss * 1024
+
+
+def child(src: str, out: str) -> None:
+    import numpy as np
+
+    from ossgguf.gguf_read import read_gguf
+    from ossgguf.quantize.prune import plan_prune, run_prune
+
+    g = read_gguf(src)
+    n_layer, n_expert = int(g.get("gpt-oss.block_count")), int(g.get("gpt-oss.expert_count"))
+    rng = np.random.default_rng(0)  # which experts does not change the bytes moved
+    kept = [sorted(rng.choice(n_expert, KEEP, replace=False).tolist()) for _ in range(n_layer)]
+    run_prune(plan_prune(src, out, keep=KEEP, kept=kept), force=True)
+
+
+def bench_calibrate(workdir: Path, rounds: int, threads: int) -> None:
+    from ossgguf.convert.convert import convert
+    from ossgguf.quantize.compare import DEFAULT_TEXT
+    from ossgguf.runner.calibrate import calibrate
+    from ossgguf.runner.plan import PlacementOptions
+    from ossgguf.tiny import TinySpec, make_tiny_checkpoint
+
+    model = workdir / "prune-mid.gguf"
+    if not model.is_file():
+        print(f"making a mid-size tiny model {model} ...", flush=True)
+        ckpt = make_tiny_checkpoint(workdir / "prune-mid-ckpt", TinySpec(**MID))
+        convert(ckpt, model, force=True)
+        shutil.rmtree(ckpt)
+    text = workdir / "prune-calib.txt"
+    text.write_text(DEFAULT_TEXT * 8)
+    opts = PlacementOptions(threads=threads)
+    best = {False: 0.0, True: 0.0}
+    tokens = 0
+    for _ in range(rounds):
+        for collect in (False, True):
+            r = calibrate(model, [text], options=opts, chunk=2048, collect=collect)
+            best[collect], tokens = max(best[collect], r.tps), r.tokens
+    print(f"model: {model.name} ({model.stat().st_size / 1e6:.1f} MB: 4 layers, 32 experts, hidden 512), "
+          f"{tokens} tokens in 2048-token sequences, {threads} threads, best of {rounds}")
+    print(f"plain evaluation:  {best[False]:8.0f} tok/s")
+    print(f"calibrate:         {best[True]:8.0f} tok/s")
+    print(f"ratio (calibrate / plain): {best[True] / best[False]:.2f}")
+
+
+def source_20b(workdir: Path, given: Path | None) -> tuple[Path, bool]:
+    """A 20b-shaped GGUF and whether this run made it."""
+    if given:
+        return given, False
+    for name in ("requant-src-20b.gguf", "run-20b-mxfp4.gguf", "prune-src-20b.gguf"):
+        if (workdir / name).is_file():
+            return workdir / name, False
+    from ossgguf.convert.convert import convert
+    from ossgguf.synthetic import checkpoint_bytes, make_synthetic
+
+    need = checkpoint_bytes("20b")
+    if shutil.disk_usage(workdir).free < 3.2 * need:
+        raise SystemExit(f"needs {3.2 * need / 1e9:.1f} GB free in {workdir}")
+    ckpt, src = workdir / "synthetic-20b", workdir / "prune-src-20b.gguf"
+    made_ckpt = not (ckpt / "config.json").is_file()
+    if made_ckpt:
+        print(f"writing a synthetic 20b checkpoint ({need / 1e9:.1f} GB) to {ckpt} ...", flush=True)
+        make_synthetic(ckpt, "20b")
+    print(f"converting it to {src} ...", flush=True)
+    convert(ckpt, src, recipe="mxfp4", force=True)
+    if made_ckpt:
+        shutil.rmtree(ckpt)
+    return src, True
+
+
+def bench_prune(workdir: Path, rounds: int, given: Path | None, keep_src: bool) -> None:
+    from gguf import GGUFReader
+
+    src, made = source_20b(workdir, given)
+    src_bytes = src.stat().st_size
+    out, copy = workdir / "prune-out-20b.gguf", workdir / "prune-cp-copy.gguf"
+    if shutil.disk_usage(workdir).free < 2.2 * src_bytes:
+        raise SystemExit(f"needs {2.2 * src_bytes / 1e9:.1f} GB free in {workdir}")
+    cached = not drop_caches()
+    t_cp, t_ours, rss = float("inf"), float("inf"), 0
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(src), str(out)]
+    for _ in range(rounds):
+        drop_caches()
+        t_cp = min(t_cp, timed(["cp", "--sparse=never", str(src), str(copy)])[0])
+        copy.unlink()
+        drop_caches()
+        t, r = timed(cmd)
+        t_ours, rss = min(t_ours, t), max(rss, r)
+    out_bytes = out.stat().st_size
+    reader = GGUFReader(out)
+    n_exp = reader.get_field("gpt-oss.expert_count").contents()
+    print(f"source: {src.name}, gpt-oss-20b shapes (synthetic data), {src_bytes / 1e9:.2f} GB"
+          f"{' (page cache not dropped: not root)' if cached else ''}; best of {rounds} round(s)")
+    print(f"cp + sync:            {t_cp:7.1f} s  {src_bytes / t_cp / 1e9:6.2f} GB/s")
+    print(f"ossgguf prune -> {KEEP}:  {t_ours:7.1f} s  {src_bytes / t_ours / 1e9:6.2f} GB/s of source, "
+          f"{out_bytes / t_ours / 1e9:.2f} GB/s written, peak RSS {rss / 2**30:.2f} GiB")
+    print(f"ratio (ours/cp throughput, same source bytes): {t_cp / t_ours:.2f}; "
+          f"in bytes written: {t_cp / t_ours * out_bytes / src_bytes:.2f}")
+    print(f"output: {out_bytes:,} bytes, {len(reader.tensors)} tensors, expert_count {n_exp} (gguf-py reads it)")
+    del reader
+    out.unlink()
+    if made and not keep_src:
+        src.unlink()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("bench/out"))
+    ap.add_argument("--rounds", type=int, default=3, help="calibration rounds (prune: 1), interleaved; best of each")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--src", type=Path, help="the GGUF to prune (default: a 20b-shaped one in the workdir)")
+    ap.add_argument("--skip-prune", action="store_true", help="only the calibration part")
+    ap.add_argument("--keep", action="store_true", help="keep a source GGUF this run made")
+    ap.add_argument("--child", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print("--- calibration speed ---", flush=True)
+    bench_calibrate(args.workdir, args.rounds, args.threads)
+    if not args.skip_prune:
+        print("\n--- prune throughput ---", flush=True)
+        bench_prune(args.workdir, 1, args.src, args.keep)
+
+
+if __name__ == "__main__":
+    main()
