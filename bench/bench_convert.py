@@ -5,6 +5,11 @@ throughput ratio (ours / cp) and our peak RSS. Page caches are dropped before ea
 the bench runs as root, so both start from disk.
 
     python bench/bench_convert.py [--model 20b] [--workdir DIR] [--sparse] [--keep]
+    python bench/bench_convert.py --layout bf16 --layers 6 --recipe mxfp4 --recipe q8_0
+
+`--layout bf16` is a dequantized fine-tune (experts BF16, 3.8x the bytes): converting it quantizes
+the experts on the way (MXFP4 or Q8_0), so it measures the quantization kernels inside the stream.
+`--layers` keeps the real tensor shapes with fewer blocks, to fit the disk.
 """
 
 from __future__ import annotations
@@ -46,22 +51,27 @@ def main() -> None:
     ap.add_argument("--model", default="20b", choices=["20b", "120b"])
     ap.add_argument("--workdir", type=Path, default=Path("bench/out"))
     ap.add_argument("--sparse", action="store_true", help="sparse source files (no real reads)")
+    ap.add_argument("--layout", default="mxfp4", choices=["mxfp4", "bf16"], help="source layout")
+    ap.add_argument("--layers", type=int, help="fewer blocks than the model has (same shapes)")
+    ap.add_argument("--recipe", dest="recipes", action="append", help="recipe(s) to convert with (default: mxfp4)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint for the next run")
     ap.add_argument("--llama-cpp", type=Path, default=Path(".cache/llama.cpp"),
                     help="folder with llama.cpp's convert_hf_to_gguf.py, timed beside ours when present")
     args = ap.parse_args()
 
-    need = checkpoint_bytes(args.model)
+    recipes = args.recipes or ["mxfp4"]
+    need = checkpoint_bytes(args.model, args.layers, args.layout)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    src = args.workdir / f"synthetic-{args.model}"
+    tag = f"{args.model}{'-' + args.layout if args.layout != 'mxfp4' else ''}{f'-{args.layers}l' if args.layers else ''}"
+    src = args.workdir / f"synthetic-{tag}"
     have_src = (src / "config.json").is_file()
     free = shutil.disk_usage(args.workdir).free
     want = (0 if have_src else need) + need + need // 20
     if free < want:
         raise SystemExit(f"needs {want / 1e9:.1f} GB free in {args.workdir} (source + one output), has {free / 1e9:.1f} GB")
     if not have_src:
-        print(f"writing a synthetic {args.model} checkpoint ({need / 1e9:.1f} GB) to {src} ...", flush=True)
-        make_synthetic(src, args.model, sparse=args.sparse)
+        print(f"writing a synthetic {tag} checkpoint ({need / 1e9:.1f} GB) to {src} ...", flush=True)
+        make_synthetic(src, args.model, sparse=args.sparse, layers=args.layers, layout=args.layout)
     files = sorted(src.glob("*.safetensors"))
     nbytes = sum(f.stat().st_size for f in files)
 
@@ -71,34 +81,35 @@ def main() -> None:
     t_cp, _ = timed(["cp", "--sparse=never", *map(str, files), str(copy_dir)])
     shutil.rmtree(copy_dir)
 
-    out = args.workdir / f"out-{args.model}.gguf"
-    drop_caches()
-    t_ours, rss = timed([sys.executable, "-m", "ossgguf.cli", "convert", str(src), "-o", str(out), "--force"])
-    out_bytes = out.stat().st_size
-    st = os.stat(out)
+    from gguf import GGUFReader
+
+    out = args.workdir / f"out-{tag}.gguf"
+    results = []
+    for recipe in recipes:
+        drop_caches()
+        t, rss = timed([sys.executable, "-m", "ossgguf.cli", "convert", str(src), "-o", str(out), "--force",
+                        "--recipe", recipe])
+        st = os.stat(out)
+        results.append((recipe, t, rss, st.st_size, len(GGUFReader(out).tensors), st.st_blocks * 512 >= st.st_size))
+        out.unlink()
     ref = None
-    if (args.llama_cpp / "convert_hf_to_gguf.py").is_file():
+    if args.layout == "mxfp4" and (args.llama_cpp / "convert_hf_to_gguf.py").is_file():
         ref_out = args.workdir / "llama-cpp.gguf"
         drop_caches()
         wrapper = Path(__file__).resolve().parent / "llama_cpp_convert.py"
         ref = timed([sys.executable, str(wrapper), str(args.llama_cpp), str(src), str(ref_out)])
         ref_out.unlink()
-    from gguf import GGUFReader
-
-    n_tensors = len(GGUFReader(out).tensors)
     print()
-    print(f"checkpoint: {args.model} shapes, {nbytes / 1e9:.2f} GB in {len(files)} files"
+    print(f"checkpoint: {tag} shapes ({args.layout} layout), {nbytes / 1e9:.2f} GB in {len(files)} files"
           f"{' (sparse)' if args.sparse else ''}{' (page cache not dropped: not root)' if cached else ''}")
-    print(f"cp + sync:        {t_cp:7.1f} s  {nbytes / t_cp / 1e9:6.2f} GB/s")
-    print(f"ossgguf convert:  {t_ours:7.1f} s  {out_bytes / t_ours / 1e9:6.2f} GB/s  peak RSS {rss / 2**30:.2f} GiB")
+    print(f"cp + sync:               {t_cp:7.1f} s  read {nbytes / t_cp / 1e9:6.2f} GB/s")
+    for recipe, t, rss, out_bytes, n_tensors, solid in results:
+        print(f"ossgguf convert {recipe:9}{t:7.1f} s  read {nbytes / t / 1e9:6.2f} GB/s  "
+              f"ratio to cp (source bytes per second) {t_cp / t:.2f}  peak RSS {rss / 2**30:.2f} GiB  "
+              f"output {out_bytes:,} bytes, {n_tensors} tensors read back by gguf-py, {'no holes' if solid else 'HAS HOLES'}")
     if ref:
-        print(f"llama.cpp convert:{ref[0]:7.1f} s  {out_bytes / ref[0] / 1e9:6.2f} GB/s  peak RSS {ref[1] / 2**30:.2f} GiB")
-    print(f"ratio (ours/cp throughput, same bytes): {(out_bytes / t_ours) / (nbytes / t_cp):.2f}")
-    if ref:
-        print(f"ratio (llama.cpp's converter/cp):        {(out_bytes / ref[0]) / (nbytes / t_cp):.2f}")
-    print(f"output: {out_bytes:,} bytes, {n_tensors} tensors read back by gguf-py, "
-          f"{'no holes' if st.st_blocks * 512 >= out_bytes else 'HAS HOLES'}")
-    out.unlink()
+        print(f"llama.cpp convert:       {ref[0]:7.1f} s  read {nbytes / ref[0] / 1e9:6.2f} GB/s  "
+              f"ratio to cp {t_cp / ref[0]:.2f}  peak RSS {ref[1] / 2**30:.2f} GiB")
     if not args.keep:
         shutil.rmtree(src)
 

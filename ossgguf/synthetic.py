@@ -22,8 +22,11 @@ CONFIGS = {
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
-def config(model: str) -> dict:
-    layers = CONFIGS[model]["num_hidden_layers"]
+def config(model: str, layers: int | None = None, layout: str = "mxfp4") -> dict:
+    """config.json of the model's real shapes; `layers` fewer blocks (same tensor shapes), `layout`
+    "bf16" a dequantized fine-tune (no quantization_config)."""
+    layers = layers or CONFIGS[model]["num_hidden_layers"]
+    quant = {"quantization_config": {"quant_method": "mxfp4"}} if layout == "mxfp4" else {}
     return {
         "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 2880,
         "intermediate_size": 2880, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
@@ -32,7 +35,7 @@ def config(model: str) -> dict:
                          "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False},
         "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
         "vocab_size": 201088, "rms_norm_eps": 1e-5, "swiglu_limit": 7.0, "eos_token_id": 200002,
-        "pad_token_id": 199999, "quantization_config": {"quant_method": "mxfp4"}, **CONFIGS[model],
+        "pad_token_id": 199999, **quant, **CONFIGS[model], "num_hidden_layers": layers,
     }
 
 
@@ -41,11 +44,12 @@ def _dtype(name: str) -> tuple[str, int]:
 
 
 def make_synthetic(out: Path, model: str = "20b", shard_bytes: int = 5 * 10**9, sparse: bool = False,
-                   seed: int = 0) -> Path:
-    """Write a checkpoint folder; data is a repeated random block (or holes when sparse)."""
+                   seed: int = 0, layers: int | None = None, layout: str = "mxfp4") -> Path:
+    """Write a checkpoint folder; data is a repeated random block (or holes when sparse). In the bf16
+    layout the block holds BF16 values of weight-like size (N(0, 0.02)), not random bit patterns."""
     out.mkdir(parents=True, exist_ok=True)
-    cfg = config(model)
-    shapes = hf_tensor_shapes(GptOssConfig.from_dict(cfg), "mxfp4")
+    cfg = config(model, layers, layout)
+    shapes = hf_tensor_shapes(GptOssConfig.from_dict(cfg), layout)
     shards: list[list[str]] = [[]]
     size = 0
     for name, shape in shapes.items():
@@ -55,7 +59,12 @@ def make_synthetic(out: Path, model: str = "20b", shard_bytes: int = 5 * 10**9, 
             size = 0
         shards[-1].append(name)
         size += n
-    block = np.random.default_rng(seed).integers(0, 256, 64 * 2**20, dtype=np.uint8).tobytes()
+    rng = np.random.default_rng(seed)
+    if layout == "bf16":
+        values = (rng.standard_normal(32 * 2**20, dtype=np.float32) * 0.02).view(np.uint32)
+        block = (values >> 16).astype(np.uint16).tobytes()  # truncated to BF16
+    else:
+        block = rng.integers(0, 256, 64 * 2**20, dtype=np.uint8).tobytes()
     weight_map = {}
     for i, names in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -87,6 +96,6 @@ def make_synthetic(out: Path, model: str = "20b", shard_bytes: int = 5 * 10**9, 
     return out
 
 
-def checkpoint_bytes(model: str) -> int:
-    shapes = hf_tensor_shapes(GptOssConfig.from_dict(config(model)), "mxfp4")
+def checkpoint_bytes(model: str, layers: int | None = None, layout: str = "mxfp4") -> int:
+    shapes = hf_tensor_shapes(GptOssConfig.from_dict(config(model, layers, layout)), layout)
     return sum(int(np.prod(s)) * _dtype(n)[1] for n, s in shapes.items())
