@@ -303,86 +303,41 @@ def calibrate(model: str | Path, texts: Sequence[str | Path], out: str | Path | 
 
 
 class _Session:
-    """The model and a context whose eval callback feeds a _Collector, placed by the planner."""
+    """An Engine (placed by the planner) whose eval callback feeds a _Collector."""
 
     def __init__(self, path: str | Path, opts: Any, collect: bool):
-        from .engine import FLASH_ATTN_DISABLED, FLASH_ATTN_ENABLED, GGML_TYPE_F16, _default_threads
-        from .llama_ctypes import LLAMA_LOG, BufferOverrides, llama_cpp_module
-        from .plan import plan, read_model
+        from .engine import Engine
+        from .plan import read_model
 
-        lc = self.lc = llama_cpp_module()
         info = read_model(path)
-        p = self.plan = plan(info, opts)
-        if not p.fits:
-            log.warning("the plan does not fit (%s); loading anyway", "; ".join(p.notes) or p.reason)
-        LLAMA_LOG.install()
-        LLAMA_LOG.verbose = opts.verbose
-        lc.llama_backend_init()
-        self._overrides = BufferOverrides([o.rsplit("=", 1)[0] for o in p.overrides])  # llama.cpp keeps it
-        mp = lc.llama_model_default_params()
-        mp.n_gpu_layers = p.gpu_layers if p.placement != "none" else info.n_layer + 1
-        if self._overrides.address:
-            mp.tensor_buft_overrides = self._overrides.address
-        self.model = lc.llama_model_load_from_file(str(info.path).encode(), mp)
-        if not self.model:
-            raise OssggufError(f"llama.cpp could not load {info.path}: {LLAMA_LOG.last_errors()}")
         self.collector = _Collector(ExpertStats.empty({"block_count": info.n_layer, "expert_count": info.n_expert}))
-        cp = lc.llama_context_default_params()
-        cp.n_ctx = p.n_ctx
-        cp.n_batch = cp.n_ubatch = self.n_ubatch = p.n_ubatch
-        cp.n_outputs_max = 1
-        cp.n_threads = cp.n_threads_batch = opts.threads or _default_threads()
-        cp.flash_attn_type = FLASH_ATTN_ENABLED if p.flash_attn else FLASH_ATTN_DISABLED
-        cp.type_k = cp.type_v = GGML_TYPE_F16
-        cp.swa_full = False
-        cp.op_offload = p.op_offload
-        self._cb = lc.ggml_backend_sched_eval_callback(self.collector) if collect else None
-        if self._cb is not None:
-            cp.cb_eval, cp.cb_eval_user_data = self._cb, None
-        self.ctx = lc.llama_init_from_model(self.model, cp)
-        if not self.ctx:
-            lc.llama_model_free(self.model)
-            raise OssggufError(f"llama.cpp could not create a {p.n_ctx}-token context: {LLAMA_LOG.last_errors()}")
-        self.vocab = lc.llama_model_get_vocab(self.model)
+        self.engine = Engine.load(path, opts, eval_callback=self.collector if collect else None)
+        self.plan = self.engine.plan
 
     def tokenize(self, text: str) -> list[int]:
         # special=True: chat transcripts in harmony format calibrate on the real <|start|>... tokens
-        lc, data = self.lc, text.encode()
-        buf = (lc.llama_token * (len(data) + 8))()
-        n = lc.llama_tokenize(self.vocab, data, len(data), buf, len(buf), False, True)
-        if n < 0:
-            buf = (lc.llama_token * -n)()
-            n = lc.llama_tokenize(self.vocab, data, len(data), buf, -n, False, True)
-        return list(buf[:n])
+        return self.engine.tokenize(text, special=True)
 
     def evaluate(self, ids: Sequence[int], progress: Callable[[int], None] | None) -> None:
         """One sequence from position 0, in ubatches, no logits (only the routing is wanted)."""
-        from .llama_ctypes import LLAMA_LOG
 
-        lc = self.lc
-        lc.llama_memory_clear(lc.llama_get_memory(self.ctx), True)
-        batch = lc.llama_batch_init(self.n_ubatch, 0, 1)
+        def step(n: int) -> None:
+            self._raise_collector_error()
+            if progress:
+                progress(n)
+
         try:
-            for start in range(0, len(ids), self.n_ubatch):
-                part = ids[start:start + self.n_ubatch]
-                for i, t in enumerate(part):
-                    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, start + i, 1, False
-                    batch.seq_id[i][0] = 0
-                batch.n_tokens = len(part)
-                rc = lc.llama_decode(self.ctx, batch)
-                if self.collector.error is not None:
-                    err, self.collector.error = self.collector.error, None
-                    raise err
-                if rc != 0:
-                    raise OssggufError(f"llama_decode failed ({rc}): {LLAMA_LOG.last_errors()}")
-                if progress:
-                    progress(len(part))
+            self.engine.evaluate(ids, step)
         finally:
-            lc.llama_batch_free(batch)
+            self._raise_collector_error()
+
+    def _raise_collector_error(self) -> None:
+        if self.collector.error is not None:
+            err, self.collector.error = self.collector.error, None
+            raise err
 
     def __enter__(self) -> _Session:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.lc.llama_free(self.ctx)
-        self.lc.llama_model_free(self.model)
+        self.engine.close()

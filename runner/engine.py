@@ -15,7 +15,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -94,14 +94,18 @@ class Engine:
     _tokens: list[int] = field(default_factory=list, repr=False)  # what the KV cache holds, in order
     _cancel: bool = field(default=False, repr=False)
     _abort_cb: object = field(default=None, repr=False)  # the C callback object must stay referenced
+    _eval_cb: object = field(default=None, repr=False)  # likewise
 
     # --- loading -------------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path, options: PlacementOptions | None = None, **changes) -> Engine:
+    def load(cls, path: str | Path, options: PlacementOptions | None = None, *,
+             eval_callback: Callable[[int, bool, int], bool] | None = None, **changes) -> Engine:
         """Plan the placement (or follow cpu_moe/n_cpu_moe), then load the GGUF and create a context.
 
         `changes` are PlacementOptions fields, e.g. `Engine.load(p, n_cpu_moe=20, ctx=8192)`.
+        `eval_callback(tensor_address, ask, user_data)` is llama.cpp's `cb_eval`: it sees the graph's
+        intermediate tensors as they are computed (calibration reads the MoE routing this way).
         """
         opts = replace(options or PlacementOptions(), **changes)
         t0 = time.perf_counter()
@@ -134,12 +138,16 @@ class Engine:
         cp.swa_full = False  # sliding-window layers keep only the window (and a batch)
         cp.op_offload = p.op_offload
         cp.no_perf = False
+        eval_cb = lc.ggml_backend_sched_eval_callback(eval_callback) if eval_callback else None
+        if eval_cb is not None:
+            cp.cb_eval, cp.cb_eval_user_data = eval_cb, None
         ctx = lc.llama_init_from_model(model, cp)
         if not ctx:
             lc.llama_model_free(model)
             raise OssggufError(f"llama.cpp could not create a {p.n_ctx}-token context: "
                                f"{LLAMA_LOG.last_errors()}; try a smaller --ctx")
-        eng = cls(path=info.path, plan=p, options=opts, _model=model, _ctx=ctx, _overrides=overrides)
+        eng = cls(path=info.path, plan=p, options=opts, _model=model, _ctx=ctx, _overrides=overrides,
+                  _eval_cb=eval_cb)
         me = weakref.ref(eng)  # no cycle through the callback: close() also runs from __del__
         eng._abort_cb = lc.ggml_abort_callback(lambda _: bool((e := me()) and e._cancel))
         lc.llama_set_abort_callback(ctx, eng._abort_cb, None)
@@ -236,7 +244,14 @@ class Engine:
         self._tokens = self._tokens[:n]
         return n
 
-    def _decode(self, tokens: Sequence[int], want_logits: bool) -> None:
+    def evaluate(self, tokens: Sequence[int], progress: Callable[[int], None] | None = None) -> None:
+        """Run `tokens` through the model as one sequence from position 0, reading no logits
+        (calibration: only what the eval callback sees matters). `progress(n)` after each batch."""
+        self.reset()
+        self._decode(tokens, want_logits=False, progress=progress)
+
+    def _decode(self, tokens: Sequence[int], want_logits: bool,
+                progress: Callable[[int], None] | None = None) -> None:
         lc = llama_cpp_module()
         step = self.plan.n_ubatch
         batch = lc.llama_batch_init(step, 0, 1)
@@ -258,6 +273,8 @@ class Engine:
                 if rc != 0:
                     raise OssggufError(f"llama_decode failed ({rc}): {LLAMA_LOG.last_errors()}")
                 self._tokens.extend(chunk)
+                if progress:
+                    progress(len(chunk))
         finally:
             lc.llama_batch_free(batch)
 
