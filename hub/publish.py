@@ -206,8 +206,10 @@ def publish_plan_text(plan: PublishPlan, with_card: bool = True) -> str:
     for shards in models.values():
         bpw = model_bits_per_weight(shards)
         for f in shards:
-            lines.append(f"  {f.name:<{width}}  {human_size(f.size):>9}  {f.recipe:<10} {bpw:5.2f} bpw  {f.sha256}")
-    lines.append(f"  {'README.md':<{width}}  {human_size(len(plan.card.encode())):>9}  model card")
+            lines.append(f"  {f.name:<{width}}  {human_size(f.size):>9} {f.size:>17,} B  {f.recipe:<10} "
+                         f"{bpw:5.2f} bpw  {f.sha256}")
+    card_size = len(plan.card.encode())
+    lines.append(f"  {'README.md':<{width}}  {human_size(card_size):>9} {card_size:>17,} B  model card")
     lines.append(f"  total {human_size(plan.total_bytes)} in {len(plan.files)} file(s); "
                  f"commit message: {plan.commit_message!r}")
     lines += [f"  note: {n}" for n in plan.notes]
@@ -216,6 +218,28 @@ def publish_plan_text(plan: PublishPlan, with_card: bool = True) -> str:
     if with_card:
         lines += ["", "--- README.md ---", plan.card]
     return "\n".join(lines)
+
+
+def conventional_name(base: str, recipe: str, count: int = 1) -> str:
+    """`<base>-<recipe>.gguf`, or its first shard `<base>-<recipe>-00001-of-0000N.gguf` (llama.cpp's naming)."""
+    stem = f"{base}-{recipe}"
+    return f"{stem}-00001-of-{count:05d}.gguf" if count > 1 else f"{stem}.gguf"
+
+
+def name_note(model: str, count: int, recipe: str, base_model: str | None, meta: dict[str, Any]) -> str | None:
+    """A warning when a model's file name does not end with its recipe: llama.cpp's `-hf repo:TAG`, Ollama's
+    `hf.co/repo:TAG` and people choosing a file all go by the name (`model.gguf` says nothing)."""
+    if " " in recipe or recipe == "unknown" or model.lower().endswith("-" + recipe.lower()):
+        return None  # a custom mix has no conventional name
+    base = (base_model.split("/")[-1] if base_model else None) or str(meta.get("general.name") or "") or model
+    new = conventional_name(base, recipe, count)
+    if count > 1:
+        what = f"{model}-00001-of-{count:05d}.gguf (and its {count - 1} other shards) does"
+        todo = f"rename the shards to {new} ... (`<base>-<recipe>-00001-of-0000N.gguf`)"
+    else:
+        what, todo = f"{model}.gguf does", f"rename it to {new} (`<base>-<recipe>.gguf`)"
+    return (f"{what} not name its recipe ({recipe}): {todo} so that `llama-server -hf REPO:{recipe.upper()}` "
+            "and readers of the repo can tell the files apart")
 
 
 def _split_advice(path: Path, size: int, limit: int, recipe: str) -> str:
@@ -260,6 +284,12 @@ def plan_publish(path: str | Path, repo_id: str, *, private: bool = False, revis
     base = base_model or next((b for h in firsts.values() if (b := base_model_of(h.metadata))), None)
     if base is None:
         notes.append("base model unknown (no general.source.repo_url in the GGUF): pass --base-model")
+    for model, header in firsts.items():
+        count = split_parts(next(p for p in paths if split_parts(p.name)[0] == model).name)[2]
+        if (note := name_note(model, count, recipes[model], base, header.metadata)):
+            notes.append(note)
+    for n in notes:
+        log.warning("%s", n)
     main_recipe = max(recipes.values(), key=list(recipes.values()).count)
     card = model_card(entries, base, main_recipe, quantized_by or repo_id.split("/")[0], compare, plan_hints,
                       license=str(first.metadata.get("general.license") or "apache-2.0"), repo_id=repo_id)

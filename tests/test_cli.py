@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -35,3 +36,21 @@ def test_usage_errors_are_one_line():
     proc = run("convert")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "Missing argument" in proc.stderr
+
+
+def test_convert_prints_a_summary_on_stderr(make_ckpt, tmp_path):
+    from gguf import GGUFReader
+
+    out = tmp_path / "tiny-mxfp4.gguf"
+    proc = run("convert", str(make_ckpt()), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out)  # only the path on stdout, so it can be piped
+    reader = GGUFReader(out)
+    n, size = len(reader.tensors), out.stat().st_size
+    assert f"{n} tensors, {size:,} bytes in 1 file(s): {out}" in proc.stderr, proc.stderr
+    m = re.search(r"(\d+\.\d) s, (\d+\.\d\d) GB/s, peak RSS (\d+) MiB", proc.stderr)
+    assert m, proc.stderr
+    # 300 kB in a few ms: the rate may round to 0.00 GB/s; peak RSS is that of a small numpy process
+    assert float(m[2]) >= 0 and 10 < int(m[3]) < 4096, m[0]
+    for cls, types in (("expert", "MXFP4"), ("attention", "BF16"), ("norm", "F32")):
+        assert re.search(rf"^{cls}\s+{types}\s+[\d,]+$", proc.stderr, re.M), proc.stderr

@@ -5,6 +5,7 @@ Hugging Face tokenizers and llama.cpp's tokenizer (token ids)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -121,6 +122,40 @@ def test_every_tensor_is_exact(make_ckpt, tmp_path, shape):
     assert fields["tokenizer.ggml.padding_token_id"] == cfg["pad_token_id"]
     assert fields["tokenizer.chat_template"] == (ckpt / "chat_template.jinja").read_text()
     assert fields["general.file_type"] == (32 if recipe == "bf16" else 38)
+
+
+MODEL_CARD = """---
+license: apache-2.0
+pipeline_tag: text-generation
+library_name: transformers
+tags:
+- vllm
+---
+
+<p align="center">gpt-oss-20b</p>
+license: mit (body text, not the front matter)
+"""
+
+
+@pytest.mark.parametrize("source_repo", [None, "openai/gpt-oss-20b"])
+def test_license_and_source_repo_metadata(make_ckpt, tmp_path, source_repo):
+    ckpt = tmp_path / "gpt-oss-tiny"
+    shutil.copytree(make_ckpt(), ckpt)
+    (ckpt / "README.md").write_text(MODEL_CARD)
+    out = tmp_path / "m.gguf"
+    convert(ckpt, out, source_repo=source_repo)
+    fields = {k: f.contents() for k, f in GGUFReader(out).fields.items()}
+    assert fields["general.license"] == "apache-2.0"
+    if source_repo:
+        assert fields["general.source.repo_url"] == "https://huggingface.co/openai/gpt-oss-20b"
+        assert fields["general.name"] == "gpt-oss-20b"
+    else:
+        assert "general.source.repo_url" not in fields
+        assert fields["general.name"] == "gpt-oss-tiny"
+
+    (ckpt / "README.md").unlink()  # no model card: no license key (never a guessed one)
+    convert(ckpt, out, force=True)
+    assert "general.license" not in GGUFReader(out).fields
 
 
 TEXTS = [

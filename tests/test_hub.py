@@ -256,6 +256,29 @@ def test_resolve_source(tmp_path, hf_cache, hf_configs, monkeypatch):
     assert dl.resolve_source(REPO) == snap
 
 
+def test_cli_convert_repo_id_records_the_source(hf_cache, make_ckpt, tmp_path, monkeypatch, no_network):
+    """`ossgguf convert REPO_ID`: the checkpoint comes from the offline cache, the GGUF names the repo
+    (general.source.repo_url, general.name) and the license of the cached model card."""
+    from click.testing import CliRunner
+
+    from ossgguf.cli import cli
+
+    files = {f.name: f.read_bytes() for f in make_ckpt().iterdir() if f.is_file() and f.name != "README.md"}
+    files["README.md"] = b"---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n\n# gpt-oss-20b\n"
+    populate_cache(hf_cache, REPO, files)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "gpt-oss-20b-mxfp4.gguf"
+    res = CliRunner().invoke(cli, ["convert", REPO, "-o", str(out)])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert res.stdout.strip() == str(out)
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(out).fields.items()}
+    assert fields["general.source.repo_url"] == f"https://huggingface.co/{REPO}"
+    assert fields["general.name"] == "gpt-oss-20b"
+    assert fields["general.license"] == "apache-2.0"
+    assert pub.base_model_of(pub.read_gguf_header(out).metadata) == REPO  # what publish reads back
+    assert no_network == []
+
+
 # --- the GGUF header reader -----------------------------------------------------------------------
 
 def test_header_matches_gguf_reader(tmp_path):
@@ -298,6 +321,105 @@ def test_dry_run_makes_no_call(tmp_path, monkeypatch, no_network):
     assert no_network == [] and not boom.called
     text = pub.publish_plan_text(plan)
     assert "would upload to me/gpt-oss-20b-GGUF" in text and plan.files[0].sha256 in text
+
+
+def _block_hfapi(monkeypatch) -> mock.Mock:
+    boom = mock.Mock(side_effect=AssertionError("HfApi used in a dry run"))
+    monkeypatch.setattr(huggingface_hub, "HfApi", boom)
+    monkeypatch.setattr(huggingface_hub.hf_api, "HfApi", boom)
+    monkeypatch.setattr(huggingface_hub, "get_token", boom)
+    return boom
+
+
+def test_cli_publish_dry_run(tmp_path, monkeypatch, no_network):
+    from click.testing import CliRunner
+
+    from ossgguf.cli import cli
+
+    out = tmp_path / "out"
+    single = write_gguf(out / "gpt-oss-20b-mxfp4.gguf", meta={"general.source.repo_url": f"https://huggingface.co/{REPO}"})
+    shards = write_gguf(out / "gpt-oss-20b-mxfp4-q8.gguf", other=Q.Q8_0, split_max_size=12_000)
+    assert len(shards) > 1
+    models = {"gpt-oss-20b-mxfp4": ("mxfp4", single), "gpt-oss-20b-mxfp4-q8": ("mxfp4-q8", shards)}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    boom = _block_hfapi(monkeypatch)
+    res = CliRunner().invoke(cli, ["publish", str(out), "me/gpt-oss-20b-GGUF", "--dry-run"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    text = res.stdout
+    assert text.startswith("would upload to me/gpt-oss-20b-GGUF (public)")
+    listing, card_text = text.split("--- README.md ---\n", 1)
+    for recipe, paths in models.values():
+        bpw = reader_bpw(paths)
+        for p in paths:
+            sha = hashlib.sha256(p.read_bytes()).hexdigest()
+            (line,) = [x for x in listing.splitlines() if x.strip().startswith(p.name + " ")]
+            assert f" {p.stat().st_size:,} B " in line and line.endswith(sha), line
+            assert f" {recipe} " in line and f"{bpw:5.2f} bpw" in line, line
+    assert "not name its recipe" not in text  # conventional names: no warning
+
+    card = ModelCard(card_text)
+    assert card.data.to_dict() == {
+        "base_model": REPO, "base_model_relation": "quantized", "library_name": "gguf", "license": "apache-2.0",
+        "pipeline_tag": "text-generation", "quantized_by": "me",
+        "tags": ["gguf", "gpt-oss", "mxfp4", "llama.cpp", "ossgguf", "mxfp4-q8"],
+    }
+    lines = card.text.splitlines()
+    assert "| file | recipe | size | bits per weight | sha256 |" in lines
+    rows = {r[0].strip(" `"): [c.strip(" `") for c in r] for line in lines if line.startswith("| `")
+            for r in [line.split("|")[1:-1]]}
+    for recipe, paths in models.values():
+        bpw = reader_bpw(paths)
+        for p in paths:
+            assert rows.pop(p.name) == [p.name, recipe, pub.human_size(p.stat().st_size), f"{bpw:.2f}",
+                                        hashlib.sha256(p.read_bytes()).hexdigest()]
+    assert rows == {}
+
+    res = CliRunner().invoke(cli, ["publish", str(out), "me/gpt-oss-20b-GGUF", "--dry-run", "--json"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    got = json.loads(res.stdout)
+    assert got["dry_run"] is True and got["repo_id"] == "me/gpt-oss-20b-GGUF"
+    assert [(f["name"], f["bytes"], f["sha256"]) for f in got["files"]] == [
+        (p.name, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()) for p in [*single, *shards]]
+    assert not boom.called and no_network == []
+
+
+@pytest.mark.parametrize("name,split,suggested", [
+    ("model.gguf", 0, "gpt-oss-20b-mxfp4.gguf"),
+    ("model.gguf", 12_000, "gpt-oss-20b-mxfp4-00001-of-0000{n}.gguf"),
+    ("gpt-oss-20b-mxfp4-q8.gguf", 0, "gpt-oss-20b-mxfp4.gguf"),  # the name claims another recipe
+])
+def test_publish_warns_when_the_name_lacks_the_recipe(tmp_path, monkeypatch, no_network, caplog, name, split,
+                                                       suggested):
+    from click.testing import CliRunner
+
+    from ossgguf.cli import cli
+
+    paths = write_gguf(tmp_path / "out" / name, split_max_size=split,
+                       meta={"general.source.repo_url": f"https://huggingface.co/{REPO}"})
+    suggested = suggested.format(n=len(paths))
+    boom = _block_hfapi(monkeypatch)
+    with caplog.at_level("WARNING", logger=pub.__name__):
+        plan = pub.publish(paths[0], "me/repo", dry_run=True)
+    (note,) = [n for n in plan.notes if "not name its recipe (mxfp4)" in n]
+    assert note.startswith(paths[0].name) and f" to {suggested}" in note, note
+    assert ("<base>-<recipe>-00001-of-0000N.gguf" if split else "<base>-<recipe>.gguf") in note
+    assert (f"and its {len(paths) - 1} other shards" in note) == bool(split)
+    assert note in caplog.messages  # logged as a warning too, so a real upload shows it before it starts
+    assert f"note: {note}" in pub.publish_plan_text(plan)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = CliRunner().invoke(cli, ["publish", str(paths[0]), "me/repo", "--dry-run"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert f"note: {note}" in res.stdout
+    assert not boom.called and no_network == []
+    if name == "model.gguf" and not split:  # the command's own logging puts the warning on stderr
+        import subprocess
+        import sys
+
+        proc = subprocess.run([sys.executable, "-m", "ossgguf.cli", "publish", str(paths[0]), "me/repo", "--dry-run"],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 0, proc.stderr
+        assert f"WARNING ossgguf.hub.publish: {note}" in proc.stderr and f"note: {note}" in proc.stdout
 
 
 @pytest.mark.parametrize("link", ["hard", "symbolic"])

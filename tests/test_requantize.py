@@ -226,6 +226,11 @@ def test_bad_options(make_gguf, tmp_path, case):
     msg = str(e.value)
     assert {"recipe": "q4_k_m", "type": "q9_9", "regex": "bad regex", "regex-nomatch": "nothing_here",
             "row": "Q4_K", "imatrix": "IQ2_XXS"}[case] in msg, msg
+    if case == "row":  # which tensors, why, and what they can take instead
+        assert "blk.0.attn_q.weight (rows of 64)" in msg and "blk.1.attn_q.weight" in msg, msg
+        fits = re.search(r"Types that fit these rows: ([\w, ]+)", msg)
+        assert fits and {"q8_0", "mxfp4", "bf16", "q4_0"} <= set(fits[1].split(", ")), msg
+        assert "q4_k" not in fits[1].split(", ") and "--allow-fallback" in msg, msg
     no_output(out_dir)
 
 
