@@ -17,33 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+from benchutil import drop_caches, timed  # bench/ is on sys.path when a script runs
+
 from ossgguf.synthetic import checkpoint_bytes, make_synthetic
-
-
-def drop_caches() -> bool:
-    subprocess.run(["sync"])
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of a child process, sync included."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    _, status, ru = os.wait4(proc.pid, 0)
-    subprocess.run(["sync"])
-    dt = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"command failed: {' '.join(cmd)}")
-    return dt, ru.ru_maxrss * 1024
 
 
 def main() -> None:

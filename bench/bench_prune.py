@@ -17,35 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from benchutil import drop_caches, timed  # bench/ is on sys.path when a script runs
 
 MID = dict(hidden_size=512, intermediate_size=512, num_hidden_layers=4, num_local_experts=32, num_experts_per_tok=4,
            num_attention_heads=8, num_key_value_heads=2, head_dim=64)
 KEEP = 24
-
-
-def drop_caches() -> bool:
-    subprocess.run(["sync"])
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds (sync included) and peak RSS in bytes of a child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    _, status, ru = os.wait4(proc.pid, 0)
-    subprocess.run(["sync"])
-    dt = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"command failed: {' '.join(cmd)}")
-    return dt, ru.ru_maxrss * 1024
 
 
 def child(src: str, out: str) -> None:

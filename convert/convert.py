@@ -26,7 +26,7 @@ from ..quantize import mxfp4
 from ..quantize.encode import encode, to_f32
 from ..quantize.policy import DEFAULT_RECIPE, TypeChoice, choose_types, file_type, parse_overrides
 from .checkpoint import Checkpoint, checkpoint_license, load_checkpoint
-from .gguf_writer import GGUFFileWriter, Shard, TensorInfo, plan_layout
+from .gguf_writer import GGUFFileWriter, Shard, ShardedOutput, TensorInfo, plan_layout
 from .safetensors import TensorReader
 from .vocab import vocab_metadata
 
@@ -36,29 +36,17 @@ CHUNK_BYTES = 16 * 1024 * 1024  # target size of one streamed slice (rows of a d
 
 
 @dataclass
-class ConversionPlan:
+class ConversionPlan(ShardedOutput):
     checkpoint: Checkpoint
     tensors: list[OutTensor]
     choices: dict[str, TypeChoice]
     shards: list[Shard]
     recipe: str
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(s.size for s in self.shards)
-
-    @property
-    def data_bytes(self) -> int:
-        return sum(t.nbytes for s in self.shards for t in s.tensors)
-
     def to_json(self) -> dict:
-        infos = {t.name: t for s in self.shards for t in s.tensors}
         return {
-            "total_bytes": self.total_bytes,
-            "files": [{"path": str(s.path), "bytes": s.size, "tensors": len(s.tensors)} for s in self.shards],
+            **self.layout_json(),
             "recipe": self.recipe,
-            "tensors": [{"name": t.name, "type": infos[t.name].qtype.name, "shape": list(reversed(t.shape)),
-                         "bytes": infos[t.name].nbytes, "class": t.cls.value} for t in self.tensors],
             "fallbacks": [{"name": c.name, "requested": c.requested.name, "type": c.qtype.name}
                           for c in self.choices.values() if c.fell_back],
         }

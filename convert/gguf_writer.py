@@ -59,6 +59,32 @@ class Shard:
     size: int = 0
 
 
+class ShardedOutput:
+    """What every writer's plan (convert, quantize, prune) shares: its shards, sized exactly."""
+
+    shards: list[Shard]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.nbytes for s in self.shards for t in s.tensors)
+
+    def layout_json(self) -> dict:
+        """The `--dry-run --json` fields of DESIGN.md: exact total bytes, files, and each tensor
+        with its GGUF type, GGUF-order shape, bytes and tensor class."""
+        from ..model import tensor_class
+
+        return {
+            "total_bytes": self.total_bytes,
+            "files": [{"path": str(s.path), "bytes": s.size, "tensors": len(s.tensors)} for s in self.shards],
+            "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(reversed(t.shape)), "bytes": t.nbytes,
+                         "class": tensor_class(t.name).value} for s in self.shards for t in s.tensors],
+        }
+
+
 def _align(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 

@@ -23,7 +23,7 @@ import numpy as np
 from gguf import GGUFValueType
 
 from ..convert.convert import peak_rss_bytes, pipelined
-from ..convert.gguf_writer import ALIGNMENT, GGUFFileWriter, Shard, TensorInfo, plan_layout
+from ..convert.gguf_writer import ALIGNMENT, GGUFFileWriter, Shard, ShardedOutput, TensorInfo, plan_layout
 from ..convert.safetensors import TensorEntry, TensorReader
 from ..errors import OssggufError
 from ..gguf_read import SPLIT_KEYS, GgufSet, GgufTensor, read_gguf
@@ -46,7 +46,7 @@ def has_expert_axis(name: str) -> bool:
 
 
 @dataclass
-class PrunePlan:
+class PrunePlan(ShardedOutput):
     source: GgufSet
     keep: int
     n_expert: int
@@ -58,21 +58,10 @@ class PrunePlan:
     reason: str
     device_plan: Any = None  # runner.plan.Plan for --target-device
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(s.size for s in self.shards)
-
-    @property
-    def data_bytes(self) -> int:
-        return sum(t.nbytes for s in self.shards for t in s.tensors)
-
     def to_json(self) -> dict[str, Any]:
         """convert's dry-run shape, plus what is kept and why."""
         out = {
-            "total_bytes": self.total_bytes,
-            "files": [{"path": str(s.path), "bytes": s.size, "tensors": len(s.tensors)} for s in self.shards],
-            "tensors": [{"name": o.name, "type": o.qtype.name, "shape": list(reversed(o.shape)), "bytes": o.nbytes}
-                        for _, o in self.tensors],
+            **self.layout_json(),
             "source": [str(f.path) for f in self.source.files], "source_bytes": self.source.size,
             "expert_count": self.n_expert, "keep": self.keep, "score": self.score,
             "stats_sha256": self.stats_sha256, "kept": self.kept, "reason": self.reason,

@@ -18,7 +18,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ..convert.convert import peak_rss_bytes, pipelined
-from ..convert.gguf_writer import ALIGNMENT, GGUFFileWriter, Shard, TensorInfo, plan_layout
+from ..convert.gguf_writer import ALIGNMENT, GGUFFileWriter, Shard, ShardedOutput, TensorInfo, plan_layout
 from ..convert.safetensors import TensorEntry, TensorReader
 from ..errors import OssggufError
 from ..gguf_read import SPLIT_KEYS, GgufSet, GgufTensor, read_gguf
@@ -51,30 +51,18 @@ class RequantTensor:
 
 
 @dataclass
-class RequantPlan:
+class RequantPlan(ShardedOutput):
     source: GgufSet
     tensors: list[RequantTensor]
     choices: dict[str, TypeChoice]
     shards: list[Shard]
     recipe: str
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(s.size for s in self.shards)
-
-    @property
-    def data_bytes(self) -> int:
-        return sum(t.nbytes for s in self.shards for t in s.tensors)
-
     def to_json(self) -> dict:
         """The converter's dry-run shape (ConversionPlan.to_json), plus the source file(s)."""
-        infos = {t.name: t for s in self.shards for t in s.tensors}
         return {
-            "total_bytes": self.total_bytes,
-            "files": [{"path": str(s.path), "bytes": s.size, "tensors": len(s.tensors)} for s in self.shards],
+            **self.layout_json(),
             "recipe": self.recipe,
-            "tensors": [{"name": t.name, "type": infos[t.name].qtype.name, "shape": list(reversed(t.shape)),
-                         "bytes": infos[t.name].nbytes, "class": t.cls.value} for t in self.tensors],
             "fallbacks": [{"name": c.name, "requested": c.requested.name, "type": c.qtype.name}
                           for c in self.choices.values() if c.fell_back],
             "source": [str(f.path) for f in self.source.files],
