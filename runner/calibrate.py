@@ -282,7 +282,7 @@ def calibrate(model: str | Path, texts: Sequence[str | Path], out: str | Path | 
     if not todo:
         return report
     opts = replace(options or PlacementOptions(), ctx=chunk)
-    with _Session(model, opts, collect) as s:
+    with _Session(model, opts, collect, identity) as s:
         tokenized = [(t, sha, s.tokenize(t.read_text(encoding="utf-8", errors="replace"))) for t, sha in todo]
         if on_total:
             on_total(sum(len(ids) for _, _, ids in tokenized))
@@ -305,14 +305,11 @@ def calibrate(model: str | Path, texts: Sequence[str | Path], out: str | Path | 
 class _Session:
     """An Engine (placed by the planner) whose eval callback feeds a _Collector."""
 
-    def __init__(self, path: str | Path, opts: Any, collect: bool):
+    def __init__(self, path: str | Path, opts: Any, collect: bool, identity: dict[str, Any]):
         from .engine import Engine
-        from .plan import read_model
 
-        info = read_model(path)
-        self.collector = _Collector(ExpertStats.empty({"block_count": info.n_layer, "expert_count": info.n_expert}))
+        self.collector = _Collector(ExpertStats.empty(identity))
         self.engine = Engine.load(path, opts, eval_callback=self.collector if collect else None)
-        self.plan = self.engine.plan
 
     def tokenize(self, text: str) -> list[int]:
         # special=True: chat transcripts in harmony format calibrate on the real <|start|>... tokens
