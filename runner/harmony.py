@@ -31,6 +31,7 @@ __all__ = [
     "ParsedMessage",
     "ToolCall",
     "assistant_history_message",
+    "usable_tool_calls",
     "normalize_messages",
     "normalize_tools",
     "parse_completion",
@@ -364,22 +365,28 @@ def _assistant(msg: dict, later: list[dict], last: bool) -> str:
 
 
 # -- history and files ---------------------------------------------------------------------------
-def assistant_history_message(parsed: ParsedMessage) -> dict:
-    """The OpenAI-shaped assistant message for a parsed completion, to append to the conversation.
-
-    Tool calls whose arguments are not valid JSON (cut off, malformed) are left out: they could not
-    be rendered back into the prompt."""
-    msg: dict[str, Any] = {"role": "assistant", "content": parsed.content}
-    if parsed.reasoning:
-        msg["reasoning_content"] = parsed.reasoning
+def usable_tool_calls(parsed: ParsedMessage) -> list:
+    """The tool calls whose arguments are valid JSON: the others (cut off, malformed) could neither
+    be run nor rendered back into the prompt."""
     calls = []
     for c in parsed.tool_calls:
         try:
             json.loads(c.arguments)
         except json.JSONDecodeError:
-            log.warning("tool call %s (%s) left out of history: arguments are not valid JSON", c.id, c.name)
+            log.warning("tool call %s (%s) left out: arguments are not valid JSON", c.id, c.name)
             continue
-        calls.append({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})
+        calls.append(c)
+    return calls
+
+
+def assistant_history_message(parsed: ParsedMessage) -> dict:
+    """The OpenAI-shaped assistant message for a parsed completion, to append to the conversation
+    (without the tool calls that `usable_tool_calls` leaves out)."""
+    msg: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+    if parsed.reasoning:
+        msg["reasoning_content"] = parsed.reasoning
+    calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+             for c in usable_tool_calls(parsed)]
     if calls:
         msg["content"] = parsed.content or None
         msg["tool_calls"] = calls

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import server_params as P
+from .harmony import assistant_history_message
 from .harmony_parse import Event
 from .server_errors import invalid
-from .server_worker import SamplingParams, TurnEnd, Usage, valid_tool_calls
+from .server_worker import SamplingParams, TurnEnd, Usage
 
 
 @dataclass
@@ -92,15 +93,9 @@ def new_id() -> str:
 
 
 def completion(end: TurnEnd, cid: str, model: str, created: int) -> dict[str, Any]:
-    msg = end.message
-    out: dict[str, Any] = {"role": "assistant", "content": msg.content}
-    if msg.reasoning:
-        out["reasoning_content"] = out["reasoning"] = msg.reasoning
-    calls = valid_tool_calls(msg)
-    if calls:
-        out["content"] = msg.content or None
-        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                             for c in calls]
+    out = assistant_history_message(end.message)
+    if "reasoning_content" in out:  # servers disagree on the field: both
+        out["reasoning"] = out["reasoning_content"]
     return {"id": cid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": out, "logprobs": None, "finish_reason": end.finish_reason}],
             "usage": usage_json(end.usage), "system_fingerprint": None}

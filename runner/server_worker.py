@@ -10,7 +10,6 @@ through `Engine.cancel` (which also aborts a long prompt prefill).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .engine import GenerationChunk
+from .harmony import usable_tool_calls
 from .harmony_parse import Event, HarmonyStreamParser, ParsedMessage
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,6 @@ class Job:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.perf_counter)
-    started: float | None = None
 
     def put(self, item: Any) -> None:
         """From the worker thread: hand an item to the event loop (dropped if the loop is gone)."""
@@ -162,7 +160,6 @@ class Worker:
                 job.put(_END)
                 return
             self._current = job
-        job.started = time.perf_counter()
         gen = None
         try:
             gen = iter(self.backend.generate(job.request))
@@ -206,18 +203,6 @@ class TurnEnd:
     usage: Usage
 
 
-def valid_tool_calls(message: ParsedMessage) -> list:
-    """Tool calls whose arguments parse: the others could neither be run nor rendered back."""
-    out = []
-    for call in message.tool_calls:
-        try:
-            json.loads(call.arguments)
-            out.append(call)
-        except json.JSONDecodeError:
-            log.warning("tool call %s (%s) dropped: arguments are not valid JSON", call.id, call.name)
-    return out
-
-
 class StopMatcher:
     """OpenAI's `stop` strings on the answer text: holds back what may begin a stop string."""
 
@@ -248,9 +233,9 @@ def _finish_reason(parsed: ParsedMessage, ended_by: str | None, stopped: bool) -
     """The parser's stop reason in OpenAI's terms; "error" (output that is not clean harmony) included."""
     if stopped:
         return "stop"
-    if parsed.stop_reason == "error":
-        if ended_by == "length":
-            return "length"
+    if parsed.stop_reason == "error" and ended_by == "length":
+        return "length"
+    if parsed.stop_reason in ("error", "tool_calls"):  # tool_calls only if one is usable
         return "tool_calls" if parsed.tool_calls else "stop"
     return parsed.stop_reason
 
@@ -306,6 +291,7 @@ async def run_turn(worker: Worker, job: Job, is_disconnected=None, prefill: str 
             yield Event("content", text=held)
         parsed = parser.finish(ended_by if ended_by in ("stop", "length") else None)
         parsed.content = "".join(content)
+        parsed.tool_calls = usable_tool_calls(parsed)
         yield TurnEnd(parsed, _finish_reason(parsed, ended_by, matcher.hit), usage)
     finally:
         worker.cancel(job)  # no-op once it ended; stops it when the consumer left early

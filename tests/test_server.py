@@ -262,6 +262,13 @@ def test_tool_call_then_final_answer(field, fixed_date):
     assert script.requests[1].prompt == reference([USER, template_form, result], [WEATHER])
 
 
+def test_a_tool_call_with_broken_arguments_is_not_reported_as_a_call():
+    broken = CALL_TEXT.replace('{"city": "Paris"}', '{"city": "Par')
+    with _serve(Script(broken)) as srv:
+        r = _client(srv).chat.completions.create(model="gpt-oss-test", messages=[USER], tools=[WEATHER])
+    assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason == "stop"
+
+
 def test_streamed_tool_call():
     with _serve(Script(CALL_TEXT)) as srv:
         stream = _client(srv).chat.completions.create(model="gpt-oss-test", messages=[USER], tools=[WEATHER],
