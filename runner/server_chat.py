@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import server_params as P
+from .chat import Sampling
 from .harmony import assistant_history_message
 from .harmony_parse import Event
 from .server_errors import invalid
-from .server_worker import SamplingParams, TurnEnd, Usage
+from .server_worker import TurnEnd, Usage
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Turn:
     messages: list[dict]
     tools: list[dict]
     reasoning_effort: str
-    params: SamplingParams
+    params: Sampling
     prefill: str = ""  # the start of the answer the prompt holds (a forced tool call)
     stop: list[str] = field(default_factory=list)
     stream: bool = False

@@ -11,10 +11,10 @@ from typing import Any
 
 from ossgguf.errors import OssggufError
 
+from .chat import Sampling
 from .harmony import REASONING_EFFORTS, normalize_tools
 from .harmony_tools import tool_namespace
 from .server_errors import invalid
-from .server_worker import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def number(body: dict, key: str, lo: float, hi: float, integer: bool = False) ->
     return value
 
 
-def sampling(body: dict, max_keys: tuple[str, ...]) -> SamplingParams:
+def sampling(body: dict, max_keys: tuple[str, ...]) -> Sampling:
     """Sampling options; the first of `max_keys` present bounds the generated tokens."""
     max_tokens = None
     for key in max_keys:
@@ -50,7 +50,7 @@ def sampling(body: dict, max_keys: tuple[str, ...]) -> SamplingParams:
         "min_p": number(body, "min_p", 0, 1),
         "seed": number(body, "seed", -(2**63), 2**64 - 1, integer=True),
     }
-    return SamplingParams(max_tokens=max_tokens, **{k: v for k, v in fields.items() if v is not None})
+    return Sampling(max_tokens=max_tokens, **{k: v for k, v in fields.items() if v is not None})
 
 
 def effort(value: Any, param: str, default: str) -> str:

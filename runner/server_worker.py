@@ -15,9 +15,10 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .chat import Sampling
 from .engine import GenerationChunk
 from .harmony import usable_tool_calls
 from .harmony_parse import Event, HarmonyStreamParser, ParsedMessage
@@ -28,22 +29,12 @@ POLL_SECONDS = 0.25  # how often a waiting request checks that its client is sti
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int | None = None
-    temperature: float = 1.0  # OpenAI's recommendation for gpt-oss
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
 class GenerationRequest:
     """What the model is asked: the rendered prompt (with any forced prefix) and how to sample."""
 
     prompt: str
     tokens: list[int] | None  # the prompt's tokens when the backend tokenizes (checked against n_ctx)
-    params: SamplingParams
+    params: Sampling
 
 
 GenerateFn = Callable[[GenerationRequest], Iterable[GenerationChunk]]
@@ -61,10 +52,7 @@ class Backend:
     @classmethod
     def from_engine(cls, engine, generate: GenerateFn | None = None) -> Backend:
         def run(req: GenerationRequest) -> Iterator[GenerationChunk]:
-            p = req.params
-            return engine.generate(req.tokens if req.tokens is not None else req.prompt,
-                                   max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
-                                   top_k=p.top_k, min_p=p.min_p, seed=p.seed)
+            return engine.generate(req.tokens if req.tokens is not None else req.prompt, **asdict(req.params))
 
         return cls(generate=generate or run, tokenize=engine.tokenize, n_ctx=engine.n_ctx, cancel=engine.cancel)
 
