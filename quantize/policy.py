@@ -99,24 +99,20 @@ def choose_types(tensors: list[tuple[str, TensorClass, tuple[int, ...], Q]], rec
     """One TypeChoice per (name, class, numpy shape, stored type), or OssggufError for what cannot be."""
     table = RECIPES[parse_recipe(recipe)]
     used = [False] * len(overrides)
-    only_f32 = [False] * len(overrides)  # matched, but only tensors that must stay F32
+    norm_only = [False] * len(overrides)  # matched, but only NORM tensors, which stay F32
     choices, bad = [], []
     for name, cls, shape, stored in tensors:
         want, why = table[cls], "recipe"
         if want is AS_STORED:
             want = stored if stored in FLOAT_TYPES or row_ok(stored, shape) else Q.BF16
-        # llama.cpp reads norms, sinks and biases as F32 (ggml_add_id asserts it for the expert
-        # biases, which are 2-D): an override never changes them.
-        fixed = cls == TensorClass.NORM or len(shape) == 1
-        for k, (pat, typ) in enumerate(overrides):
-            if pat.search(name):
-                if fixed and typ != Q.F32:
-                    only_f32[k] = True
-                    break
-                want, why, used[k] = typ, "override", True
-                break
-        if fixed:
-            want = Q.F32
+        k = next((k for k, (pat, _) in enumerate(overrides) if pat.search(name)), None)
+        if k is not None:
+            # norms, sinks and biases (class NORM: F32 in every recipe) stay F32 whatever is asked:
+            # llama.cpp reads them as F32 (ggml_add_id asserts it for the 2-D expert biases)
+            typ = overrides[k][1]
+            if cls != TensorClass.NORM:
+                want, why = typ, "override"
+            (used if cls != TensorClass.NORM or typ == Q.F32 else norm_only)[k] = True
         got = want
         if not row_ok(want, shape):
             alt = _FALLBACK.get(want, Q.Q8_0)
@@ -125,10 +121,10 @@ def choose_types(tensors: list[tuple[str, TensorClass, tuple[int, ...], Q]], rec
                 continue
             got, why = alt, "fallback"
         choices.append(TypeChoice(name, got, want, why))
-    unused = [overrides[k][0].pattern for k, u in enumerate(used) if not u and not only_f32[k]]
+    unused = [overrides[k][0].pattern for k, u in enumerate(used) if not u and not norm_only[k]]
     if unused:
         raise OssggufError(f"--tensor-type pattern(s) matched no tensor: {', '.join(unused)}")
-    f32_only = [overrides[k][0].pattern for k, u in enumerate(used) if not u and only_f32[k]]
+    f32_only = [overrides[k][0].pattern for k, u in enumerate(used) if not u and norm_only[k]]
     if f32_only:
         raise OssggufError(f"--tensor-type pattern(s) matched only norms, sinks or biases, which "
                            f"llama.cpp reads as F32: {', '.join(f32_only)}; match weights (e.g. '\\.weight$')")
