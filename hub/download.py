@@ -66,15 +66,17 @@ def download(repo_id: str, local_dir: str | Path | None = None, revision: str | 
         raise OssggufError(f"'{repo_id}' is not a Hugging Face repo id: write it as owner/name (openai/gpt-oss-20b)")
     offline = offline_mode() if offline is None else offline
     where = f"'{repo_id}'" + (f" at revision '{revision}'" if revision else "")
+
+    def fetch(patterns: list[str]) -> Path:
+        return Path(snapshot_download(
+            repo_id, repo_type="model", revision=revision, local_dir=local_dir, cache_dir=cache_dir,
+            token=token, local_files_only=offline, allow_patterns=patterns, ignore_patterns=IGNORE_PATTERNS,
+        ))
+
     try:
         # config.json first: a repo that is not gpt-oss is refused before its weights are fetched
-        for patterns in (["config.json"], ALLOW_PATTERNS):
-            folder = snapshot_download(
-                repo_id, repo_type="model", revision=revision, local_dir=local_dir, cache_dir=cache_dir,
-                token=token, local_files_only=offline, allow_patterns=patterns, ignore_patterns=IGNORE_PATTERNS,
-            )
-            if patterns != ALLOW_PATTERNS:
-                _check_config(Path(folder), repo_id)
+        _check_config(fetch(["config.json"]), repo_id)
+        path = fetch(ALLOW_PATTERNS)
     except IncompleteSnapshotError as e:
         raise OssggufError(f"{where} is only partly in the cache ({_first_line(e)}): run "
                            f"`ossgguf download {repo_id}` with network to complete it") from None
@@ -96,8 +98,7 @@ def download(repo_id: str, local_dir: str | Path | None = None, revision: str | 
         raise OssggufError(f"downloading {where} failed: {_first_line(e)}; try again later") from None
     except OSError as e:  # disk full, permissions, a lost connection in the middle of a file
         raise OssggufError(f"downloading {where} failed: {e}; check free space and run again to resume") from None
-    path = Path(folder)
-    check_checkpoint(path, what=repo_id)
+    _check_weights(path, repo_id)
     log.info("checkpoint %s in %s", repo_id, path)
     return path
 
@@ -117,10 +118,14 @@ def check_checkpoint(path: Path, what: str | None = None) -> GptOssConfig:
     """A folder is a gpt-oss checkpoint: config.json says gpt_oss and safetensors weights are there."""
     what = what or str(path)
     config = _check_config(path, what)
+    _check_weights(path, what)
+    return config
+
+
+def _check_weights(path: Path, what: str) -> None:
     if not any(path.glob("*.safetensors")):
         raise OssggufError(f"{what} has no .safetensors weights in {path}: run `ossgguf download` with network "
                            "to fetch them")
-    return config
 
 
 def resolve_source(src: str | Path, revision: str | None = None, token: str | None = None,

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
+from ..convert.gguf_writer import shard_paths as split_names
 from ..errors import OssggufError
 from ..gguf_read import read_gguf_file
 from ..model import ARCH, TensorClass, tensor_class
@@ -222,8 +223,7 @@ def publish_plan_text(plan: PublishPlan, with_card: bool = True) -> str:
 
 def conventional_name(base: str, recipe: str, count: int = 1) -> str:
     """`<base>-<recipe>.gguf`, or its first shard `<base>-<recipe>-00001-of-0000N.gguf` (llama.cpp's naming)."""
-    stem = f"{base}-{recipe}"
-    return f"{stem}-00001-of-{count:05d}.gguf" if count > 1 else f"{stem}.gguf"
+    return split_names(Path(f"{base}-{recipe}.gguf"), count)[0].name
 
 
 def name_note(model: str, count: int, recipe: str, base_model: str | None, meta: dict[str, Any]) -> str | None:
