@@ -26,7 +26,7 @@ from ..quantize import mxfp4
 from ..quantize.encode import encode, to_f32
 from ..quantize.policy import DEFAULT_RECIPE, TypeChoice, choose_types, file_type, parse_overrides
 from .checkpoint import Checkpoint, checkpoint_license, load_checkpoint
-from .gguf_writer import GGUFFileWriter, Shard, ShardedOutput, TensorInfo, plan_layout
+from .gguf_writer import GGUFFileWriter, Shard, ShardedOutput, TensorInfo, plan_layout, refuse_inputs
 from .safetensors import TensorReader
 from .vocab import vocab_metadata
 
@@ -89,10 +89,7 @@ def plan_conversion(src: str | Path, out: str | Path, recipe: str = DEFAULT_RECI
     )
     kvs.update(vocab_metadata(ckpt.path, cfg.vocab_size, cfg.raw))
     shards = plan_layout(kvs, infos, Path(out), split_max_size)
-    inputs = {f.resolve() for f in ckpt.files} | {f.resolve() for f in ckpt.path.iterdir() if f.is_file()}
-    clash = [s.path for s in shards if s.path.resolve() in inputs]
-    if clash:  # even with --force: the checkpoint would be destroyed while it is read
-        raise OssggufError(f"the output {clash[0]} is a file of the checkpoint: write to another path with -o")
+    refuse_inputs(shards, [*ckpt.files, *(f for f in ckpt.path.iterdir() if f.is_file())], "a file of the checkpoint")
     return ConversionPlan(ckpt, table, by_name, shards, recipe)
 
 

@@ -85,6 +85,14 @@ class ShardedOutput:
         }
 
 
+def refuse_inputs(shards: list[Shard], inputs: Iterable[Path], what: str) -> None:
+    """OssggufError when an output file is one of the inputs: even --force must not destroy what is read."""
+    ins = {Path(p).resolve() for p in inputs}
+    clash = [s.path for s in shards if s.path.resolve() in ins]
+    if clash:
+        raise OssggufError(f"the output {clash[0]} is {what}: write to another path with -o")
+
+
 def _align(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 

@@ -11,6 +11,7 @@ the output appears only when complete, and split output works as for convert.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -23,13 +24,14 @@ import numpy as np
 from gguf import GGUFValueType
 
 from ..convert.convert import peak_rss_bytes, pipelined
-from ..convert.gguf_writer import ALIGNMENT, GGUFFileWriter, Shard, ShardedOutput, TensorInfo, plan_layout
+from ..convert.gguf_writer import GGUFFileWriter, Shard, ShardedOutput, TensorInfo, plan_layout, refuse_inputs
 from ..convert.safetensors import TensorEntry, TensorReader
 from ..errors import OssggufError
-from ..gguf_read import SPLIT_KEYS, GgufSet, GgufTensor, read_gguf
+from ..gguf_read import GgufSet, GgufTensor, read_gguf
 from ..kv import KV, kv_array, kv_str, kv_u32
 from ..model import ARCH, EXPERT_DOWN, EXPERT_GATE, EXPERT_UP, LAYER_TENSORS, layer_of
-from ..runner.calibrate import SCORES, ExpertStats, model_identity
+from ..runner.calibrate import SCORES, ExpertStats, model_identity, moe_shape
+from .requantize import source_metadata
 
 log = logging.getLogger(__name__)
 COPY_BYTES = 16 * 1024 * 1024
@@ -82,10 +84,8 @@ class PruneReport:
 # --- planning ------------------------------------------------------------------------------------------
 
 def _metadata(src: GgufSet, keep: int, kept: list[list[int]] | None, n_layer: int, score: str,
-              stats: ExpertStats | None) -> dict[str, KV]:
-    kvs = {k: v for k, v in src.kvs.items() if k not in SPLIT_KEYS}
-    if "general.alignment" in kvs and int(kvs["general.alignment"].value) != ALIGNMENT:
-        del kvs["general.alignment"]  # the writer aligns to 32 (GGUF's default)
+              stats: ExpertStats | None, stats_sha: str | None) -> dict[str, KV]:
+    kvs = source_metadata(src)
     prev = src.get(KEY_KEPT)
     n_orig = int(src.get(KEY_ORIGINAL, src.get(f"{ARCH}.expert_count")))
     if kept is None:
@@ -98,12 +98,12 @@ def _metadata(src: GgufSet, keep: int, kept: list[list[int]] | None, n_layer: in
     kvs[KEY_ORIGINAL] = kv_u32(n_orig)
     kvs[KEY_KEPT] = kv_array(GGUFValueType.INT32, ids)  # layer-major, K per layer (GGUF has no nested arrays)
     kvs[KEY_SCORE] = kv_str(score)
-    kvs[KEY_STATS] = kv_str(stats.sha256 if stats is not None else _SHA_PLACEHOLDER)
+    kvs[KEY_STATS] = kv_str(stats_sha or _SHA_PLACEHOLDER)
     kvs[KEY_TOKENS] = KV(GGUFValueType.UINT64, stats.tokens if stats is not None else 0)
     return kvs
 
 
-def _layout(src: GgufSet, keep: int, kept, score: str, stats, out: Path, split: int | None):
+def _layout(src: GgufSet, keep: int, kept, score: str, stats, stats_sha: str | None, out: Path, split: int | None):
     n_expert, n_layer = int(src.get(f"{ARCH}.expert_count")), int(src.get(f"{ARCH}.block_count"))
     pairs = []
     for t in src.tensors:
@@ -113,7 +113,7 @@ def _layout(src: GgufSet, keep: int, kept, score: str, stats, out: Path, split: 
                 raise OssggufError(f"{t.file}: {t.name} has {shape[0]} experts, the metadata says {n_expert}")
             shape = (keep, *shape[1:])
         pairs.append((t, TensorInfo(t.name, t.qtype, shape)))
-    kvs = _metadata(src, keep, kept, n_layer, score, stats)
+    kvs = _metadata(src, keep, kept, n_layer, score, stats, stats_sha)
     return pairs, plan_layout(kvs, [o for _, o in pairs], out, split)
 
 
@@ -177,20 +177,27 @@ def plan_prune(src_gguf: str | Path, out: str | Path, *, keep: int | None = None
     if score not in SCORES:
         raise OssggufError(f"unknown --score '{score}': use one of {', '.join(SCORES)}")
     src = read_gguf(src_gguf)
-    identity = model_identity(src)  # also refuses a non-gpt-oss file
+    shape = moe_shape(src)  # also refuses a non-gpt-oss file
     out = Path(out)
-    if any(s.resolve() == out.resolve() for s in (f.path for f in src.files)):
-        raise OssggufError(f"the output {out} is the input: write to another path with -o")
-    n_expert, n_used, n_layer = identity["expert_count"], identity["expert_used_count"], identity["block_count"]
+    n_expert, n_used, n_layer = shape["expert_count"], shape["expert_used_count"], shape["block_count"]
     st = stats if isinstance(stats, ExpertStats) or stats is None else ExpertStats.load(stats)
-    if st is not None:
-        st.check_model(identity, "the statistics" if isinstance(stats, ExpertStats) else str(stats), src.path)
+    if st is not None:  # hashing the routers is needed only to match statistics to this model
+        st.check_model(model_identity(src), "the statistics" if isinstance(stats, ExpertStats) else str(stats),
+                       src.path)
     if st is None and kept is None and not dry_run:
         raise OssggufError("pruning needs statistics to choose the experts: run `ossgguf calibrate MODEL.gguf "
                            "--text FILE... -o stats.json`, then pass --stats stats.json")
+    sha = st.sha256 if st is not None else None
+    devices = parse_device(target_device) if target_device is not None else None
 
+    @functools.cache  # the search asks for the same K more than once
     def layout(k: int):
-        return _layout(src, k, None, score, st, out, split_max_size)
+        return _layout(src, k, None, score, st, sha, out, split_max_size)
+
+    @functools.cache
+    def device_fit(k: int):
+        pairs, shards = layout(k)
+        return _device_fit(src, pairs, sum(s.size for s in shards), k, devices, ctx)
 
     device_plan, reason = None, ""
     if keep is not None:
@@ -200,11 +207,8 @@ def plan_prune(src_gguf: str | Path, out: str | Path, *, keep: int | None = None
         reason = f"--keep {keep}"
     else:
         if target_device is not None:
-            devices = parse_device(target_device)
-
             def fits(k: int) -> bool:
-                pairs, shards = layout(k)
-                return _device_fit(src, pairs, sum(s.size for s in shards), k, devices, ctx)[0]
+                return device_fit(k)[0]
             what = f"{target_device} at a {ctx}-token context"
         else:
             def fits(k: int) -> bool:
@@ -222,16 +226,16 @@ def plan_prune(src_gguf: str | Path, out: str | Path, *, keep: int | None = None
         keep = lo
         reason = f"the largest K that fits {what}"
     if kept is None and st is not None:
-        kept = [sorted(int(e) for e in row[:keep]) for row in st.ranking(score)]
+        kept = [row[:keep] for row in st.ranking(score)]
     if kept is not None:
         if len(kept) != n_layer or any(len(set(r)) != keep or not all(0 <= e < n_expert for e in r) for r in kept):
             raise OssggufError(f"kept experts must be {n_layer} lists of {keep} distinct ids in 0..{n_expert - 1}")
         kept = [sorted(int(e) for e in r) for r in kept]
-    pairs, shards = _layout(src, keep, kept, score, st, out, split_max_size)
-    if target_device is not None:
-        device_plan = _device_fit(src, pairs, sum(s.size for s in shards), keep, parse_device(target_device), ctx)[1]
-    return PrunePlan(src, keep, n_expert, kept, score, st.sha256 if st is not None else None, pairs, shards, reason,
-                     device_plan)
+    pairs, shards = _layout(src, keep, kept, score, st, sha, out, split_max_size)
+    refuse_inputs(shards, [f.path for f in src.files], "the input")
+    if target_device is not None:  # the kept ids do not change any size: the probe's plan holds
+        device_plan = device_fit(keep)[1]
+    return PrunePlan(src, keep, n_expert, kept, score, sha, pairs, shards, reason, device_plan)
 
 
 # --- writing -------------------------------------------------------------------------------------------

@@ -18,7 +18,15 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from ..convert.convert import peak_rss_bytes, pipelined
-from ..convert.gguf_writer import ALIGNMENT, GGUFFileWriter, Shard, ShardedOutput, TensorInfo, plan_layout
+from ..convert.gguf_writer import (
+    ALIGNMENT,
+    GGUFFileWriter,
+    Shard,
+    ShardedOutput,
+    TensorInfo,
+    plan_layout,
+    refuse_inputs,
+)
 from ..convert.safetensors import TensorEntry, TensorReader
 from ..errors import OssggufError
 from ..gguf_read import SPLIT_KEYS, GgufSet, GgufTensor, read_gguf
@@ -84,10 +92,17 @@ class RequantReport:
         return self.written / self.seconds / 1e9 if self.seconds else 0.0
 
 
-def _metadata(src: GgufSet, ftype: int, recipe: str) -> dict[str, KV]:
+def source_metadata(src: GgufSet) -> dict[str, KV]:
+    """A GGUF's metadata to carry into a rewritten file: without the split keys (the writer sets its
+    own) and without an alignment other than the writer's."""
     kvs = {k: v for k, v in src.kvs.items() if k not in SPLIT_KEYS}
     if "general.alignment" in kvs and int(kvs["general.alignment"].value) != ALIGNMENT:
         del kvs["general.alignment"]  # the writer aligns to 32 (GGUF's default)
+    return kvs
+
+
+def _metadata(src: GgufSet, ftype: int, recipe: str) -> dict[str, KV]:
+    kvs = source_metadata(src)
     kvs["general.file_type"] = kv_u32(ftype)  # in place when present: key order is kept
     kvs["ossgguf.recipe"] = kv_str(recipe)
     return kvs
@@ -127,9 +142,7 @@ def plan_requantize(src_gguf: str | Path, out: str | Path, recipe: str = DEFAULT
     kvs = _metadata(src, file_type(choices, {t.name: t.cls for t in tensors}), recipe)
     shards = plan_layout(kvs, [TensorInfo(t.name, by_name[t.name].qtype, t.shape) for t in tensors], out,
                          split_max_size)
-    clash = [s.path for s in shards if s.path.resolve() in same]
-    if clash:
-        raise OssggufError(f"the output {clash[0]} is the input: write to another path with -o")
+    refuse_inputs(shards, same, "the input")
     return RequantPlan(src, tensors, by_name, shards, recipe)
 
 

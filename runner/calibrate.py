@@ -48,13 +48,22 @@ def router_names(n_layer: int) -> list[str]:
     return [f"blk.{i}.ffn_gate_inp.{w}" for i in range(n_layer) for w in ("weight", "bias")]
 
 
-def model_identity(src: GgufSet | str | Path) -> dict[str, Any]:
-    """What makes statistics belong to a model: its MoE shape and the bytes of its routers."""
-    g = src if isinstance(src, GgufSet) else read_gguf(src)
+def moe_shape(g: GgufSet) -> dict[str, Any]:
+    """A gpt-oss GGUF's MoE shape from its metadata (OssggufError for another architecture)."""
     arch = g.get("general.architecture")
     if arch != ARCH:
         raise OssggufError(f"{g.path} holds a '{arch}' model, not {ARCH}: ossgguf calibrates gpt-oss GGUFs only")
-    n_layer = int(g.get(f"{ARCH}.block_count"))
+    return {"architecture": arch, "block_count": int(g.get(f"{ARCH}.block_count")),
+            "expert_count": int(g.get(f"{ARCH}.expert_count")),
+            "expert_used_count": int(g.get(f"{ARCH}.expert_used_count")),
+            "embedding_length": int(g.get(f"{ARCH}.embedding_length"))}
+
+
+def model_identity(src: GgufSet | str | Path) -> dict[str, Any]:
+    """What makes statistics belong to a model: its MoE shape and the bytes of its routers."""
+    g = src if isinstance(src, GgufSet) else read_gguf(src)
+    shape = moe_shape(g)
+    n_layer = shape["block_count"]
     by_name = {t.name: t for t in g.tensors}
     h = hashlib.sha256()
     for name in router_names(n_layer):
@@ -64,9 +73,7 @@ def model_identity(src: GgufSet | str | Path) -> dict[str, Any]:
         with open(t.file, "rb") as f:
             f.seek(t.offset)
             h.update(f.read(t.nbytes))
-    return {"architecture": arch, "block_count": n_layer, "expert_count": int(g.get(f"{ARCH}.expert_count")),
-            "expert_used_count": int(g.get(f"{ARCH}.expert_used_count")),
-            "embedding_length": int(g.get(f"{ARCH}.embedding_length")), "router_sha256": h.hexdigest()}
+    return {**shape, "router_sha256": h.hexdigest()}
 
 
 # --- statistics ----------------------------------------------------------------------------------------
