@@ -23,7 +23,7 @@ from .harmony_parse import (
     ToolCall,
     parse_completion,
 )
-from .harmony_tools import BROWSER_TOOL, PYTHON_TOOL, tojson, tool_namespace
+from .harmony_tools import BROWSER_TOOL, PYTHON_TOOL, check_tools, tojson, tool_namespace
 
 __all__ = [
     "Event",
@@ -247,6 +247,7 @@ def normalize_tools(tools: list[dict] | None) -> list[dict]:
         if "parameters" in fn and fn["parameters"] is not None and not isinstance(fn["parameters"], dict):
             raise OssggufError(f"tools[{k}].function.parameters must be a JSON schema object")
         out.append({"type": "function", "function": fn})
+    check_tools(out)
     return out
 
 

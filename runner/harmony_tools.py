@@ -5,7 +5,10 @@ texts of the built-in browser and python tools."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
+
+from ossgguf.errors import OssggufError
 
 
 def tojson(value: Any) -> str:
@@ -175,3 +178,66 @@ PYTHON_TOOL = (
 
 
 # -- rendering -----------------------------------------------------------------------------------
+
+# -- checks: what the renderer reads must have the right JSON types ---------------------------------
+# OpenAI's rule for function names; it also keeps the harmony recipient `functions.NAME` one word.
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class ToolSchemaError(OssggufError):
+    """A tool definition that cannot be rendered; `param` names the field, as OpenAI's errors do."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _check_schema(schema: Any, where: str) -> None:
+    """The parts of a JSON schema the harmony tool renderer reads must have the right JSON types."""
+    if not isinstance(schema, dict):
+        raise ToolSchemaError(f"Invalid schema at {where}: expected a JSON object, got {type(schema).__name__}.",
+                              where)
+    kind = schema.get("type")
+    if kind is not None and not (isinstance(kind, str) or (isinstance(kind, list) and
+                                                            all(isinstance(k, str) for k in kind))):
+        raise ToolSchemaError(f"Invalid schema at {where}: 'type' must be a string or a list of strings.", where)
+    props = schema.get("properties")
+    if props is not None:
+        if not isinstance(props, dict):
+            raise ToolSchemaError(f"Invalid schema at {where}: 'properties' must be an object.", where)
+        for name, sub in props.items():
+            _check_schema(sub, f"{where}.properties.{name}")
+    required = schema.get("required")
+    if required is not None and not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
+        raise ToolSchemaError(f"Invalid schema at {where}: 'required' must be a list of strings.", where)
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            _check_schema(schema[key], f"{where}.{key}")
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in schema:
+            if not isinstance(schema[key], list):
+                raise ToolSchemaError(f"Invalid schema at {where}: '{key}' must be a list of schemas.", where)
+            for k, sub in enumerate(schema[key]):
+                _check_schema(sub, f"{where}.{key}[{k}]")
+
+
+def check_tools(out: list[dict], param: str = "tools") -> None:
+    """Function tools (in the chat form) with usable names, no duplicates and readable schemas."""
+    seen: set[str] = set()
+    for k, tool in enumerate(out):
+        fn = tool["function"]
+        where = f"{param}[{k}].function"
+        if not _TOOL_NAME.fullmatch(fn["name"]):
+            raise ToolSchemaError(f"Invalid '{where}.name': {fn['name']!r}. Use letters, digits, underscores and "
+                                  "dashes (at most 64).", f"{where}.name")
+        if fn["name"] in seen:
+            raise ToolSchemaError(f"Duplicate tool name {fn['name']!r} in '{param}'.", f"{where}.name")
+        seen.add(fn["name"])
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise ToolSchemaError(f"'{where}.description' must be a string.", f"{where}.description")
+        params = fn.get("parameters")
+        if params is not None:
+            _check_schema(params, f"{where}.parameters")
+            if params.get("type", "object") != "object":
+                raise ToolSchemaError(f"Invalid schema for function {fn['name']!r}: schema must be a JSON Schema "
+                                      f"of 'type: \"object\"', got 'type: {params.get('type')!r}'.", f"{where}.parameters")

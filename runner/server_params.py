@@ -6,7 +6,6 @@ Every problem becomes a 400 that names the field (`param`), so a client sees wha
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 from ossgguf.errors import OssggufError
@@ -18,8 +17,6 @@ from .server_errors import invalid
 
 log = logging.getLogger(__name__)
 
-# OpenAI's rule for function names; it also keeps the harmony recipient `functions.NAME` one word.
-_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Efforts of newer OpenAI models, mapped to the nearest of gpt-oss's three (Codex sends them).
 _EFFORT_ALIASES = {"none": "low", "minimal": "low", "xhigh": "high", "max": "high"}
 
@@ -73,34 +70,6 @@ def stop_strings(value: Any) -> list[str]:
     return stops
 
 
-def _check_schema(schema: Any, where: str) -> None:
-    """The parts of a JSON schema the harmony tool renderer reads must have the right JSON types."""
-    if not isinstance(schema, dict):
-        raise invalid(f"Invalid schema at {where}: expected a JSON object, got {type(schema).__name__}.", where)
-    kind = schema.get("type")
-    if kind is not None and not (isinstance(kind, str) or (isinstance(kind, list) and
-                                                            all(isinstance(k, str) for k in kind))):
-        raise invalid(f"Invalid schema at {where}: 'type' must be a string or a list of strings.", where)
-    props = schema.get("properties")
-    if props is not None:
-        if not isinstance(props, dict):
-            raise invalid(f"Invalid schema at {where}: 'properties' must be an object.", where)
-        for name, sub in props.items():
-            _check_schema(sub, f"{where}.properties.{name}")
-    required = schema.get("required")
-    if required is not None and not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
-        raise invalid(f"Invalid schema at {where}: 'required' must be a list of strings.", where)
-    for key in ("items", "additionalProperties"):
-        if isinstance(schema.get(key), dict):
-            _check_schema(schema[key], f"{where}.{key}")
-    for key in ("anyOf", "oneOf", "allOf"):
-        if key in schema:
-            if not isinstance(schema[key], list):
-                raise invalid(f"Invalid schema at {where}: '{key}' must be a list of schemas.", where)
-            for k, sub in enumerate(schema[key]):
-                _check_schema(sub, f"{where}.{key}[{k}]")
-
-
 def tools(value: Any, param: str = "tools") -> list[dict]:
     """Function tools in the chat form `{"type": "function", "function": {...}}`, checked."""
     if value is None:
@@ -108,27 +77,9 @@ def tools(value: Any, param: str = "tools") -> list[dict]:
     if not isinstance(value, list):
         raise invalid(f"'{param}' must be a list of function tools.", param)
     try:
-        out = normalize_tools(value)
+        out = normalize_tools(value)  # checks names and schemas too (harmony_tools.check_tools)
     except OssggufError as exc:
-        raise invalid(str(exc), param) from None
-    seen: set[str] = set()
-    for k, tool in enumerate(out):
-        fn = tool["function"]
-        where = f"{param}[{k}].function"
-        if not _TOOL_NAME.fullmatch(fn["name"]):
-            raise invalid(f"Invalid '{where}.name': {fn['name']!r}. Use letters, digits, underscores and dashes "
-                          "(at most 64).", f"{where}.name")
-        if fn["name"] in seen:
-            raise invalid(f"Duplicate tool name {fn['name']!r} in '{param}'.", f"{where}.name")
-        seen.add(fn["name"])
-        if fn.get("description") is not None and not isinstance(fn["description"], str):
-            raise invalid(f"'{where}.description' must be a string.", f"{where}.description")
-        params = fn.get("parameters")
-        if params is not None:
-            _check_schema(params, f"{where}.parameters")
-            if params.get("type", "object") != "object":
-                raise invalid(f"Invalid schema for function {fn['name']!r}: schema must be a JSON Schema of "
-                              f"'type: \"object\"', got 'type: {params.get('type')!r}'.", f"{where}.parameters")
+        raise invalid(str(exc), getattr(exc, "param", None) or param) from None
     if out:
         try:
             tool_namespace(out)  # a schema the renderer cannot read fails here, not in the middle of a request

@@ -795,3 +795,13 @@ def test_history_round_trip_matches_template(fixed_date):
         tool_result("c", "sunny"),
     ]
     assert render(history, [WEATHER], date=DATE) == reference(template_form, [WEATHER])
+
+
+def test_tool_schemas_are_checked_where_every_caller_normalizes_them():
+    """The CLI's --tools and the server share one check: a schema the renderer cannot read is an
+    OssggufError naming the field, not a crash in the middle of rendering."""
+    from ossgguf.runner.chat import Conversation
+
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": "abc"}}}]
+    with pytest.raises(OssggufError, match=r"tools\[0\]\.function\.parameters: 'properties' must be an object"):
+        Conversation(tools=bad)
