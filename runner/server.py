@@ -14,6 +14,7 @@ import asyncio
 import datetime as _dt
 import hmac
 import ipaddress
+import json
 import logging
 import re
 import socket
@@ -34,7 +35,7 @@ from .harmony import render
 from .plan import PlacementOptions
 from .server_chat import completion, include_usage, new_id, parse_chat, stream_chunks
 from .server_errors import APIError, context_exceeded, install_handlers, invalid, read_json_object
-from .server_responses import OutputBuilder, ResponseStore, parse_responses, sse
+from .server_responses import OutputBuilder, ResponseStore, parse_responses, prefixed_id, sse
 from .server_worker import Backend, ClientGone, GenerateFn, GenerationRequest, Job, TurnEnd, Worker, run_turn
 
 log = logging.getLogger(__name__)
@@ -112,12 +113,16 @@ async def _guard(events: AsyncIterator[str], on_error: Callable[[str], str]) -> 
         yield on_error(f"{type(exc).__name__}: {exc}")
 
 
-async def _last(events: AsyncIterator) -> TurnEnd:
+async def _last(events: AsyncIterator, on_event: Callable[[Any], Any] | None = None) -> TurnEnd:
+    """The TurnEnd of a turn's events; `on_event` sees the others."""
     end = None
-    async for item in events:
+    async for item in events:  # to the end, so that run_turn's cleanup runs now
         if isinstance(item, TurnEnd):
             end = item
-    assert end is not None
+        elif on_event is not None:
+            on_event(item)
+    if end is None:
+        raise APIError("the generation ended without a result", 500)
     return end
 
 
@@ -201,7 +206,7 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
         events = run_turn(state.worker, job, request.is_disconnected, turn.prefill, turn.stop)
         if turn.stream:
             def error(msg: str) -> str:
-                return "data: " + APIError(msg, 500).response().body.decode() + "\n\ndata: [DONE]\n\n"
+                return "data: " + json.dumps(APIError(msg, 500).body()) + "\n\ndata: [DONE]\n\n"
             chunks = stream_chunks(events, model_name, include_usage(body))
             return _JobStream(state.worker, job, _guard(chunks, error))
         try:
@@ -218,7 +223,7 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
         req = parse_responses(body, state.default_effort, state.store)
         job = state.worker.submit(await state.prepare(req.turn))
         events = run_turn(state.worker, job, request.is_disconnected, req.turn.prefill)
-        out = OutputBuilder("resp_" + new_id().removeprefix("chatcmpl-"), model_name, {**req.echo, "store": req.store})
+        out = OutputBuilder(prefixed_id("resp"), model_name, {**req.echo, "store": req.store})
 
         def remember(resp: dict) -> None:
             if req.store:
@@ -241,15 +246,11 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
 
             return _JobStream(state.worker, job, _guard(stream(), lambda msg: "".join(sse(e) for e in out.fail(msg))))
         try:
-            async for item in events:
-                if isinstance(item, TurnEnd):
-                    _, resp = out.finish(item)
-                    remember(resp)
-                    return JSONResponse(resp)
-                out.feed(item)
+            _, resp = out.finish(await _last(events, out.feed))
         except ClientGone:
             return Response(status_code=499)
-        raise APIError("the generation ended without a result", 500)
+        remember(resp)
+        return JSONResponse(resp)
 
     app.include_router(api)
     return app

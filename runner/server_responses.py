@@ -25,7 +25,7 @@ from .server_worker import TurnEnd, Usage
 log = logging.getLogger(__name__)
 
 
-def _id(prefix: str) -> str:
+def prefixed_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
@@ -224,7 +224,7 @@ class OutputBuilder:
     def feed(self, ev: Event) -> list[dict]:
         item, out = self._open, []
         if ev.kind == "tool_call":
-            return self._begin({"id": _id("fc"), "type": "function_call", "status": "in_progress",
+            return self._begin({"id": prefixed_id("fc"), "type": "function_call", "status": "in_progress",
                                 "call_id": ev.id, "name": ev.name, "arguments": ""})
         if ev.kind == "tool_args":
             item["arguments"] += ev.text
@@ -232,10 +232,10 @@ class OutputBuilder:
         kind = "reasoning" if ev.kind == "reasoning" else "message"
         if item is None or item["type"] != kind:
             if kind == "reasoning":
-                new = {"id": _id("rs"), "type": "reasoning", "status": "in_progress", "summary": [],
+                new = {"id": prefixed_id("rs"), "type": "reasoning", "status": "in_progress", "summary": [],
                        "content": [{"type": "reasoning_text", "text": ""}]}
             else:
-                new = {"id": _id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
+                new = {"id": prefixed_id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
                        "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
             out, item = self._begin(new), new
         item["content"][0]["text"] += ev.text
