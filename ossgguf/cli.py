@@ -72,11 +72,12 @@ def main() -> None:
         _die(f"unexpected {type(e).__name__}: {e} (set OSSGGUF_DEBUG=1 for the traceback and report it)", 2)
 
 
-def _progress_bar(total: int, desc: str):
+def _progress_bar(total: int, desc: str, unit: str = "B"):
+    """A tqdm bar on stderr (off when stderr is not a terminal); bytes count in binary units."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
-                disable=None, dynamic_ncols=True)
+    return tqdm(total=total, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000, desc=desc,
+                file=sys.stderr, disable=None, dynamic_ncols=True)
 
 
 def _resolve_source(src: str) -> tuple[Path, str | None]:
@@ -446,7 +447,6 @@ def calibrate(context: click.Context, model: Path, more_texts: tuple[Path, ...],
       ossgguf calibrate gpt-oss-120b-mxfp4-00001-of-00003.gguf --text chat.txt code/*.py -o 120b.stats.json
       ossgguf calibrate gpt-oss-20b-mxfp4.gguf --text mydomain.txt -o 20b.stats.json --cpu-moe
     """
-    from tqdm import tqdm
 
     from .runner.calibrate import DEFAULT_CHUNK
     from .runner.calibrate import calibrate as run_calibrate
@@ -457,8 +457,7 @@ def calibrate(context: click.Context, model: Path, more_texts: tuple[Path, ...],
     out = out or model.with_name(model.name.removesuffix(".gguf") + ".stats.json")
     options = _placement(kw, context.obj["verbose"])
     chunk = options.ctx or DEFAULT_CHUNK
-    with tqdm(total=0, unit="tok", unit_scale=True, desc="calibrate", file=sys.stderr, disable=None,
-              dynamic_ncols=True) as bar:
+    with _progress_bar(0, "calibrate", unit="tok") as bar:
         def total(n: int) -> None:
             bar.total = n
             bar.refresh()

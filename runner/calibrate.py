@@ -253,10 +253,6 @@ class CalibrationReport:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def _file_sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def calibrate(model: str | Path, texts: Sequence[str | Path], out: str | Path | None = None,
               options: Any = None, chunk: int = DEFAULT_CHUNK,
               progress: Callable[[int], None] | None = None, on_total: Callable[[int], None] | None = None,
@@ -282,15 +278,20 @@ def calibrate(model: str | Path, texts: Sequence[str | Path], out: str | Path | 
     done_sha = {f["sha256"] for f in stats.files}
     todo, skipped = [], []
     for t in texts:
-        sha = _file_sha(t)
-        (skipped if sha in done_sha else todo).append((t, sha))
+        data = t.read_bytes()  # read once: hashed here, tokenized below
+        sha = hashlib.sha256(data).hexdigest()
+        if sha in done_sha:
+            skipped.append(t)
+        else:
+            todo.append((t, sha, data))
         done_sha.add(sha)
-    report = CalibrationReport(stats, [str(t) for t, _ in todo], [str(t) for t, _ in skipped])
+    report = CalibrationReport(stats, [str(t) for t, _, _ in todo], [str(t) for t in skipped])
     if not todo:
         return report
     opts = replace(options or PlacementOptions(), ctx=chunk)
     with _Session(model, opts, collect, identity) as s:
-        tokenized = [(t, sha, s.tokenize(t.read_text(encoding="utf-8", errors="replace"))) for t, sha in todo]
+        tokenized = [(t, sha, s.tokenize(data.decode("utf-8", errors="replace"))) for t, sha, data in todo]
+        del todo
         if on_total:
             on_total(sum(len(ids) for _, _, ids in tokenized))
         t0 = time.perf_counter()

@@ -29,6 +29,7 @@ from .harmony import (
     REASONING_EFFORTS,
     Event,
     HarmonyStreamParser,
+    load_messages_and_tools,
     normalize_messages,
     normalize_tools,
     render,
@@ -97,34 +98,10 @@ def load_conversation(messages_path: str | Path | None = None, tools_path: str |
                       date: str | None = None) -> Conversation:
     """A conversation from JSON files: messages (a list, or a request body with `messages` and
     `tools`), tools (a list or `{"tools": [...]}`), and a system prompt put first."""
-    messages: list[dict] = []
-    tools: list[dict] = []
-    if messages_path is not None:
-        data = _load_json(messages_path, "messages")
-        if isinstance(data, dict):
-            tools = data.get("tools") or []
-            data = data.get("messages")
-        if not isinstance(data, list):
-            raise OssggufError(f"{messages_path} must hold a list of messages or an object with a 'messages' list")
-        messages = data
-    if tools_path is not None:
-        tools = _load_json(tools_path, "tools")
-        if isinstance(tools, dict):
-            tools = tools.get("tools")
-        if not isinstance(tools, list):
-            raise OssggufError(f"{tools_path} must hold a list of tools or an object with a 'tools' list")
+    messages, tools = load_messages_and_tools(messages_path, tools_path)
     if system:
         messages = [{"role": "system", "content": system}, *messages]
-    return Conversation(messages=messages, tools=tools, reasoning_effort=reasoning_effort, date=date)
-
-
-def _load_json(path: str | Path, what: str) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise OssggufError(f"{what} file {path} not found") from None
-    except json.JSONDecodeError as exc:
-        raise OssggufError(f"{what} file {path} is not valid JSON: {exc}") from None
+    return Conversation(messages=messages, tools=tools or [], reasoning_effort=reasoning_effort, date=date)
 
 
 # --- tools -------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ __all__ = [
     "ParsedMessage",
     "ToolCall",
     "assistant_history_message",
+    "load_messages_and_tools",
     "usable_tool_calls",
     "normalize_messages",
     "normalize_tools",
@@ -403,27 +404,34 @@ def _load_json(path: str | Path, what: str) -> Any:
         raise OssggufError(f"{what} file {path} is not valid JSON: {exc}") from None
 
 
-def render_from_files(
-    messages_path: str | Path,
-    tools_path: str | Path | None = None,
-    reasoning_effort: str = "medium",
-    date: str | None = None,
-) -> str:
-    """Render a prompt from JSON files: a message list (or a chat request body with `messages` and
-    `tools`) and optionally a tool list (or `{"tools": [...]}`)."""
-    data = _load_json(messages_path, "messages")
-    tools = None
-    if isinstance(data, dict):
-        tools = data.get("tools")
-        data = data.get("messages")
-    if not isinstance(data, list):
-        raise OssggufError(
-            f"{messages_path} must hold a list of messages or an object with a 'messages' list"
-        )
+def load_messages_and_tools(messages_path: str | Path | None,
+                            tools_path: str | Path | None = None) -> tuple[list[dict], list[dict] | None]:
+    """Messages and tools from JSON files: a message list (or a chat request body with `messages`
+    and `tools`) and optionally a tool list (or `{"tools": [...]}`), which wins over the body's."""
+    messages, tools = [], None
+    if messages_path is not None:
+        data = _load_json(messages_path, "messages")
+        if isinstance(data, dict):
+            tools = data.get("tools")
+            data = data.get("messages")
+        if not isinstance(data, list):
+            raise OssggufError(f"{messages_path} must hold a list of messages or an object with a 'messages' list")
+        messages = data
     if tools_path is not None:
         tools = _load_json(tools_path, "tools")
         if isinstance(tools, dict):
             tools = tools.get("tools")
         if not isinstance(tools, list):
             raise OssggufError(f"{tools_path} must hold a list of tools or an object with a 'tools' list")
+    return messages, tools
+
+
+def render_from_files(
+    messages_path: str | Path,
+    tools_path: str | Path | None = None,
+    reasoning_effort: str = "medium",
+    date: str | None = None,
+) -> str:
+    """Render a prompt from JSON files (see `load_messages_and_tools`)."""
+    data, tools = load_messages_and_tools(messages_path, tools_path)
     return render(data, tools=tools, reasoning_effort=reasoning_effort, date=date)
