@@ -134,12 +134,11 @@ def parse_device(spec: str) -> Any:
                            if "unified" not in parts else None, parts.get("unified"), detect=False)
 
 
-def _device_fit(src: GgufSet, pairs, total: int, keep: int, devices, ctx: int):
+def _device_fit(info: Any, pairs, total: int, keep: int, devices, ctx: int):
     """The planner's verdict on the would-be pruned model: unified memory or a lone GPU must hold all of
     it (the GPU working set), a GPU with a RAM size may keep experts in RAM, RAM alone runs CPU-only."""
     from ..runner.plan import PlacementOptions, plan
 
-    info = _base_info(src.path)
     sizes = {o.name: o for _, o in pairs}
     tensors = tuple(replace(t, shape=tuple(reversed(sizes[t.name].shape)), nbytes=sizes[t.name].nbytes)
                     for t in info.tensors)
@@ -148,18 +147,6 @@ def _device_fit(src: GgufSet, pairs, total: int, keep: int, devices, ctx: int):
     whole_gpu = devices.unified or devices.ram_total >= 1 << 50
     ok = p.fits and (p.placement == "gpu" if whole_gpu and devices.has_gpu else True)
     return ok, p
-
-
-_INFO_CACHE: dict[Path, Any] = {}
-
-
-def _base_info(path: Path) -> Any:
-    from ..runner.plan import read_model
-
-    if path not in _INFO_CACHE:
-        _INFO_CACHE.clear()
-        _INFO_CACHE[path] = read_model(path)
-    return _INFO_CACHE[path]
 
 
 def plan_prune(src_gguf: str | Path, out: str | Path, *, keep: int | None = None, target_size: int | None = None,
@@ -195,9 +182,15 @@ def plan_prune(src_gguf: str | Path, out: str | Path, *, keep: int | None = None
         return _layout(src, k, None, score, st, sha, out, split_max_size)
 
     @functools.cache
+    def base_info():  # the unpruned model as the planner sees it, from the headers read above
+        from ..runner.plan import model_info
+
+        return model_info(src)
+
+    @functools.cache
     def device_fit(k: int):
         pairs, shards = layout(k)
-        return _device_fit(src, pairs, sum(s.size for s in shards), k, devices, ctx)
+        return _device_fit(base_info(), pairs, sum(s.size for s in shards), k, devices, ctx)
 
     device_plan, reason = None, ""
     if keep is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ossgguf.errors import OssggufError
-from ossgguf.gguf_read import shard_paths
+from ossgguf.gguf_read import GgufSet, read_gguf
 from ossgguf.model import ARCH, TensorClass, expert_offload_pattern, layer_of, tensor_class
 from ossgguf.sizes import parse_size as _parse_size
 
@@ -81,73 +81,33 @@ class ModelInfo:
         return "/".join(sorted({t.type_name for t in self.tensors if t.cls == cls})) or "-"
 
 
-def _reader(path: Path):
-    """gguf.GGUFReader, except that long arrays (the 200k-token vocabulary, 446k merges) are stepped
-    over as one raw part: gguf-py builds a numpy view per element, 25 s on gpt-oss's header."""
-    import struct
-
-    import numpy as np
-    from gguf import GGUFReader, GGUFValueType
-
-    class HeaderReader(GGUFReader):
-        def _get_field_parts(self, orig_offs, raw_type):
-            if GGUFValueType(raw_type) != GGUFValueType.ARRAY:
-                return super()._get_field_parts(orig_offs, raw_type)
-            itype, alen = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
-            if int(alen[0]) < 4096:
-                return super()._get_field_parts(orig_offs, raw_type)
-            offs, n = orig_offs + 12, int(alen[0])
-            if GGUFValueType(int(itype[0])) == GGUFValueType.STRING:
-                buf = self.data
-                for _ in range(n):
-                    offs += 8 + struct.unpack_from("<Q", buf, offs)[0]
-            else:
-                offs += n * np.dtype(self.gguf_scalar_to_np[GGUFValueType(int(itype[0]))]).itemsize
-            raw = self._get(orig_offs + 12, np.uint8, offs - orig_offs - 12)
-            return offs - orig_offs, [itype, alen, raw], [], [GGUFValueType.ARRAY, GGUFValueType(int(itype[0]))]
-
-    return HeaderReader(path)
-
-
-def _field(reader, key: str, default=None):
-    f = reader.get_field(key)
-    if f is None:
-        return default
-    return f.contents()
-
-
 def read_model(path: str | Path) -> ModelInfo:
     """Tensor infos and the hyperparameters the byte model needs, from a gpt-oss GGUF's headers."""
-    files = shard_paths(path)
-    readers = []
-    for f in files:
-        try:
-            readers.append(_reader(f))
-        except (ValueError, OSError) as e:
-            raise OssggufError(f"{f} is not a readable GGUF file ({e})") from None
-    head = readers[0]
-    arch = _field(head, "general.architecture")
+    return model_info(read_gguf(path))
+
+
+def model_info(g: GgufSet) -> ModelInfo:
+    """ModelInfo of a GGUF whose headers are read already (one header reader: ossgguf.gguf_read)."""
+    files = [f.path for f in g.files]
+    arch = g.get("general.architecture")
     if arch != ARCH:
         raise OssggufError(f"{files[0].name} is a '{arch}' model, not gpt-oss: ossgguf runs only gpt-oss "
                            f"GGUF files (general.architecture = {ARCH})")
 
     def key(name: str, default=None):
-        v = _field(head, f"{ARCH}.{name}", default)
+        v = g.get(f"{ARCH}.{name}", default)
         if v is None:
             raise OssggufError(f"{files[0].name} has no '{ARCH}.{name}' key: convert it again with ossgguf")
         return v
 
-    tensors = []
-    for r in readers:
-        for t in r.tensors:
-            tensors.append(TensorInfo(t.name, t.tensor_type.name, tuple(int(x) for x in t.shape),
-                                      int(t.n_bytes), tensor_class(t.name), layer_of(t.name)))
+    tensors = [TensorInfo(t.name, t.qtype.name, tuple(reversed(t.shape)), t.nbytes, tensor_class(t.name),
+                          layer_of(t.name)) for t in g.tensors]
     n_layer = int(key("block_count"))
     n_head = int(key("attention.head_count"))
     n_embd = int(key("embedding_length"))
     head_k = int(key("attention.key_length", n_embd // n_head))
-    pattern = _field(head, f"{ARCH}.attention.sliding_window_pattern")
-    if isinstance(pattern, list):
+    pattern = g.get(f"{ARCH}.attention.sliding_window_pattern")
+    if pattern is not None and not isinstance(pattern, int):  # an array: one flag per layer
         swa = tuple(bool(x) for x in pattern)
     else:  # llama.cpp's gpt-oss default: every other layer, starting with a sliding one
         n_pat = int(pattern or 2)
@@ -156,7 +116,7 @@ def read_model(path: str | Path) -> ModelInfo:
     if embd is None:
         raise OssggufError(f"{files[0].name} has no token_embd.weight tensor")
     return ModelInfo(
-        path=files[0], files=tuple(files), file_bytes=sum(f.stat().st_size for f in files),
+        path=files[0], files=tuple(files), file_bytes=g.size,
         n_layer=n_layer, n_embd=n_embd, n_head=n_head,
         n_head_kv=int(key("attention.head_count_kv")),
         head_dim_k=head_k, head_dim_v=int(key("attention.value_length", head_k)),
