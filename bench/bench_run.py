@@ -95,17 +95,16 @@ def run_ours(gguf: Path, args) -> dict:
 
 def raw_child(gguf: str, args) -> None:
     """Runs in a child process: raw llama-cpp-python, the settings our engine uses on a CPU."""
-    from llama_cpp import Llama
-
     from ossgguf.runner.chat import Conversation
+    from ossgguf.runner.llama_ctypes import open_llama
     from ossgguf.runner.plan import PlacementOptions, plan
 
     p = plan(gguf, PlacementOptions(gpu_mem=0, ctx=args.ctx))
     conv = Conversation(reasoning_effort="low", date=DATE)
     conv.add_user(prompt_text(args.prompt_words))
-    llm = Llama(gguf, n_ctx=p.n_ctx, n_batch=p.n_ubatch, n_ubatch=p.n_ubatch, n_threads=args.threads,
-                n_threads_batch=args.threads, n_gpu_layers=0, flash_attn=p.flash_attn, swa_full=False,
-                verbose=False)
+    llm = open_llama(gguf, n_ctx=p.n_ctx, n_batch=p.n_ubatch, n_ubatch=p.n_ubatch, n_threads=args.threads,
+                     n_threads_batch=args.threads, n_gpu_layers=0, flash_attn=p.flash_attn, swa_full=False,
+                     verbose=False)
     tokens = llm.tokenize(conv.render().encode(), add_bos=False, special=True)
     t0 = time.perf_counter()
     llm.eval(tokens)

@@ -13,6 +13,7 @@ import errno
 import os
 import shutil
 import struct
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,10 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..errors import OssggufError
-from ..kv import KV, kv_i32
+from ..gguf_read import SPLIT_ID
+from ..kv import KV, kv_i32, kv_str
+from ..limits import FILE_SIZE
+from ..sizes import human_size
 from ..sizes import parse_size as _parse_size
 
 GGUF_MAGIC = b"GGUF"
@@ -151,10 +155,15 @@ def plan_layout(kvs: dict[str, KV], tensors: list[TensorInfo], out: Path, split_
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise OssggufError(f"duplicate tensor names in output: {', '.join(dup)}")
+    FILE_SIZE.check("split_max_size", split_max_size)
     groups: list[list[TensorInfo]] = [[]]
+    # One random id in every shard of this output (the reader refuses a set whose shards disagree):
+    # llama.cpp's split keys cannot tell apart shards of two runs with the same layout. Fixed length,
+    # so a dry run's sizes are exact; single files do not get it (byte-identical to llama.cpp's).
+    split_id = kv_str(uuid.uuid4().hex)
     if split_max_size:
         split_kv = {SPLIT_NO: KV(GGUFValueType.UINT16, 0), SPLIT_COUNT: KV(GGUFValueType.UINT16, 0),
-                    SPLIT_TENSORS: kv_i32(0)}
+                    SPLIT_TENSORS: kv_i32(0), SPLIT_ID: split_id}
         size = len(_header({**kvs, **split_kv}, [])[0])
         for t in tensors:
             ti = len(_pack_str(t.name)) + 4 + 8 * len(t.shape) + 12
@@ -172,7 +181,7 @@ def plan_layout(kvs: dict[str, KV], tensors: list[TensorInfo], out: Path, split_
         meta = dict(kvs) if i == 0 else {}
         if len(groups) > 1:
             meta.update({SPLIT_NO: KV(GGUFValueType.UINT16, i), SPLIT_COUNT: KV(GGUFValueType.UINT16, len(groups)),
-                         SPLIT_TENSORS: kv_i32(len(tensors))})
+                         SPLIT_TENSORS: kv_i32(len(tensors)), SPLIT_ID: split_id})
         header, rel = _header(meta, group)
         size = len(header) + sum(_align(t.nbytes) for t in group)
         shards.append(Shard(path, group, header, {k: len(header) + v for k, v in rel.items()}, size))
@@ -230,8 +239,8 @@ class GGUFFileWriter:
             if e.errno == errno.ENOSPC:
                 free = shutil.disk_usage(target).free
                 raise OssggufError(
-                    f"not enough disk space in {target}: the output needs {need / 1e9:.2f} GB, "
-                    f"{free / 1e9:.2f} GB are free; free some space or write elsewhere with -o"
+                    f"not enough disk space in {target}: the output needs {human_size(need)}, "
+                    f"{human_size(free)} are free; free some space or write elsewhere with -o"
                 ) from None
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ossgguf.sizes import human_size
+
 _SPLIT = re.compile(r"^(?P<base>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 REPO_PLACEHOLDER = "USER/REPO"
 # What each recipe (quantize/policy.py) does, for people; norms, sinks, biases and router are F32 in all.
@@ -50,14 +52,6 @@ def split_parts(name: str) -> tuple[str, int, int]:
     if m:
         return m["base"], int(m["no"]), int(m["count"])
     return (name[:-5] if name.lower().endswith(".gguf") else name), 1, 1
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def group_models(files: list[FileEntry]) -> dict[str, list[FileEntry]]:

@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType, GGUFValueType
 
 from ..convert.gguf_writer import shard_paths as split_names
 from ..errors import OssggufError
-from ..gguf_read import read_gguf_file
+from ..gguf_read import GgufFile, read_gguf, read_gguf_file, shard_paths
 from ..model import ARCH, TensorClass, tensor_class
 from .card import FileEntry, group_models, human_size, model_bits_per_weight, model_card, split_parts
 from .download import looks_like_repo_id, offline_mode
@@ -63,29 +63,25 @@ class GgufHeader:
 def read_gguf_header(path: str | Path) -> GgufHeader:
     """A GGUF file's header (ossgguf.gguf_read): scalar metadata and tensor infos, no tensor data;
     OssggufError if it is not a GGUF or is cut short."""
-    f = read_gguf_file(path)
+    return _header(read_gguf_file(path))
+
+
+def _header(f: GgufFile) -> GgufHeader:
     metadata = {k: kv.value for k, kv in f.kvs.items() if kv.type != GGUFValueType.ARRAY}
     tensors = [GgufTensor(t.name, t.qtype, int(np.prod(t.shape, dtype=np.int64)), t.nbytes, t.offset - f.data_offset)
                for t in f.tensors]
     return GgufHeader(f.path, f.size, metadata, tensors, f.data_offset)
 
 
-def check_gguf(path: Path, first_shard: bool = True) -> GgufHeader:
-    """A complete gpt-oss GGUF (the first shard of a split holds the metadata)."""
-    h = read_gguf_header(path)  # refuses a file cut short inside its header or its data
-    _, no, count = split_parts(path.name)
-    sn, sc = h.metadata.get("split.no"), h.metadata.get("split.count")
-    if count > 1 and ((sc is not None and sc != count) or (sn is not None and sn != no - 1)):
-        raise OssggufError(f"{path}: its split metadata (split.no {sn}, split.count {sc}) does not match its "
-                           "name: keep the shard names that the splitter wrote")
-    if count == 1 and (sc or 1) > 1:
-        raise OssggufError(f"{path} is shard {(sn or 0) + 1} of {sc} but its name lacks -0000N-of-0000M.gguf: "
-                           "keep the shard names that the splitter wrote")
-    if first_shard:
-        arch = h.metadata.get("general.architecture")
-        if arch != ARCH:
-            raise OssggufError(f"{path} holds a '{arch}' model, not {ARCH}: ossgguf publishes gpt-oss GGUFs only")
-    return h
+def check_gguf(path: Path) -> list[GgufHeader]:
+    """The headers of a complete gpt-oss GGUF model: the file, or every shard of the split set `path`
+    belongs to, checked as one by the project's reader (ossgguf.gguf_read.read_gguf: truncation,
+    alignment, tensor sizes, duplicates, split keys and shards of other models)."""
+    model = read_gguf(path)
+    arch = model.get("general.architecture")
+    if arch != ARCH:
+        raise OssggufError(f"{model.path} holds a '{arch}' model, not {ARCH}: ossgguf publishes gpt-oss GGUFs only")
+    return [_header(f) for f in model.files]
 
 
 # --- which files, which recipe ----------------------------------------------------------------------
@@ -103,15 +99,7 @@ def collect_files(path: str | Path) -> list[Path]:
         raise OssggufError(f"{p} does not exist: pass a GGUF file or a folder of them")
     out: list[Path] = []
     for f in files:
-        base, _, count = split_parts(f.name)
-        if count == 1:
-            out.append(f)
-            continue
-        shards = [f.with_name(f"{base}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
-        missing = [s.name for s in shards if not s.is_file()]
-        if missing:
-            raise OssggufError(f"split set {base} is incomplete: {', '.join(missing)} missing next to {f.name}")
-        out += [s for s in shards if s not in out]
+        out += [s for s in shard_paths(f) if s not in out]  # the reader's naming: refuses a missing shard
     return sorted(out, key=lambda f: split_parts(f.name)[:2])  # by model, shards in order
 
 
@@ -262,8 +250,8 @@ def plan_publish(path: str | Path, repo_id: str, *, private: bool = False, revis
     paths = collect_files(path)
     headers: dict[Path, GgufHeader] = {}
     for p in paths:
-        _, no, _ = split_parts(p.name)
-        headers[p] = check_gguf(p, first_shard=no == 1)
+        if p not in headers:  # one read per model: its shards are checked as one set
+            headers.update((h.path, h) for h in check_gguf(p))
     recipes: dict[str, str] = {}  # model -> recipe
     firsts: dict[str, GgufHeader] = {}
     for p in paths:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, limits
 from .errors import OssggufError
+from .sizes import parse_size
 
 
 def _die(msg: str, code: int = 1) -> None:
@@ -28,9 +29,61 @@ def _sigterm(signum, frame):  # turn `kill` into the same clean unwinding as Ctr
     raise KeyboardInterrupt
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+VERBOSE_HELP = "Show detailed logs (llama.cpp's own log where a model loads)."
+
+
+def _set_verbose(ctx: click.Context, param: click.Parameter | None, on: bool) -> None:
+    """-v before the command or after it: either form turns on the one flag in ctx.obj, which the
+    command's context shares with the group's."""
+    obj = ctx.ensure_object(dict)
+    obj["verbose"] = obj.get("verbose", False) or on
+    logging.getLogger().setLevel(logging.INFO if obj["verbose"] else logging.WARNING)
+
+
+class _Group(click.Group):
+    """Gives every command -v/--verbose too, so that it works after the command as well, as llama.cpp's
+    tools take it (`ossgguf run model.gguf -p hi -v`)."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if not any("--verbose" in p.opts for p in cmd.params):  # once, should a command be added twice
+            cmd.params.append(click.Option(["-v", "--verbose"], is_flag=True, expose_value=False,
+                                           callback=_set_verbose, help=VERBOSE_HELP))
+        super().add_command(cmd, name)
+
+
+def _number(limit: limits.Limit) -> click.ParamType:
+    """click's own range type for a limit, so that a bad value gets click's usual usage error."""
+    kind = click.IntRange if limit.integer else click.FloatRange
+    return kind(limit.lo, limit.hi, min_open=limit.lo_open)
+
+
+class Size(click.ParamType):
+    """A size such as 48G, 500MB or 24GiB (ossgguf.sizes.parse_size), in bytes, within `limit`.
+    `memory`: a bare G is GiB, as memory is sized; for files it is GB, as llama.cpp's gguf-split reads it."""
+
+    name = "size"
+
+    def __init__(self, limit: limits.Limit, memory: bool = False) -> None:
+        self.limit, self.base = limit, 1024 if memory else 1000
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            n = parse_size(value, self.base)
+        except OssggufError as e:
+            self.fail(str(e), param, ctx)
+        if not self.limit.ok(n):
+            self.fail(f"{value!r} is {n:,} bytes; it must be {self.limit.describe()}", param, ctx)
+        return n
+
+
+FILE_SIZE = Size(limits.FILE_SIZE)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ossgguf")
-@click.option("-v", "--verbose", is_flag=True, help="Show detailed logs (llama.cpp's own log where a model loads).")
+@click.option("-v", "--verbose", is_flag=True, help=VERBOSE_HELP + " Also accepted after the command.")
 @click.pass_context
 def cli(ctx: click.Context, verbose: bool) -> None:
     """Convert, quantize, run and publish OpenAI gpt-oss models as GGUF.
@@ -40,17 +93,17 @@ def cli(ctx: click.Context, verbose: bool) -> None:
       ossgguf demo                                   the whole pipeline on a built-in tiny model
       ossgguf convert openai/gpt-oss-20b -o gpt-oss-20b.gguf
     """
-    ctx.ensure_object(dict)
-    ctx.obj["verbose"] = verbose
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    _set_verbose(ctx, None, verbose)
 
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _sigterm)
     debug = bool(os.environ.get("OSSGGUF_DEBUG"))
     try:
-        cli.main(standalone_mode=False, prog_name="ossgguf")
+        rc = cli.main(standalone_mode=False, prog_name="ossgguf")
+        if isinstance(rc, int) and rc:  # ctx.exit(N) returns N here instead of exiting
+            sys.exit(rc)
     except OssggufError as e:
         if debug:
             raise
@@ -120,12 +173,13 @@ def download(repo_id: str, revision: str | None, local_dir: Path | None, token: 
               help="Types per tensor class: mxfp4, mxfp4-q8, q8_0, bf16, f16.")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
               help="Override the type of matching tensors (repeatable), e.g. 'attn_.*=q8_0'.")
-@click.option("--split-max-size", metavar="SIZE", help="Split into gguf-split shards of at most SIZE (e.g. 48G).")
+@click.option("--split-max-size", type=FILE_SIZE, metavar="SIZE",
+              help="Split into gguf-split shards of at most SIZE (e.g. 48G).")
 @click.option("--allow-fallback", is_flag=True, help="Use the nearest valid type when rows cannot take the one asked.")
 @click.option("--dry-run", is_flag=True, help="Plan only: print what would be written, write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable plan on stdout.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-def convert(src: str, out: Path, recipe: str, tensor_types: tuple[str, ...], split_max_size: str | None,
+def convert(src: str, out: Path, recipe: str, tensor_types: tuple[str, ...], split_max_size: int | None,
             allow_fallback: bool, dry_run: bool, as_json: bool, force: bool) -> None:
     """Convert a Hugging Face gpt-oss checkpoint (folder or repo id) to GGUF.
 
@@ -139,11 +193,9 @@ def convert(src: str, out: Path, recipe: str, tensor_types: tuple[str, ...], spl
       ossgguf convert ./my-finetune -o ft.gguf --recipe bf16 --dry-run --json
     """
     from .convert.convert import plan_conversion, run_conversion, summarize
-    from .convert.gguf_writer import parse_size
 
     path, repo = _resolve_source(src)
-    max_size = parse_size(split_max_size) if split_max_size else None
-    plan = plan_conversion(path, out, recipe, tensor_types, max_size, allow_fallback, source_repo=repo)
+    plan = plan_conversion(path, out, recipe, tensor_types, split_max_size, allow_fallback, source_repo=repo)
     if dry_run:
         if as_json:
             click.echo(json.dumps(plan.to_json(), indent=1))
@@ -167,12 +219,13 @@ def convert(src: str, out: Path, recipe: str, tensor_types: tuple[str, ...], spl
 @click.option("--recipe", required=True, help="Types per tensor class: mxfp4, mxfp4-q8, q8_0, bf16, f16.")
 @click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
               help="Override the type of matching tensors (repeatable), e.g. 'attn_.*=q8_0'.")
-@click.option("--split-max-size", metavar="SIZE", help="Split into gguf-split shards of at most SIZE (e.g. 48G).")
+@click.option("--split-max-size", type=FILE_SIZE, metavar="SIZE",
+              help="Split into gguf-split shards of at most SIZE (e.g. 48G).")
 @click.option("--allow-fallback", is_flag=True, help="Use the nearest valid type when rows cannot take the one asked.")
 @click.option("--dry-run", is_flag=True, help="Plan only: print what would be written, write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable plan on stdout.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-def quantize(src: Path, out: Path, recipe: str, tensor_types: tuple[str, ...], split_max_size: str | None,
+def quantize(src: Path, out: Path, recipe: str, tensor_types: tuple[str, ...], split_max_size: int | None,
              allow_fallback: bool, dry_run: bool, as_json: bool, force: bool) -> None:
     """Re-quantize a gpt-oss GGUF (single or split: pass any shard) with another recipe.
 
@@ -185,11 +238,9 @@ def quantize(src: Path, out: Path, recipe: str, tensor_types: tuple[str, ...], s
       ossgguf quantize in.gguf -o out.gguf --recipe mxfp4 --tensor-type 'attn_(q|k|v)[.]weight=q8_0'
     """
     from .convert.convert import summarize
-    from .convert.gguf_writer import parse_size
     from .quantize.requantize import RequantReport, plan_requantize, run_requantize
 
-    plan = plan_requantize(src, out, recipe, tensor_types, parse_size(split_max_size) if split_max_size else None,
-                           allow_fallback)
+    plan = plan_requantize(src, out, recipe, tensor_types, split_max_size, allow_fallback)
     if dry_run:
         click.echo(json.dumps(plan.to_json(), indent=1) if as_json else summarize(RequantReport(plan)))
         return
@@ -221,8 +272,8 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
 @click.argument("reference", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("candidate", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), help="Text to evaluate on.")
-@click.option("--ctx", default=512, show_default=True, help="Tokens evaluated.")
-@click.option("--threads", type=int, help="CPU threads (default: llama.cpp's).")
+@click.option("--ctx", type=_number(limits.CTX), default=512, show_default=True, help="Tokens evaluated.")
+@click.option("--threads", type=_number(limits.THREADS), help="CPU threads (default: llama.cpp's).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def compare(reference: Path, candidate: Path, text_file: str | None, ctx: int, threads: int | None,
             as_json: bool) -> None:
@@ -234,9 +285,9 @@ def compare(reference: Path, candidate: Path, text_file: str | None, ctx: int, t
       ossgguf compare gpt-oss-20b-bf16.gguf gpt-oss-20b-mxfp4-q8.gguf --text wiki.txt
     """
     from .quantize.compare import compare as run_compare
-    from .quantize.compare import format_compare
+    from .quantize.compare import format_compare, read_text_file
 
-    text = Path(text_file).read_text(encoding="utf-8") if text_file else None
+    text = read_text_file(text_file) if text_file else None
     r = run_compare(reference, candidate, text=text, n_ctx=ctx, threads=threads)
     click.echo(json.dumps(r, indent=1) if as_json else format_compare(r))
 
@@ -244,14 +295,19 @@ def compare(reference: Path, candidate: Path, text_file: str | None, ctx: int, t
 def placement_options(f):
     """The placement flags shared by every command that loads a model (DESIGN.md)."""
     opts = [
-        click.option("--gpu-mem", metavar="SIZE", help="GPU memory to plan for, e.g. 24GiB (0: no GPU; default: detect)."),
-        click.option("--ram", metavar="SIZE", help="System RAM to plan for (default: this machine's)."),
-        click.option("--unified", metavar="SIZE", help="Apple-style unified memory of SIZE (GPU working set ~75%)."),
+        click.option("--gpu-mem", type=Size(limits.GPU_MEM, memory=True), metavar="SIZE",
+                     help="GPU memory to plan for, e.g. 24GiB (0: no GPU; default: detect)."),
+        click.option("--ram", type=Size(limits.MEMORY, memory=True), metavar="SIZE",
+                     help="System RAM to plan for (default: this machine's)."),
+        click.option("--unified", type=Size(limits.MEMORY, memory=True), metavar="SIZE",
+                     help="Apple-style unified memory of SIZE (GPU working set ~75%)."),
         click.option("--cpu-moe", is_flag=True, help="Keep every layer's experts in system RAM."),
-        click.option("--n-cpu-moe", type=int, metavar="N", help="Keep the experts of layers 0..N-1 in system RAM."),
-        click.option("--ctx", type=int, help="Context size in tokens (default: min(65536, the model's))."),
-        click.option("--ubatch", type=int, help="Prompt micro-batch (default: 2048 with experts in RAM, else 512)."),
-        click.option("--threads", type=int, help="CPU threads (default: the physical cores)."),
+        click.option("--n-cpu-moe", type=_number(limits.N_CPU_MOE), metavar="N",
+                     help="Keep the experts of layers 0..N-1 in system RAM."),
+        click.option("--ctx", type=_number(limits.CTX), help="Context size in tokens (default: min(65536, the model's))."),
+        click.option("--ubatch", type=_number(limits.UBATCH),
+                     help="Prompt micro-batch (default: 2048 with experts in RAM, else 512)."),
+        click.option("--threads", type=_number(limits.THREADS), help="CPU threads (default: the physical cores)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -260,12 +316,9 @@ def placement_options(f):
 
 def _placement(kw: dict, verbose: bool = False):
     """PlacementOptions from the placement flags (removed from kw)."""
-    from .runner.plan import PlacementOptions, parse_size
+    from .runner.plan import PlacementOptions
 
-    def size(v):
-        return parse_size(v) if v is not None else None
-
-    return PlacementOptions(gpu_mem=size(kw.pop("gpu_mem")), ram=size(kw.pop("ram")), unified=size(kw.pop("unified")),
+    return PlacementOptions(gpu_mem=kw.pop("gpu_mem"), ram=kw.pop("ram"), unified=kw.pop("unified"),
                             cpu_moe=kw.pop("cpu_moe"), n_cpu_moe=kw.pop("n_cpu_moe"), ctx=kw.pop("ctx"),
                             ubatch=kw.pop("ubatch"), threads=kw.pop("threads"), verbose=verbose)
 
@@ -302,17 +355,20 @@ def chat_options(f):
                      help="OpenAI function tools the model may call (JSON)."),
         click.option("--tool-cmd", metavar="CMD",
                      help="Run tool calls with CMD: the call as JSON on stdin, its stdout is the result."),
-        click.option("--tool-timeout", type=float, default=60.0, show_default=True, help="Seconds per tool call."),
+        click.option("--tool-timeout", type=_number(limits.TOOL_TIMEOUT), default=60.0, show_default=True,
+                     help="Seconds per tool call."),
         click.option("--reasoning", type=click.Choice(["low", "medium", "high"]), default="medium",
                      show_default=True, help="Reasoning effort."),
         click.option("--show-reasoning", is_flag=True, help="Show the model's reasoning (on stderr, dimmed)."),
         click.option("--date", help="Current date for the system message, YYYY-MM-DD (default: today)."),
-        click.option("--temp", type=float, default=1.0, show_default=True, help="Temperature (0: greedy)."),
-        click.option("--top-p", type=float, default=1.0, show_default=True),
-        click.option("--top-k", type=int, default=0, show_default=True, help="0: off."),
-        click.option("--min-p", type=float, default=0.0, show_default=True),
+        click.option("--temp", type=_number(limits.TEMPERATURE), default=1.0, show_default=True,
+                     help="Temperature (0: greedy)."),
+        click.option("--top-p", type=_number(limits.TOP_P), default=1.0, show_default=True),
+        click.option("--top-k", type=_number(limits.TOP_K), default=0, show_default=True, help="0: off."),
+        click.option("--min-p", type=_number(limits.MIN_P), default=0.0, show_default=True),
         click.option("--seed", type=int, help="Sampling seed (default: random)."),
-        click.option("--max-tokens", type=int, help="Tokens per generation round (default: until the context is full)."),
+        click.option("--max-tokens", type=_number(limits.MAX_TOKENS),
+                     help="Tokens per generation round (default: until the context is full)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -387,14 +443,16 @@ def chat(context: click.Context, model: Path, show_reasoning: bool, **kw) -> Non
 
     engine, conv, sampling, runner = _chat_setup(context, model, kw)
     with engine:
-        chat_loop(engine, conv, sampling, runner, sys.stdin, sys.stdout, sys.stderr, show_reasoning)
+        failed = chat_loop(engine, conv, sampling, runner, sys.stdin, sys.stdout, sys.stderr, show_reasoning)
+    if failed and not sys.stdin.isatty():  # as a script, a message that was not answered is a failure
+        context.exit(1)
 
 
 @cli.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (another than loopback is reachable from the network: set --api-key).")
-@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--port", default=8080, show_default=True, type=_number(limits.PORT))
 @click.option("--api-key", envvar="OSSGGUF_API_KEY", help="Require `Authorization: Bearer KEY` (env OSSGGUF_API_KEY).")
 @click.option("--model-name", help="The model's id in the API (default: the file name without .gguf).")
 @click.option("--reasoning", type=click.Choice(["low", "medium", "high"]), default="medium", show_default=True,
@@ -486,21 +544,24 @@ def calibrate(context: click.Context, model: Path, more_texts: tuple[Path, ...],
 @click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Output GGUF path (with --split-max-size: the name shards are derived from).")
-@click.option("--keep", type=int, help="Experts to keep in every layer.")
-@click.option("--target-size", metavar="SIZE", help="Keep the most experts whose file fits SIZE (e.g. 50GiB).")
+@click.option("--keep", type=_number(limits.COUNT), help="Experts to keep in every layer.")
+@click.option("--target-size", type=FILE_SIZE, metavar="SIZE",
+              help="Keep the most experts whose file fits SIZE (e.g. 50GiB).")
 @click.option("--target-device", metavar="SPEC",
               help="Keep the most experts the planner fits on: unified:64GiB, gpu:80GiB, gpu:24GiB,ram:64GiB, ram:64GiB.")
-@click.option("--ctx", type=int, default=32768, show_default=True, help="Context the --target-device plan holds.")
+@click.option("--ctx", type=_number(limits.CTX), default=32768, show_default=True,
+              help="Context the --target-device plan holds.")
 @click.option("--stats", "stats_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Statistics from `ossgguf calibrate` of this model (needed to write).")
 @click.option("--score", type=click.Choice(["reap", "frequency"]), default="reap", show_default=True,
               help="Rank experts by REAP (gate weight x output norm) or by how often they are selected.")
-@click.option("--split-max-size", metavar="SIZE", help="Split into gguf-split shards of at most SIZE (e.g. 48G).")
+@click.option("--split-max-size", type=FILE_SIZE, metavar="SIZE",
+              help="Split into gguf-split shards of at most SIZE (e.g. 48G).")
 @click.option("--dry-run", is_flag=True, help="Plan only: print what would be written, write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable plan on stdout.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-def prune(src: Path, out: Path, keep: int | None, target_size: str | None, target_device: str | None, ctx: int,
-          stats_path: Path | None, score: str, split_max_size: str | None, dry_run: bool, as_json: bool,
+def prune(src: Path, out: Path, keep: int | None, target_size: int | None, target_device: str | None, ctx: int,
+          stats_path: Path | None, score: str, split_max_size: int | None, dry_run: bool, as_json: bool,
           force: bool) -> None:
     """Keep the K best experts of every layer (ranked by `calibrate` statistics) and write a smaller GGUF.
 
@@ -514,14 +575,12 @@ def prune(src: Path, out: Path, keep: int | None, target_size: str | None, targe
       ossgguf prune gpt-oss-120b-mxfp4-00001-of-00003.gguf -o 120b-96.gguf --keep 96 --stats 120b.stats.json
       ossgguf prune gpt-oss-20b-mxfp4.gguf -o 20b-small.gguf --target-size 9GiB --stats 20b.stats.json --dry-run --json
     """
-    from .convert.gguf_writer import parse_size
     from .quantize.prune import PruneReport, plan_prune, run_prune, summarize
 
     if as_json and not dry_run:
         raise click.UsageError("--json goes with --dry-run")
-    plan = plan_prune(src, out, keep=keep, target_size=parse_size(target_size) if target_size else None,
-                      target_device=target_device, ctx=ctx, stats=stats_path, score=score,
-                      split_max_size=parse_size(split_max_size) if split_max_size else None, dry_run=dry_run)
+    plan = plan_prune(src, out, keep=keep, target_size=target_size, target_device=target_device, ctx=ctx,
+                      stats=stats_path, score=score, split_max_size=split_max_size, dry_run=dry_run)
     if dry_run:
         click.echo(json.dumps(plan.to_json(), indent=1) if as_json else summarize(PruneReport(plan)))
         return
@@ -559,7 +618,8 @@ def render(model: str, messages_path: str, tools_path: str | None, reasoning: st
     """
     from .runner.harmony import render_from_files
 
-    click.echo(render_from_files(messages_path, tools_path, reasoning_effort=reasoning, date=date), nl=False)
+    click.echo(render_from_files(messages_path, tools_path, reasoning_effort=reasoning, date=date, model=model),
+               nl=False)
 
 
 @cli.command()

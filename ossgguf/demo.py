@@ -36,11 +36,12 @@ def run_demo(workdir: Path | None = None, keep: bool = False, verbose: bool = Fa
         click.echo("      " + summarize(report).replace("\n", "\n      "), err=True)
 
         _step(3, "loading it in llama.cpp (llama-cpp-python)")
-        from llama_cpp import Llama
+        from .runner.engine import detokenize
+        from .runner.llama_ctypes import open_llama
 
         t0 = time.perf_counter()
         # One thread: a model this small is faster without the threads waiting on each other.
-        llm = Llama(str(out), n_ctx=256, n_threads=1, verbose=verbose, seed=0, swa_full=False)
+        llm = open_llama(out, n_ctx=256, n_threads=1, verbose=verbose, seed=0, swa_full=False)
         click.echo(f"      loaded in {time.perf_counter() - t0:.2f} s: {llm.n_vocab()} tokens, "
                    f"{llm.metadata.get('gpt-oss.block_count')} layers", err=True)
 
@@ -54,7 +55,7 @@ def run_demo(workdir: Path | None = None, keep: bool = False, verbose: bool = Fa
             if len(out_tokens) == 16:
                 break
         dt = time.perf_counter() - t0
-        text = llm.detokenize(out_tokens, special=True).decode("utf-8", errors="replace")
+        text = detokenize(llm.model, out_tokens)  # Llama.detokenize garbles tokens over 32 bytes
         click.echo(f"      prompt: {len(tokens)} tokens; generated: {out_tokens}", err=True)
         click.echo(text)
         click.echo(f"      {len(out_tokens) / dt:.0f} tok/s. The pipeline works end to end.", err=True)

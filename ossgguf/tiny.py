@@ -7,6 +7,7 @@ small. numpy and the standard library only: safetensors are written by hand.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -29,10 +30,12 @@ from .tiny_tokenizer import (
     HF_WRITER_VERSION,
     PAD_TOKEN,
     generation_config_json,
+    read_tiktoken,
     special_token_ids,
     special_tokens_map_json,
     tokenizer_config_json,
     tokenizer_json,
+    tokenizer_json_from_ranks,
 )
 
 log = logging.getLogger(__name__)
@@ -70,10 +73,16 @@ class TinySpec:
     router_bias: list[list[float]] | None = None  # per layer, e.g. -1e4 for experts never chosen
     merges_as_strings: bool = False  # legacy "a b" merges in tokenizer.json
     openai_shard_names: bool = False  # the real repos' 0-based names: model-00000-of-00002 .. -00002-of-00002
+    # A tiktoken ranks file (o200k_base.tiktoken) for the real vocabulary instead of learned merges:
+    # with vocab_size 201088 the tokenizer is gpt-oss's own (special tokens at 199998..200018).
+    vocab_file: str | None = None
 
     @property
     def n_tokens(self) -> int:
-        """Tokens in the tokenizer: 256 bytes + merges + the harmony tokens (< vocab_size rows)."""
+        """Tokens in the tokenizer: 256 bytes + merges (or the vocab_file's tokens) + the harmony tokens
+        (< vocab_size rows)."""
+        if self.vocab_file is not None:
+            return len(_ranks(self.vocab_file)) + len(HARMONY_SPECIAL_TOKENS)
         return 256 + self.n_merges + len(HARMONY_SPECIAL_TOKENS)
 
     def validate(self) -> None:
@@ -117,7 +126,10 @@ def make_tiny_checkpoint(out_dir: str | Path, spec: TinySpec | None = None) -> P
     spec.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = tokenizer_json(spec.n_merges, spec.merges_as_strings)
+    if spec.vocab_file is not None:
+        tok = tokenizer_json_from_ranks(_ranks(spec.vocab_file))
+    else:
+        tok = tokenizer_json(spec.n_merges, spec.merges_as_strings)
     base = len(tok["model"]["vocab"])  # the first harmony token's id (199998 in gpt-oss)
     config = config_json(spec, base)
     tensors = tiny_tensors(spec, GptOssConfig.from_dict(config))
@@ -132,6 +144,11 @@ def make_tiny_checkpoint(out_dir: str | Path, spec: TinySpec | None = None) -> P
     _write_text(out / "chat_template.jinja", template)
     log.debug("tiny gpt-oss checkpoint (%s, %d shard(s)) written to %s", spec.layout, spec.shards, out)
     return out
+
+
+@functools.lru_cache(maxsize=2)
+def _ranks(path: str) -> dict[bytes, int]:
+    return read_tiktoken(path)
 
 
 # --- config.json ----------------------------------------------------------------------------------

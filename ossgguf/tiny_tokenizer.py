@@ -7,9 +7,11 @@ hundred merges learned here from a built-in corpus. numpy-free and standard libr
 
 from __future__ import annotations
 
+import base64
 import re
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from .errors import OssggufError
@@ -17,7 +19,8 @@ from .model import HARMONY_SPECIAL_TOKENS, O200K_PATTERN
 
 __all__ = [
     "HARMONY_SPECIAL_TOKENS", "O200K_PATTERN", "bpe_encode", "bytes_to_unicode", "generation_config_json",
-    "special_token_ids", "special_tokens_map_json", "tokenizer_config_json", "tokenizer_json", "train_bpe",
+    "read_tiktoken", "special_token_ids", "special_tokens_map_json", "tokenizer_config_json", "tokenizer_json",
+    "tokenizer_json_from_ranks", "train_bpe",
 ]
 
 # O200K_PATTERN (the Split regex, llama.cpp's "gpt-4o") and the harmony tokens are gpt-oss knowledge:
@@ -185,6 +188,44 @@ def tokenizer_json(n_merges: int, merges_as_strings: bool = False) -> dict[str, 
     table = bytes_to_unicode()
     merges = train_bpe(n_merges)
     tokens = list(table.values()) + [a + b for a, b in merges]
+    return _tokenizer_json(tokens, merges, merges_as_strings)
+
+
+def read_tiktoken(path: str | Path) -> dict[bytes, int]:
+    """A tiktoken ranks file (`o200k_base.tiktoken`: one `base64(token bytes) rank` per line)."""
+    ranks: dict[bytes, int] = {}
+    for n, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise OssggufError(f"{path}:{n} is not a `base64 rank` line of a tiktoken file") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise OssggufError(f"{path}: the ranks are not 0..{len(ranks) - 1}, one per token")
+    return ranks
+
+
+def tokenizer_json_from_ranks(ranks: dict[bytes, int]) -> dict[str, Any]:
+    """tokenizer.json for a tiktoken vocabulary (o200k_base: gpt-oss's real one), as transformers'
+    TikTokenConverter builds it: token id = rank, and every split of a token into two tokens is a
+    merge, ordered by the token's rank, then by the ranks of the two halves."""
+    table = bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(table[c] for c in b)
+
+    by_rank = sorted(ranks, key=ranks.__getitem__)
+    merges: list[tuple[str, str]] = []
+    for token in by_rank:
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        splits.sort(key=lambda lr: (ranks[lr[0]], ranks[lr[1]]))
+        merges += [(text(a), text(b)) for a, b in splits]
+    return _tokenizer_json([text(t) for t in by_rank], merges, False)
+
+
+def _tokenizer_json(tokens: list[str], merges: list[tuple[str, str]], merges_as_strings: bool) -> dict[str, Any]:
     base = len(tokens)
     return {
         "version": "1.0",

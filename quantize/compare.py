@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import OssggufError
+from ..gguf_read import read_gguf
 
 log = logging.getLogger(__name__)
 DEFAULT_CTX = 512
@@ -69,13 +70,14 @@ def _sample_ids(n_vocab: int) -> list[int]:
 
 
 def _run(path: Path, text: str | None, tokens: Sequence[int] | None, n_ctx: int, threads: int) -> _Side:
-    from llama_cpp import Llama
+    from ..runner.engine import token_bytes
+    from ..runner.llama_ctypes import open_llama
 
     if not path.is_file():
         raise OssggufError(f"{path} does not exist: pass a .gguf file (the first shard of a split set)")
     try:
-        llm = Llama(str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512), logits_all=True,
-                    n_threads=threads, n_threads_batch=threads, verbose=False, swa_full=False)
+        llm = open_llama(path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512), logits_all=True,
+                         n_threads=threads, n_threads_batch=threads, verbose=False, swa_full=False)
     except (ValueError, RuntimeError) as e:
         raise OssggufError(f"llama.cpp cannot load {path} ({e}): is it a complete GGUF? Check it with "
                            "`ossgguf inspect`") from None
@@ -89,7 +91,7 @@ def _run(path: Path, text: str | None, tokens: Sequence[int] | None, n_ctx: int,
         ids = ids[:n_ctx]
         if len(ids) < 2:
             raise OssggufError("the text gives fewer than 2 tokens: pass a longer text")
-        pieces = [llm.detokenize([i], special=True) for i in _sample_ids(n_vocab)]
+        pieces = [token_bytes(llm.model, i) for i in _sample_ids(n_vocab)]  # not Llama's 32-byte buffer
         llm.eval(ids)
         logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
     finally:
@@ -110,10 +112,14 @@ def compare(a_gguf: str | Path, b_gguf: str | Path, text: str | None = None, tok
     Token ids are `tokens`, else `text` (default: a built-in mixed text) tokenized with A's
     vocabulary; at most n_ctx of them are used.
     """
+    if n_ctx < 2:
+        raise OssggufError(f"--ctx {n_ctx} is too small: compare needs at least 2 tokens (default {DEFAULT_CTX})")
     threads = threads or os.cpu_count() or 1
     if tokens is None and text is None:
         text = DEFAULT_TEXT
-    a_path, b_path = Path(a_gguf), Path(b_gguf)
+    # The project's reader first: a bad file gets its specific message, not llama.cpp's generic
+    # failure, and any shard of a split set stands for the set (llama.cpp loads it from the first).
+    a_path, b_path = read_gguf(a_gguf).path, read_gguf(b_gguf).path
     a = _run(a_path, text, tokens, n_ctx, threads)
     log.info("reference %s: %d tokens evaluated", a_path, len(a.tokens))
     b = _run(b_path, text, a.tokens, n_ctx, threads)
@@ -146,6 +152,23 @@ def compare(a_gguf: str | Path, b_gguf: str | Path, text: str | None = None, tok
         "kl_per_position": [float(x) for x in kl_all],
         "tokens": a.tokens,
     }
+
+
+def read_text_file(path: str | Path) -> str:
+    """A --text file as UTF-8 text; OssggufError naming the file when it is not text."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise OssggufError(f"cannot read the text file {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OssggufError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start:,}): "
+                           "--text takes a UTF-8 text file") from None
+    if "\0" in text:  # decodes, but a NUL byte says binary (as git and grep judge it)
+        raise OssggufError(f"{path} holds NUL bytes, so it is not a text file: --text takes a UTF-8 text file")
+    return text
 
 
 def format_compare(r: dict[str, Any]) -> str:

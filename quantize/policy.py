@@ -129,15 +129,22 @@ def choose_types(tensors: list[tuple[str, TensorClass, tuple[int, ...], Q]], rec
         raise OssggufError(f"--tensor-type pattern(s) matched only norms, sinks or biases, which "
                            f"llama.cpp reads as F32: {', '.join(f32_only)}; match weights (e.g. '\\.weight$')")
     if bad:
-        lines = [f"{n} (rows of {s[-1]})" for n, _, s in bad[:6]] + (["..."] if len(bad) > 6 else [])
-        types = sorted({t.name for _, t, _ in bad})
-        valid = valid_types(bad[0][2][-1])
-        raise OssggufError(
-            f"{len(bad)} tensor(s) cannot be stored as {', '.join(types)}: {'; '.join(lines)}. "
-            f"Types that fit these rows: {', '.join(t.name.lower() for t in valid)}; "
-            "or pass --allow-fallback to take the nearest valid type (listed in the summary)"
-        )
+        raise OssggufError(_unfit_message(bad))
     return choices
+
+
+def _unfit_message(bad: list[tuple[str, Q, tuple[int, ...]]], shown: int = 3) -> str:
+    """One short line however many tensors are refused (all the experts of a 120b are 108): the count,
+    the first few names, and the types that every one of their rows can take."""
+    types = sorted({t for _, t, _ in bad}, key=lambda t: t.value)
+    blocks = sorted({GGML_QUANT_SIZES[t][0] for t in types})
+    rows = sorted({shape[-1] for _, _, shape in bad})
+    valid = [t for t in valid_types(rows[0]) if all(row % GGML_QUANT_SIZES[t][0] == 0 for row in rows)]
+    names = ", ".join(n for n, _, _ in bad[:shown]) + (f" and {len(bad) - shown} more" if len(bad) > shown else "")
+    return (f"{len(bad)} tensor{'s' * (len(bad) != 1)} cannot be stored as {'/'.join(t.name for t in types)} "
+            f"(rows of {'/'.join(map(str, rows))}, not a multiple of {'/'.join(map(str, blocks))}): {names}. "
+            f"Types that fit these rows: {', '.join(t.name.lower() for t in valid) or 'none'}; "
+            "or pass --allow-fallback to take the nearest valid type")
 
 
 def valid_types(row: int) -> list[Q]:

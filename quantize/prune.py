@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from gguf import GGUFValueType
 
+from .. import limits
 from ..convert.convert import peak_rss_bytes, pipelined
 from ..convert.gguf_writer import GGUFFileWriter, Shard, ShardedOutput, TensorInfo, plan_layout, refuse_inputs
 from ..convert.safetensors import TensorEntry, TensorReader
@@ -124,10 +125,12 @@ def parse_device(spec: str) -> Any:
     parts: dict[str, int] = {}
     for item in spec.split(","):
         kind, sep, size = item.partition(":")
-        if not sep or kind.strip() not in ("unified", "gpu", "ram"):
+        kind = kind.strip()
+        if not sep or kind not in ("unified", "gpu", "ram"):
             raise OssggufError(f"cannot read --target-device '{spec}': use unified:64GiB, gpu:80GiB, "
                                "gpu:24GiB,ram:64GiB or ram:64GiB")
-        parts[kind.strip()] = parse_size(size.strip())
+        parts[kind] = parse_size(size.strip())
+        (limits.GPU_MEM if kind == "gpu" else limits.MEMORY).check(f"--target-device {kind}", parts[kind])
     if "unified" in parts and len(parts) > 1:
         raise OssggufError("--target-device unified:SIZE stands alone (its GPU working set is ~75% of SIZE)")
     return resolve_devices(parts.get("gpu", 0 if "ram" in parts else None), parts.get("ram", 1 << 50)
@@ -163,6 +166,8 @@ def plan_prune(src_gguf: str | Path, out: str | Path, *, keep: int | None = None
                            "--target-device unified:64GiB")
     if score not in SCORES:
         raise OssggufError(f"unknown --score '{score}': use one of {', '.join(SCORES)}")
+    limits.FILE_SIZE.check("target_size", target_size)
+    limits.CTX.check("ctx", ctx)
     src = read_gguf(src_gguf)
     shape = moe_shape(src)  # also refuses a non-gpt-oss file
     out = Path(out)

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ossgguf import limits
 from ossgguf.errors import OssggufError
 
 from .engine import DEFAULT_MIN_P, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, Engine
@@ -33,6 +34,8 @@ from .harmony import (
     normalize_messages,
     normalize_tools,
     render,
+    render_segments,
+    tool_call_problem,
 )
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,11 @@ class Sampling:
     min_p: float = DEFAULT_MIN_P
     seed: int | None = None
     max_tokens: int | None = None  # per generation round; None: until the context is full
+
+    def __post_init__(self) -> None:  # the CLI and the server check the same limits first
+        for name, limit in (("temperature", limits.TEMPERATURE), ("top_p", limits.TOP_P), ("top_k", limits.TOP_K),
+                            ("min_p", limits.MIN_P), ("max_tokens", limits.MAX_TOKENS)):
+            limit.check(name, getattr(self, name))
 
 
 @dataclass
@@ -87,6 +95,11 @@ class Conversation:
     def render(self) -> str:
         return render(self.messages, tools=self.tools or None, reasoning_effort=self.reasoning_effort,
                       date=self.date)
+
+    def tokens(self, engine: Engine) -> list[int]:
+        """The prompt's ids: message text never becomes a control token (`Engine.tokenize_segments`)."""
+        return engine.tokenize_segments(render_segments(self.messages, tools=self.tools or None,
+                                                        reasoning_effort=self.reasoning_effort, date=self.date))
 
     def to_json(self) -> list[dict]:
         """The messages as OpenAI chat messages (what `--messages` reads back)."""
@@ -125,6 +138,9 @@ class ToolRunner:
     argv: list[str]
     timeout: float = TOOL_TIMEOUT
     max_chars: int = TOOL_OUTPUT_CHARS
+
+    def __post_init__(self) -> None:
+        limits.TOOL_TIMEOUT.check("the tool timeout", self.timeout)
 
     @classmethod
     def from_command(cls, command: str, timeout: float = TOOL_TIMEOUT) -> ToolRunner:
@@ -234,10 +250,11 @@ def respond(engine: Engine, conv: Conversation, sampling: Sampling = Sampling(),
     gen_kw = asdict(sampling)
     while True:
         reply.rounds += 1
-        parser = HarmonyStreamParser()
+        parser = HarmonyStreamParser(special_tokens=engine.special_tokens())
         finish = None
-        for chunk in engine.generate(conv.render(), **gen_kw):
-            yield from parser.feed(chunk.text)
+        for chunk in engine.generate(conv.tokens(engine), **gen_kw):
+            # parsed on ids; a stop chunk's token ends the output (finish() is told), its text is the rest
+            yield from parser.feed_token(None if chunk.finish_reason else chunk.token, chunk.text)
             if chunk.finish_reason:
                 finish = chunk.finish_reason
                 reply.prompt_tokens += chunk.prompt_tokens
@@ -263,7 +280,8 @@ def respond(engine: Engine, conv: Conversation, sampling: Sampling = Sampling(),
                 conv.messages.append(msg)
             yield reply
             return
-        calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _storable(c.arguments)}}
+        calls = [{"id": c.id, "type": "function",
+                  "function": {"name": c.name, "arguments": c.arguments, **c.header_fields()}}
                  for c in parsed.tool_calls]
         msg = {"role": "assistant", "content": parsed.content or None, "tool_calls": calls}
         if parsed.reasoning:
@@ -275,15 +293,13 @@ def respond(engine: Engine, conv: Conversation, sampling: Sampling = Sampling(),
             reply.finish_reason = "tool_calls" if tool_runner is None else "cancelled"
             yield reply
             return
+        names = [t["function"]["name"] for t in normalize_tools(conv.tools)]
         for c in parsed.tool_calls:
             t0 = time.perf_counter()
-            try:
-                args = json.loads(c.arguments)
-            except json.JSONDecodeError as exc:
-                outcome = ToolOutcome(f"error: the arguments of this call are not valid JSON ({exc}); "
-                                      f"call {c.name} again with a JSON object", False)
+            if problem := tool_call_problem(c, names):  # answered, not run: the model can try again
+                outcome = ToolOutcome(f"error: {problem}", False)
             else:
-                outcome = tool_runner(c.name, args)
+                outcome = tool_runner(c.name, json.loads(c.arguments))
             result = ToolResult(c.id, c.name, c.arguments, outcome.content, outcome.ok, time.perf_counter() - t0)
             conv.messages.append({"role": "tool", "tool_call_id": c.id, "content": outcome.content})
             reply.tool_calls.append(result)
@@ -297,16 +313,6 @@ def respond(engine: Engine, conv: Conversation, sampling: Sampling = Sampling(),
             reply.finish_reason = "tool_calls"
             yield reply
             return
-
-
-def _storable(arguments: str) -> str:
-    """Arguments to keep in history: as written when they are JSON, else the raw text as a JSON
-    string (the renderer needs JSON; the model then sees what it wrote, quoted)."""
-    try:
-        json.loads(arguments)
-        return arguments
-    except json.JSONDecodeError:
-        return json.dumps(arguments)
 
 
 def complete(engine: Engine, conv: Conversation, sampling: Sampling = Sampling(),

@@ -15,13 +15,13 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ossgguf.errors import OssggufError
 
-from .llama_ctypes import LLAMA_LOG, BufferOverrides, llama_cpp_module
+from .llama_ctypes import LLAMA_LOG, BufferOverrides, llama_cpp_module, model_params
 from .plan import PlacementOptions, Plan, plan, read_model
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,45 @@ log = logging.getLogger(__name__)
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_TOP_K, DEFAULT_MIN_P = 1.0, 1.0, 0, 0.0
 GGML_TYPE_F16 = 1
 FLASH_ATTN_ENABLED, FLASH_ATTN_DISABLED = 1, 0
+# llama_token_attr bits (llama.h) of tokens that are not text: harmony's <|start|>, <|end|>, ...
+TOKEN_ATTR_CONTROL, TOKEN_ATTR_USER_DEFINED = 1 << 3, 1 << 4
+
+
+def token_bytes(model: int, token: int, special: bool = True) -> bytes:
+    """A token's bytes (special tokens as their text with `special`), from a llama_model pointer.
+
+    The buffer grows to the piece's size: llama-cpp-python's `Llama.detokenize` has a fixed
+    32-byte one and garbles longer tokens (40 spaces + "x" comes back as " x").
+    """
+    lc = llama_cpp_module()
+    vocab = lc.llama_model_get_vocab(model)
+    buf = ctypes.create_string_buffer(64)
+    n = lc.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = lc.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    return buf.raw[:n]
+
+
+def detokenize(model: int, tokens: Iterable[int], special: bool = True) -> str:
+    """The text of `tokens` (see `token_bytes`); works on `Engine._model` and on `Llama.model` alike."""
+    return b"".join(token_bytes(model, t, special) for t in tokens).decode("utf-8", errors="replace")
+
+
+def _text_cuts(text: str, specials: Iterable[str]) -> list[int]:
+    """Where to cut `text` so that no piece holds a whole special-token string: right after the `<|`
+    of each occurrence. The o200k split regex always ends a piece there (a run of punctuation never
+    takes the letter that follows), so tokenizing the pieces one by one gives the ids that
+    tokenizing the whole text as plain text gives (tiktoken's encode_ordinary, openai-harmony)."""
+    cuts = set()
+    for s in specials:
+        start = text.find(s)
+        if start >= 0 and not (len(s) > 2 and s[:2] == "<|" and s[2].isascii() and s[2].isalpha()):
+            raise OssggufError(f"cannot keep the special token {s!r} out of plain text: it is not <|name|>")
+        while start >= 0:
+            cuts.add(start + 2)
+            start = text.find(s, start + 1)
+    return sorted(cuts)
 
 
 @dataclass(frozen=True)
@@ -95,6 +134,8 @@ class Engine:
     _cancel: bool = field(default=False, repr=False)
     _abort_cb: object = field(default=None, repr=False)  # the C callback object must stay referenced
     _eval_cb: object = field(default=None, repr=False)  # likewise
+    _specials: dict[int, str] | None = field(default=None, repr=False)  # see special_tokens()
+    _control_ids: dict[str, int] = field(default_factory=dict, repr=False)
 
     # --- loading -------------------------------------------------------------------------------------
 
@@ -119,7 +160,7 @@ class Engine:
         LLAMA_LOG.verbose = opts.verbose
         lc.llama_backend_init()
         overrides = BufferOverrides([o.rsplit("=", 1)[0] for o in p.overrides])
-        mp = lc.llama_model_default_params()
+        mp = model_params()  # OSSGGUF_NO_REPACK=1: repacking off
         mp.n_gpu_layers = p.gpu_layers if p.placement != "none" else info.n_layer + 1
         mp.load_mode = lc.LLAMA_LOAD_MODE_MMAP
         if overrides.address:
@@ -184,7 +225,11 @@ class Engine:
         return llama_cpp_module().llama_model_get_vocab(self._model)
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
-        """Token ids of `text`; with `special`, harmony markers like <|start|> become their tokens."""
+        """Token ids of `text`; with `special`, harmony markers like <|start|> become their tokens.
+
+        Even without `special`, llama.cpp matches gpt-oss's <|start|>, <|channel|>, <|message|>,
+        <|constrain|> and <|end|> (user-defined tokens): use `tokenize_text` for untrusted text.
+        """
         lc = llama_cpp_module()
         data = text.encode()
         n_max = len(data) + 8
@@ -195,17 +240,57 @@ class Engine:
             n = lc.llama_tokenize(self._vocab, data, len(data), buf, -n, False, special)
         return list(buf[:n])
 
+    def special_tokens(self) -> dict[int, str]:
+        """id -> text of the vocabulary's control and user-defined tokens (gpt-oss: 199998..200018)."""
+        if self._specials is None:
+            lc = llama_cpp_module()
+            vocab = self._vocab
+            flags = TOKEN_ATTR_CONTROL | TOKEN_ATTR_USER_DEFINED
+            self._specials = {
+                t: self.token_bytes(t).decode("utf-8", errors="replace")
+                for t in range(lc.llama_vocab_n_tokens(vocab)) if lc.llama_vocab_get_attr(vocab, t) & flags
+            }
+        return self._specials
+
+    def tokenize_text(self, text: str) -> list[int]:
+        """`text` as plain text, never a control token, even where it spells one (`<|end|>`): the
+        ids openai-harmony gives message contents. Text that llama.cpp would match as a special
+        token is cut inside each such string and tokenized piece by piece (see `_text_cuts`)."""
+        specials = self.special_tokens()
+        ids = self.tokenize(text, special=False)
+        if not any(t in specials for t in ids):
+            return ids
+        cuts = _text_cuts(text, set(specials.values()))
+        ids = []
+        for a, b in zip([0, *cuts], [*cuts, len(text)]):
+            ids += self.tokenize(text[a:b], special=False) if b > a else []
+        if any(t in specials for t in ids):
+            bad = sorted({specials[t] for t in ids if t in specials})
+            raise OssggufError(f"could not tokenize text holding {', '.join(bad)} as plain text")
+        return ids
+
+    def tokenize_segments(self, segments: Iterable[tuple[str, bool]]) -> list[int]:
+        """A rendered prompt's ids from its (text, is_control) segments (`harmony.render_segments`):
+        each control segment is its one special token, each text segment plain text
+        (`tokenize_text`), so no text can forge a control token."""
+        ids: list[int] = []
+        for text, control in segments:
+            if not control:
+                ids += self.tokenize_text(text)
+                continue
+            if text not in self._control_ids:
+                tok = self.tokenize(text, special=True)
+                if len(tok) != 1 or tok[0] not in self.special_tokens():
+                    raise OssggufError(f"{self.path.name} has no {text} token: is it a gpt-oss GGUF?")
+                self._control_ids[text] = tok[0]
+            ids.append(self._control_ids[text])
+        return ids
+
     def token_bytes(self, token: int) -> bytes:
-        lc = llama_cpp_module()
-        buf = ctypes.create_string_buffer(64)
-        n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = lc.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
-        return buf.raw[:n]
+        return token_bytes(self._model, token)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+        return detokenize(self._model, tokens)
 
     def is_stop(self, token: int) -> bool:
         """End-of-generation tokens of the vocabulary: <|return|>, <|call|>, <|endoftext|> for gpt-oss."""
@@ -299,7 +384,8 @@ class Engine:
                  temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
                  top_k: int = DEFAULT_TOP_K, min_p: float = DEFAULT_MIN_P, seed: int | None = None,
                  stop_tokens: Sequence[int] | None = None) -> Iterator[GenerationChunk]:
-        """Stream the continuation of `prompt` (text is tokenized with special tokens).
+        """Stream the continuation of `prompt` (text is tokenized with special tokens: give a
+        conversation as `tokenize_segments` ids, in which message text stays text).
 
         Stops at an end-of-generation token (the last chunk carries it, with empty text), at
         `max_tokens`, at the end of the context, or after `cancel()`.

@@ -1,7 +1,9 @@
 """gpt-oss harmony chat format: OpenAI chat messages -> prompt text, and parsed output -> history.
 
 `render` reproduces the official chat template (ossgguf/data/chat_template.jinja) byte for byte,
-in plain Python, so no jinja runs at serving time. Where the template fails on input that clients
+in plain Python, so no jinja runs at serving time. `render_segments` gives the same prompt as
+control tokens and text, so that message text is tokenized as text (as openai-harmony does) and
+cannot forge a message. Where the template fails on input that clients
 really send, the input is normalised first (`normalize_messages`); where it silently loses data, we
 keep it (see `render`'s docstring). The output parser lives in `harmony_parse`.
 """
@@ -11,17 +13,27 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ossgguf.errors import OssggufError
 
 from .harmony_parse import (
+    CALL,
+    CHANNEL,
+    CONSTRAIN,
+    END,
+    MESSAGE,
+    RETURN,
+    START,
     Event,
     HarmonyStreamParser,
     ParsedMessage,
     ToolCall,
     parse_completion,
+    parse_tokens,
 )
 from .harmony_tools import BROWSER_TOOL, PYTHON_TOOL, check_tools, tojson, tool_namespace
 
@@ -32,12 +44,16 @@ __all__ = [
     "ToolCall",
     "assistant_history_message",
     "load_messages_and_tools",
-    "usable_tool_calls",
+    "markup_segments",
+    "tool_call_problem",
     "normalize_messages",
     "normalize_tools",
     "parse_completion",
+    "parse_tokens",
     "render",
     "render_from_files",
+    "render_segments",
+    "Segment",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,7 +63,6 @@ BUILTIN_TOOLS = ("browser", "python")
 DEFAULT_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
 _TEXT_PART_TYPES = ("text", "input_text", "output_text")
 _REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
-_CHANNEL_TAGS = ("<|channel|>analysis<|message|>", "<|channel|>final<|message|>")
 
 
 def _text(content: Any, where: str) -> str:
@@ -87,14 +102,6 @@ def _tool_content(content: Any, where: str) -> Any:
     return content
 
 
-def _check_no_channel_tags(text: str, where: str) -> None:
-    if any(tag in text for tag in _CHANNEL_TAGS):
-        raise OssggufError(
-            f"{where} contains raw harmony <|channel|> tags: pass the analysis text as "
-            "'reasoning_content' and the final answer as 'content', without the tags"
-        )
-
-
 def _arguments(raw: Any, where: str) -> Any:
     if raw is None:
         return {}
@@ -103,10 +110,11 @@ def _arguments(raw: Any, where: str) -> Any:
             return {}
         try:
             return json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise OssggufError(
-                f"{where} is not valid JSON ({exc}): send a JSON object or a JSON-encoded string"
-            ) from None
+        except json.JSONDecodeError:
+            # A malformed call the model wrote comes back in history (tool_call_problem): keep its
+            # text; rendered as a JSON string, as the official template renders string arguments.
+            log.debug("%s is not valid JSON: rendered as a string", where)
+            return raw
     return raw
 
 
@@ -132,8 +140,11 @@ def _tool_calls(calls: Any, where: str, n: int) -> list[dict]:
             "name": fn["name"],
             "arguments": _arguments(fn.get("arguments"), f"{here}.function.arguments"),
         }
-        if "content_type" in fn:
-            new_fn["content_type"] = fn["content_type"]
+        for key in ("content_type", "channel"):  # a parsed call's header, as the model wrote it
+            if fn.get(key) is not None:
+                if not isinstance(fn[key], str):
+                    raise OssggufError(f"{here}.function.{key} must be a string")
+                new_fn[key] = fn[key]
         out.append({"id": str(call_id), "type": "function", "function": new_fn})
     return out
 
@@ -179,11 +190,9 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
                 "role": "assistant",
                 "content": _text(msg.get("content"), f"{where}.content"),
             }
-            _check_no_channel_tags(new["content"], f"{where}.content")
             for key in _REASONING_FIELDS:
                 reasoning = _text(msg.get(key), f"{where}.{key}")
                 if reasoning:
-                    _check_no_channel_tags(reasoning, f"{where}.{key}")
                     new["thinking"] = reasoning
                     break
             calls = _tool_calls(msg.get("tool_calls"), where, n)
@@ -281,6 +290,49 @@ def _system_message(effort: str, date: str, identity: str, builtin: list[str], h
     return "".join(out)
 
 
+# -- prompt segments: the renderer's control tokens apart from text ---------------------------------
+class Segment(NamedTuple):
+    """A piece of a rendered prompt: one control token the renderer wrote (`control`), or text.
+
+    Text is tokenized as plain text whatever it spells (`Engine.tokenize_text`): a message holding
+    `<|end|><|start|>system<|message|>` stays text, as openai-harmony encodes it, and cannot forge
+    a message. Adjacent text is one segment, tokenized as a whole, as the template's string would be.
+    """
+
+    text: str
+    control: bool = False
+
+
+_CONTROL_TOKENS = (START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL)
+_MARKUP = re.compile("(" + "|".join(re.escape(t) for t in _CONTROL_TOKENS) + ")")
+
+
+def _text_segment(text: str) -> Segment:
+    return Segment(text)
+
+
+def markup_segments(markup: str) -> list[Segment]:
+    """Harmony markup this program wrote (never message text): its special-token strings are control
+    tokens. E.g. the server's forced tool-call start, `<|channel|>commentary to=functions.f ...`."""
+    return _segments([markup])
+
+
+def _segments(items: list[str | Segment]) -> list[Segment]:
+    """`str` items are the renderer's markup, `Segment` items text; adjacent text is merged."""
+    out: list[Segment] = []
+    for item in items:
+        parts = [item] if isinstance(item, Segment) else [
+            Segment(p, p in _CONTROL_TOKENS) for p in _MARKUP.split(item) if p]
+        for seg in parts:
+            if not seg.text:
+                continue
+            if out and not seg.control and not out[-1].control:
+                out[-1] = Segment(out[-1].text + seg.text)
+            else:
+                out.append(seg)
+    return out
+
+
 def render(
     messages: list[dict],
     tools: list[dict] | None = None,
@@ -296,8 +348,29 @@ def render(
     system + developer messages are merged; every call of an assistant message is rendered (the
     template keeps only the first) and each tool result is labelled with its own call's name; an
     assistant message with both reasoning and content beside tool calls (which the template refuses)
-    renders the reasoning as analysis and the content as a commentary preamble.
+    renders the reasoning as analysis and the content as a commentary preamble. Tool calls parsed
+    from the model keep the channel and content type it wrote (`<|constrain|>json`). Assistant text
+    holding `<|channel|>final<|message|>` (refused by the template) is text like any other: a model
+    that explains harmony writes it, and it never becomes control tokens (`render_segments`).
+
+    This text is for reading; a model gets `render_segments`' tokens, in which message text never
+    becomes a control token.
     """
+    return "".join(s.text for s in render_segments(messages, tools, reasoning_effort, date, add_generation_prompt,
+                                                    model_identity, builtin_tools))
+
+
+def render_segments(
+    messages: list[dict],
+    tools: list[dict] | None = None,
+    reasoning_effort: str = "medium",
+    date: str | _dt.date | None = None,
+    add_generation_prompt: bool = True,
+    model_identity: str | None = None,
+    builtin_tools: list[str] | None = None,
+) -> list[Segment]:
+    """`render`'s prompt as segments: the control tokens the renderer writes, and text (message
+    contents, names, tool definitions) that must be tokenized as plain text (`Engine.tokenize_segments`)."""
     if reasoning_effort not in REASONING_EFFORTS:
         raise OssggufError(
             f"reasoning effort {reasoning_effort!r} is not one of {', '.join(REASONING_EFFORTS)}"
@@ -310,7 +383,8 @@ def render(
     fns = normalize_tools(tools)
     identity = DEFAULT_IDENTITY if model_identity is None else model_identity
     system = _system_message(reasoning_effort, _date_text(date), identity, builtin, bool(fns))
-    out = ["<|start|>system<|message|>", system, "<|end|>"]
+    T = _text_segment  # every message text, name and tool definition: never markup
+    out: list[str | Segment] = ["<|start|>system<|message|>", T(system), "<|end|>"]
 
     instructions, loop = "", msgs
     if msgs[0]["role"] in ("system", "developer"):
@@ -318,77 +392,87 @@ def render(
     if instructions or fns:
         out.append("<|start|>developer<|message|>")
         if instructions:
-            out.append("# Instructions\n\n" + instructions + "\n\n")
+            out.append(T("# Instructions\n\n" + instructions + "\n\n"))
         if fns:
-            out.append("# Tools\n\n" + tool_namespace(fns))
+            out.append(T("# Tools\n\n" + tool_namespace(fns)))
         out.append("<|end|>")
 
     for i, msg in enumerate(loop):
         role = msg["role"]
         if role == "assistant":
-            out.append(_assistant(msg, loop[i + 1 :], last=i == len(loop) - 1 and not add_generation_prompt))
+            out += _assistant(msg, loop[i + 1 :], last=i == len(loop) - 1 and not add_generation_prompt)
         elif role == "tool":
-            out.append(
-                f"<|start|>functions.{msg['name']} to=assistant<|channel|>commentary<|message|>"
-                + tojson(msg["content"])
-                + "<|end|>"
-            )
+            out += ["<|start|>", T(f"functions.{msg['name']} to=assistant"), "<|channel|>commentary<|message|>",
+                    T(tojson(msg["content"])), "<|end|>"]
         elif role == "user":
-            out.append("<|start|>user<|message|>" + msg["content"] + "<|end|>")
+            out += ["<|start|>user<|message|>", T(msg["content"]), "<|end|>"]
     if add_generation_prompt:
         out.append("<|start|>assistant")
-    return "".join(out)
+    return _segments(out)
 
 
-def _assistant(msg: dict, later: list[dict], last: bool) -> str:
+def _assistant(msg: dict, later: list[dict], last: bool) -> list[str | Segment]:
+    T = _text_segment
     content, thinking = msg["content"], msg.get("thinking", "")
     calls = msg.get("tool_calls")
     if not calls:
         if last:  # training-style transcript: keep the reasoning and end with <|return|>
-            analysis = (
-                f"<|start|>assistant<|channel|>analysis<|message|>{thinking}<|end|>" if thinking else ""
-            )
-            return analysis + f"<|start|>assistant<|channel|>final<|message|>{content}<|return|>"
-        return f"<|start|>assistant<|channel|>final<|message|>{content}<|end|>"
+            analysis = ["<|start|>assistant<|channel|>analysis<|message|>", T(thinking), "<|end|>"] if thinking else []
+            return [*analysis, "<|start|>assistant<|channel|>final<|message|>", T(content), "<|return|>"]
+        return ["<|start|>assistant<|channel|>final<|message|>", T(content), "<|end|>"]
     # Reasoning is kept only inside the current tool loop: until an answer without calls follows.
     answered = any(m["role"] == "assistant" and "tool_calls" not in m for m in later)
-    out = []
+    out: list[str | Segment] = []
     if not answered and (thinking or content):
-        out.append(f"<|start|>assistant<|channel|>analysis<|message|>{thinking or content}<|end|>")
+        out += ["<|start|>assistant<|channel|>analysis<|message|>", T(thinking or content), "<|end|>"]
     if thinking and content:
-        out.append(f"<|start|>assistant<|channel|>commentary<|message|>{content}<|end|>")
+        out += ["<|start|>assistant<|channel|>commentary<|message|>", T(content), "<|end|>"]
     for call in calls:
         fn = call["function"]
-        out.append(
-            f"<|start|>assistant to=functions.{fn['name']}<|channel|>commentary "
-            f"{fn.get('content_type', 'json')}<|message|>{tojson(fn['arguments'])}<|call|>"
-        )
-    return "".join(out)
+        # The template's form; a call parsed from the model keeps its channel and content type.
+        # openai-harmony renders a `<|constrain|>` content type as that token, the rest as text.
+        ctype = fn.get("content_type") or "json"
+        constrain = [" <|constrain|>", T(ctype.removeprefix(CONSTRAIN))] if ctype.startswith(CONSTRAIN) else [
+            T(" " + ctype)]
+        out += ["<|start|>", T(f"assistant to=functions.{fn['name']}"), "<|channel|>",
+                T(fn.get("channel") or "commentary"), *constrain, "<|message|>", T(tojson(fn["arguments"])),
+                "<|call|>"]
+    return out
 
 
 # -- history and files ---------------------------------------------------------------------------
-def usable_tool_calls(parsed: ParsedMessage) -> list:
-    """The tool calls whose arguments are valid JSON: the others (cut off, malformed) could neither
-    be run nor rendered back into the prompt."""
-    calls = []
-    for c in parsed.tool_calls:
-        try:
-            json.loads(c.arguments)
-        except json.JSONDecodeError:
-            log.warning("tool call %s (%s) left out: arguments are not valid JSON", c.id, c.name)
-            continue
-        calls.append(c)
-    return calls
+def tool_call_problem(call: ToolCall, tool_names: Iterable[str] | None = None) -> str | None:
+    """Why a tool call the model wrote cannot be run as it stands (None: it can), for the one policy
+    on malformed calls (docs/server.md, "Malformed tool calls"):
+
+    A call is never dropped or rewritten: every path reports it as the model wrote it, as OpenAI's
+    API does (its `arguments` "may not be valid JSON" and may name a function that was not offered).
+    The server hands it to the client (finish reason `tool_calls`; cut off by max tokens: `length`),
+    whose tool loop answers it with an error the model can act on; `chat`/`run` answer it with this
+    text instead of running the tool. A forced tool call the model botched is such a call.
+    `tool_names`: the offered functions (None: any name goes).
+    """
+    names = None if tool_names is None else list(tool_names)
+    if names is not None and call.name not in names:
+        offered = ", ".join(names) if names else "none were offered"
+        return f"there is no tool named {call.name!r} (tools: {offered}): call one of them"
+    try:
+        args = json.loads(call.arguments)
+    except json.JSONDecodeError as exc:
+        return f"the arguments of this call to {call.name!r} are not valid JSON ({exc}): call it again with a JSON object"
+    if not isinstance(args, dict):
+        return f"the arguments of this call to {call.name!r} are not a JSON object: call it again with a JSON object"
+    return None
 
 
 def assistant_history_message(parsed: ParsedMessage) -> dict:
     """The OpenAI-shaped assistant message for a parsed completion, to append to the conversation
-    (without the tool calls that `usable_tool_calls` leaves out)."""
+    (every tool call as the model wrote it: `tool_call_problem`)."""
     msg: dict[str, Any] = {"role": "assistant", "content": parsed.content}
     if parsed.reasoning:
         msg["reasoning_content"] = parsed.reasoning
     calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-             for c in usable_tool_calls(parsed)]
+             for c in parsed.tool_calls]
     if calls:
         msg["content"] = parsed.content or None
         msg["tool_calls"] = calls
@@ -397,17 +481,37 @@ def assistant_history_message(parsed: ParsedMessage) -> dict:
 
 def _load_json(path: str | Path, what: str) -> Any:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the JSON
+        return json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise OssggufError(f"{what} file {path} not found") from None
+    except UnicodeDecodeError as exc:
+        raise OssggufError(f"{what} file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                           f"{exc.start:,}): save it as UTF-8 JSON") from None
+    except OSError as exc:
+        raise OssggufError(f"cannot read {what} file {path}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
         raise OssggufError(f"{what} file {path} is not valid JSON: {exc}") from None
+
+
+def _in_file(path: str | Path, check, value: Any) -> None:
+    """Run a check on what a file holds, its error prefixed with the file (`chat.json: messages[0] ...`):
+    the field paths alone do not say which of two files is wrong. Its warnings are left to the
+    rendering that follows, so that each is shown once."""
+    quiet, log.disabled = log.disabled, True
+    try:
+        check(value)
+    except OssggufError as exc:
+        raise OssggufError(f"{path}: {exc}") from None
+    finally:
+        log.disabled = quiet
 
 
 def load_messages_and_tools(messages_path: str | Path | None,
                             tools_path: str | Path | None = None) -> tuple[list[dict], list[dict] | None]:
     """Messages and tools from JSON files: a message list (or a chat request body with `messages`
-    and `tools`) and optionally a tool list (or `{"tools": [...]}`), which wins over the body's."""
+    and `tools`) and optionally a tool list (or `{"tools": [...]}`), which wins over the body's.
+    Both are checked here, so that an error names the file it comes from."""
     messages, tools = [], None
     if messages_path is not None:
         data = _load_json(messages_path, "messages")
@@ -416,6 +520,11 @@ def load_messages_and_tools(messages_path: str | Path | None,
             data = data.get("messages")
         if not isinstance(data, list):
             raise OssggufError(f"{messages_path} must hold a list of messages or an object with a 'messages' list")
+        if not data:
+            raise OssggufError(f"{messages_path} holds no messages: give at least one "
+                               "{'role': ..., 'content': ...} object, or leave out --messages")
+        _in_file(messages_path, normalize_messages, data)
+        _in_file(messages_path, normalize_tools, tools)  # a request body's own tools
         messages = data
     if tools_path is not None:
         tools = _load_json(tools_path, "tools")
@@ -423,6 +532,7 @@ def load_messages_and_tools(messages_path: str | Path | None,
             tools = tools.get("tools")
         if not isinstance(tools, list):
             raise OssggufError(f"{tools_path} must hold a list of tools or an object with a 'tools' list")
+        _in_file(tools_path, normalize_tools, tools)
     return messages, tools
 
 
@@ -431,7 +541,33 @@ def render_from_files(
     tools_path: str | Path | None = None,
     reasoning_effort: str = "medium",
     date: str | None = None,
+    *,
+    model: str | Path | None = None,
 ) -> str:
-    """Render a prompt from JSON files (see `load_messages_and_tools`)."""
+    """Render a prompt from JSON files (see `load_messages_and_tools`); with `model`, only for a
+    gpt-oss GGUF that speaks harmony (`check_harmony_model`)."""
+    if model is not None:
+        check_harmony_model(model)
     data, tools = load_messages_and_tools(messages_path, tools_path)
     return render(data, tools=tools, reasoning_effort=reasoning_effort, date=date)
+
+
+# The control tokens the renderer writes and the parser reads (openai-harmony's special tokens).
+HARMONY_TOKENS = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>")
+
+
+def check_harmony_model(path: str | Path) -> None:
+    """OssggufError unless `path` is a readable gpt-oss GGUF (any shard of a split set) whose
+    vocabulary has harmony's control tokens: the prompt `render` prints is only right for such a model."""
+    from ossgguf.gguf_read import read_gguf
+    from ossgguf.model import ARCH
+
+    model = read_gguf(path)  # the project's one header reader: refuses a missing, cut or corrupt file
+    arch = model.get("general.architecture")
+    if arch != ARCH:
+        raise OssggufError(f"{model.path} holds a '{arch}' model, not {ARCH}: the harmony prompt is gpt-oss's only")
+    tokens = set(model.get("tokenizer.ggml.tokens") or [])
+    missing = [t for t in HARMONY_TOKENS if t not in tokens]
+    if missing:
+        raise OssggufError(f"{model.path}: its vocabulary lacks harmony's {', '.join(missing)}: not a gpt-oss "
+                           "tokenizer; convert the model again with `ossgguf convert`")

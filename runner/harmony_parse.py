@@ -6,6 +6,11 @@ answer) or `<|call|>` (tool call). The header holds the channel and, for tool ca
 either form the model writes: `<|channel|>commentary to=functions.f <|constrain|>json` (harmony docs)
 or ` to=functions.f<|channel|>commentary json` (the official template's history form).
 The parser never raises on model output: problems end up in `ParsedMessage.error` / `stop_reason`.
+
+Model output is parsed on token ids, as openai-harmony does (`feed_token`): a control token is
+known by its id, and text made of ordinary tokens stays text even where it spells `<|end|>` (a model
+explaining harmony). `feed` / `parse_completion` read harmony markup instead (a rendered or scripted
+string, the server's forced tool-call start), where every special-token string is a control token.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -50,6 +55,13 @@ class ToolCall:
     id: str
     name: str
     arguments: str  # JSON text as the model wrote it ("{}" when it wrote nothing)
+    # The header as the model wrote it, rendered back in history: None where it wrote none.
+    channel: str | None = None  # "commentary" for function calls, "analysis" for built-in tools
+    content_type: str | None = None  # "<|constrain|>json" (harmony docs), "json" (template form)
+
+    def header_fields(self) -> dict[str, str]:
+        """The channel and content type the model wrote, for a history message's `function`."""
+        return {k: v for k, v in (("channel", self.channel), ("content_type", self.content_type)) if v}
 
 
 @dataclass
@@ -81,12 +93,13 @@ def default_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-def parse_header(parts: list[str]) -> _Header:
-    """Split header pieces (text and `<|channel|>` / `<|constrain|>` markers) into its fields."""
+def parse_header(parts: list[tuple[str, str]]) -> _Header:
+    """Split header pieces, ("text", s) and ("special", `<|channel|>` / `<|constrain|>`), into its
+    fields. A content type after `<|constrain|>` keeps the marker, as openai-harmony's does."""
     sections: dict[str, list[str]] = {"role": [], CHANNEL: [], CONSTRAIN: []}
     current = "role"
-    for part in parts:
-        if part in (CHANNEL, CONSTRAIN):
+    for kind, part in parts:
+        if kind == "special":
             current = part
         else:
             sections[current].append(part)
@@ -100,18 +113,24 @@ def parse_header(parts: list[str]) -> _Header:
             elif section == CHANNEL and channel is None:
                 channel = word
             elif content_type is None:
-                content_type = word
+                content_type = CONSTRAIN + word if section == CONSTRAIN else word
     return _Header(role or "assistant", channel, recipient, content_type)
 
 
 class HarmonyStreamParser:
-    """Feed generated text piece by piece; get deltas back; call `finish()` once at the end."""
+    """Feed generated tokens one by one (`feed_token`); get deltas back; call `finish()` once at the end.
 
-    def __init__(self, id_factory: Callable[[], str] | None = None) -> None:
+    `special_tokens` (id -> text, `Engine.special_tokens()`) tells which ids are harmony's control
+    tokens; `feed` reads markup text instead.
+    """
+
+    def __init__(self, id_factory: Callable[[], str] | None = None,
+                 special_tokens: Mapping[int, str] | None = None) -> None:
         self._new_id = id_factory or default_call_id
+        self._control = {i: t for i, t in (special_tokens or {}).items() if t in SPECIAL_TOKENS}
         self._buf = ""  # text held back because it may be the start of a special token
         self._state = "header"  # header | body | between | done
-        self._header: list[str] = []
+        self._header: list[tuple[str, str]] = []  # ("text", s) and ("special", marker) pieces
         self._target: str | None = None  # reasoning | content | tool
         self._channel: str | None = None
         self._body_chars = 0
@@ -124,12 +143,36 @@ class HarmonyStreamParser:
 
     # -- input ---------------------------------------------------------------------------------
     def feed(self, piece: str) -> list[Event]:
+        """Harmony markup: every special-token string in it is that control token. Only for text
+        this program wrote or scripted; the model's output goes through `feed_token`."""
         if self._finished:
             raise RuntimeError("HarmonyStreamParser.feed() called after flush() or finish()")
         self._buf += piece
         events: list[Event] = []
         for kind, text in self._scan(final=False):
             self._step(kind, text, events)
+        return events
+
+    def feed_token(self, token: int | None, text: str) -> list[Event]:
+        """One generated token and its text: a harmony control token by its id, anything else text,
+        whatever it spells. `token` None: text alone (an engine's last, flushed bytes).
+
+        A control token's `text` may begin with the rest of a UTF-8 sequence the decoder flushed
+        with it: that part is text.
+        """
+        if self._finished:
+            raise RuntimeError("HarmonyStreamParser.feed_token() called after flush() or finish()")
+        events: list[Event] = []
+        for kind, held in self._scan(final=True):  # markup fed before (a prefill) ends here
+            self._step(kind, held, events)
+        control = self._control.get(token) if token is not None else None
+        if control is None:
+            if text:
+                self._step("text", text, events)
+            return events
+        if before := text.removesuffix(control):
+            self._step("text", before, events)
+        self._step("special", control, events)
         return events
 
     def flush(self) -> list[Event]:
@@ -141,8 +184,8 @@ class HarmonyStreamParser:
         self._finished = True
         for kind, text in self._scan(final=True):
             self._step(kind, text, events)
-        if self._state == "header" and self._header and not self._opened and CHANNEL not in self._header:
-            text = _drop_partial_token("".join(p for p in self._header if p != CONSTRAIN))
+        if self._state == "header" and self._header and not self._opened and ("special", CHANNEL) not in self._header:
+            text = _drop_partial_token("".join(p for kind, p in self._header if kind == "text"))
             if not _HEADER_START.fullmatch(text):
                 self._not_harmony(events)
         return events
@@ -229,8 +272,8 @@ class HarmonyStreamParser:
                 return
             else:
                 self._state = "header"
-                self._header.append(text)
-                if sum(len(p) for p in self._header) > MAX_HEADER_CHARS:
+                self._header.append(("text", text))
+                if sum(len(p) for _, p in self._header) > MAX_HEADER_CHARS:
                     self._not_harmony(events)
             return
         # special tokens
@@ -244,7 +287,7 @@ class HarmonyStreamParser:
             elif text == CHANNEL:
                 log.debug("harmony: <|channel|> inside a message body; closing the message")
                 self._close(END)
-                self._state, self._header = "header", [CHANNEL]
+                self._state, self._header = "header", [("special", CHANNEL)]
             elif text == ENDOFTEXT:
                 self._close(RETURN if self._target != "tool" else CALL)
                 self._state = "done"
@@ -254,7 +297,7 @@ class HarmonyStreamParser:
             self._state, self._header = "header", []
         elif text in (CHANNEL, CONSTRAIN):
             self._state = "header"
-            self._header.append(text)
+            self._header.append(("special", text))
         elif text == MESSAGE:
             self._open(parse_header(self._header), events)
         elif text == ENDOFTEXT:
@@ -274,7 +317,8 @@ class HarmonyStreamParser:
         self._opened += 1
         if header.recipient:
             name = header.recipient.removeprefix("functions.")
-            call = ToolCall(id=self._new_id(), name=name, arguments="")
+            call = ToolCall(id=self._new_id(), name=name, arguments="", channel=header.channel,
+                            content_type=header.content_type)
             self.result.tool_calls.append(call)
             self._target = "tool"
             events.append(Event("tool_call", index=len(self.result.tool_calls) - 1, id=call.id, name=name))
@@ -315,7 +359,7 @@ class HarmonyStreamParser:
     def _not_harmony(self, events: list[Event]) -> None:
         """Deliver a header that never ended as content, so a broken model still shows its text."""
         self._set_error("the output is not in the harmony format (no <|channel|>...<|message|> header)")
-        text = "".join(p for p in self._header if p not in (CHANNEL, CONSTRAIN))
+        text = "".join(p for kind, p in self._header if kind == "text")
         self._header, self._state, self._target, self._body_chars = [], "body", "content", 0
         self._channel = None
         self._emit(text, events)
@@ -330,7 +374,21 @@ def parse_completion(
     ended_by: Literal["stop", "length"] | None = None,
     id_factory: Callable[[], str] | None = None,
 ) -> ParsedMessage:
-    """Parse a whole completion (text generated after `<|start|>assistant`)."""
+    """Parse a whole completion written as harmony markup (text after `<|start|>assistant` in which
+    every special-token string is a control token). Generated output: `parse_tokens`."""
     parser = HarmonyStreamParser(id_factory)
     parser.feed(text)
+    return parser.finish(ended_by)
+
+
+def parse_tokens(
+    tokens: Iterable[tuple[int | None, str]],
+    special_tokens: Mapping[int, str],
+    ended_by: Literal["stop", "length"] | None = None,
+    id_factory: Callable[[], str] | None = None,
+) -> ParsedMessage:
+    """Parse a whole generated completion from its (token id, text) pairs (see `feed_token`)."""
+    parser = HarmonyStreamParser(id_factory, special_tokens)
+    for token, text in tokens:
+        parser.feed_token(token, text)
     return parser.finish(ended_by)

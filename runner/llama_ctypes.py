@@ -6,6 +6,8 @@
 - llama.cpp's log is global (`llama_log_set` also sets ggml's); `LlamaLog` routes it: through to
   stderr in verbose mode (debug lines included), into captures for measurements and tests, and
   otherwise into a short ring buffer that error messages quote.
+- `OSSGGUF_NO_REPACK=1` turns llama.cpp's weight repacking off (`use_extra_bufts = False`) for every
+  model this project loads: the CPU then runs other kernels, as another processor would (tests use it).
 
 The struct layouts match llama-cpp-python 0.3.36 (pinned in pyproject.toml).
 """
@@ -17,6 +19,7 @@ import contextlib
 import ctypes
 import functools
 import logging
+import os
 import re
 import sys
 import threading
@@ -37,6 +40,46 @@ def llama_cpp_module():
     import llama_cpp.llama_cpp as lc
 
     return lc
+
+
+NO_REPACK_ENV = "OSSGGUF_NO_REPACK"
+
+
+def repack_enabled() -> bool:
+    """False when OSSGGUF_NO_REPACK is set (to anything but "" or "0")."""
+    return os.environ.get(NO_REPACK_ENV, "").strip() in ("", "0")
+
+
+def model_params():
+    """llama_model_default_params() with repacking as OSSGGUF_NO_REPACK says."""
+    mp = llama_cpp_module().llama_model_default_params()
+    mp.use_extra_bufts = repack_enabled()
+    return mp
+
+
+@functools.lru_cache(maxsize=1)
+def _llama_class():
+    from llama_cpp import Llama
+
+    class _Llama(Llama):
+        # Llama.__init__ (0.3.36) assigns `self.model_params` once, before it loads the model and
+        # then only sets other fields: the setter switches repacking in time, with no option for it.
+        @property
+        def model_params(self):
+            return self._ossgguf_model_params
+
+        @model_params.setter
+        def model_params(self, mp) -> None:
+            mp.use_extra_bufts = repack_enabled()
+            self._ossgguf_model_params = mp
+
+    return _Llama
+
+
+def open_llama(path: str | Path, **kwargs):
+    """llama_cpp.Llama(path, **kwargs) with repacking as OSSGGUF_NO_REPACK says: every comparison
+    against raw llama-cpp-python then runs the kernels the engine runs."""
+    return _llama_class()(str(path), **kwargs)
 
 
 class BuftOverride(ctypes.Structure):

@@ -11,11 +11,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ossgguf import limits
 from ossgguf.errors import OssggufError
 from ossgguf.gguf_read import GgufSet, read_gguf
 from ossgguf.model import ARCH, TensorClass, expert_offload_pattern, layer_of, tensor_class
@@ -189,8 +189,6 @@ def resolve_devices(gpu_mem: int | None = None, ram: int | None = None, unified:
 
 def parse_size(text: str | int) -> int:
     """A memory size: '24G' and '24GiB' are binary, '24GB' decimal; 0 (as in --gpu-mem 0: no GPU) is allowed."""
-    if isinstance(text, str) and re.fullmatch(r"\s*0+\s*[KMGT]?i?B?\s*", text, re.IGNORECASE):
-        return 0
     return _parse_size(text, bare_unit_base=1024)
 
 
@@ -220,6 +218,12 @@ class PlacementOptions:
     flash_attn: bool = True  # no n_ctx x batch x heads score matrix; llama.cpp supports gpt-oss sinks in it
     op_offload: bool = True  # prompt batches stream RAM-resident experts through the GPU
     verbose: bool = False  # -v: llama.cpp's whole log (debug lines too) on stderr
+
+    def __post_init__(self) -> None:  # the CLI checks the same limits; other callers get this message
+        for name, limit in (("ctx", limits.CTX), ("ubatch", limits.UBATCH), ("threads", limits.THREADS),
+                            ("n_cpu_moe", limits.N_CPU_MOE), ("gpu_mem", limits.GPU_MEM), ("ram", limits.MEMORY),
+                            ("unified", limits.MEMORY)):
+            limit.check(name, getattr(self, name))
 
 
 @dataclass(frozen=True)

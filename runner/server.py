@@ -31,10 +31,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ossgguf.errors import OssggufError
 
-from .harmony import render
+from .harmony import markup_segments, render_segments
 from .plan import PlacementOptions
-from .server_chat import completion, include_usage, new_id, parse_chat, stream_chunks
-from .server_errors import APIError, context_exceeded, install_handlers, invalid, read_json_object
+from .server_chat import Turn, completion, include_usage, new_id, parse_chat, stream_chunks
+from .server_errors import (
+    APIError,
+    context_exceeded,
+    context_too_small,
+    conversation_room,
+    install_handlers,
+    read_json_object,
+)
 from .server_responses import OutputBuilder, ResponseStore, parse_responses, prefixed_id, sse
 from .server_worker import Backend, ClientGone, GenerateFn, GenerationRequest, Job, TurnEnd, Worker, run_turn
 
@@ -74,17 +81,36 @@ class ServerState:
 
         def work() -> GenerationRequest:
             try:
-                prompt = render(turn.messages, turn.tools, turn.reasoning_effort, date=turn.date or self.date,
-                                model_identity=turn.model_identity)
+                segments = render_segments(turn.messages, turn.tools, turn.reasoning_effort,
+                                           date=turn.date or self.date, model_identity=turn.model_identity)
             except OssggufError as exc:
-                raise invalid(str(exc), "messages") from None
-            prompt += turn.prefill
-            tokens = self.backend.tokenize(prompt) if self.backend.tokenize else None
+                raise turn.invalid(str(exc)) from None
+            segments += markup_segments(turn.prefill)
+            prompt = "".join(s.text for s in segments)
+            # message text never becomes a control token (harmony.Segment)
+            tokens = self.backend.tokenize(segments) if self.backend.tokenize else None
             if tokens is not None and self.backend.n_ctx and len(tokens) >= self.backend.n_ctx:
-                raise context_exceeded(len(tokens), self.backend.n_ctx)
+                raise self._too_long(turn, len(tokens), self.backend.n_ctx)
             return GenerationRequest(prompt, tokens, turn.params)
 
         return await asyncio.to_thread(work)
+
+    def _too_long(self, turn: Turn, n_prompt: int, n_ctx: int) -> APIError:
+        """OpenAI's context error, on which agents compact the conversation; or, when what they never
+        compact (the leading system/developer messages and the tools) leaves too little room for that
+        to help, an error that makes them stop and names --ctx (server_errors.context_too_small)."""
+        fixed = []
+        for msg in turn.messages:  # the template reads only the leading run (harmony.normalize_messages)
+            if not isinstance(msg, dict) or msg.get("role") not in ("system", "developer"):
+                break
+            fixed.append(msg)
+        segments = render_segments(fixed or [{"role": "system", "content": ""}], turn.tools, turn.reasoning_effort,
+                                   date=turn.date or self.date, add_generation_prompt=False,
+                                   model_identity=turn.model_identity)
+        n_fixed = len(self.backend.tokenize(segments))
+        if n_ctx - n_fixed < conversation_room(n_ctx):
+            return context_too_small(n_fixed, n_ctx)
+        return context_exceeded(n_prompt, n_ctx, turn.source)
 
 
 class _JobStream(StreamingResponse):
@@ -203,7 +229,7 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
         model_name = state.check_model(body)
         turn = parse_chat(body, state.default_effort)
         job = state.worker.submit(await state.prepare(turn))
-        events = run_turn(state.worker, job, request.is_disconnected, turn.prefill, turn.stop)
+        events = run_turn(state.worker, job, request.is_disconnected, turn.prefill, turn.stop, turn.tool_names)
         if turn.stream:
             def error(msg: str) -> str:
                 return "data: " + json.dumps(APIError(msg, 500).body()) + "\n\ndata: [DONE]\n\n"
@@ -222,13 +248,13 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
         model_name = state.check_model(body)
         req = parse_responses(body, state.default_effort, state.store)
         job = state.worker.submit(await state.prepare(req.turn))
-        events = run_turn(state.worker, job, request.is_disconnected, req.turn.prefill)
+        events = run_turn(state.worker, job, request.is_disconnected, req.turn.prefill,
+                          tool_names=req.turn.tool_names)
         out = OutputBuilder(prefixed_id("resp"), model_name, {**req.echo, "store": req.store})
 
         def remember(resp: dict) -> None:
-            if req.store:
-                usable = [i for i in resp["output"] if i.get("status") != "incomplete" or i["type"] != "function_call"]
-                state.store.put(resp["id"], req.items + usable)
+            if req.store:  # every output item, malformed calls too (harmony.tool_call_problem)
+                state.store.put(resp["id"], req.items + resp["output"])
 
         if req.turn.stream:
             async def stream() -> AsyncIterator[str]:

@@ -7,6 +7,7 @@ Reasoning goes out under both `reasoning_content` (vLLM, DeepSeek, Open WebUI) a
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from . import server_params as P
 from .chat import Sampling
 from .harmony import assistant_history_message
 from .harmony_parse import Event
-from .server_errors import invalid
+from .server_errors import APIError, invalid
 from .server_worker import TurnEnd, Usage
 
 
@@ -34,6 +35,30 @@ class Turn:
     stream: bool = False
     date: str | None = None  # None: the server's date (fixed when it started, so prompts repeat)
     model_identity: str | None = None
+    source: str = "messages"  # the request field the conversation came from, for errors
+    # Responses: per message, where its parts are in the request ("" -> "input[3]", ".content" -> ...)
+    paths: list[dict[str, str]] | None = None
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [t["function"]["name"] for t in self.tools]
+
+    def invalid(self, message: str) -> APIError:
+        """A 400 for harmony's complaint about `messages[i]...`, naming the field the client sent."""
+        match = _MESSAGE_PATH.search(message)
+        if match is None:
+            return invalid(message, self.source)
+        if self.paths is None:
+            return invalid(message, match.group(0))
+        where, rest = self.paths[int(match.group(1))], match.group(2)
+        key = max((k for k in where if rest.startswith(k) and rest[len(k):len(k) + 1] in ("", ".", "[")),
+                  key=len)  # "" is always there
+        param = where[key] + rest[len(key):]
+        message = message[:match.start()] + param + message[match.end():]
+        return invalid(message.replace("tool_call_id", "call_id"), param)
+
+
+_MESSAGE_PATH = re.compile(r"messages\[(\d+)\]((?:\.\w+|\[\d+\])*)")
 
 
 def template_kwargs(body: dict) -> dict:

@@ -44,10 +44,39 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(message, 400, param, code)
 
 
-def context_exceeded(n_prompt: int, n_ctx: int) -> APIError:
+def context_exceeded(n_prompt: int, n_ctx: int, param: str = "messages") -> APIError:
+    """OpenAI's own error for a prompt over the context: agents (Codex, opencode) compact the
+    conversation when they see it (the phrase "maximum context length" or the code) and ask again."""
     return APIError(f"This model's maximum context length is {n_ctx} tokens. However, your messages resulted "
                     f"in {n_prompt} tokens. Shorten the conversation, or restart the server with a larger --ctx.",
-                    400, "messages", "context_length_exceeded")
+                    400, param, "context_length_exceeded")
+
+
+def conversation_room(n_ctx: int) -> int:
+    """The tokens the conversation needs beside the system prompt and tools for compacting it to help
+    (a summary, the next message, an answer): 8,192, or a quarter of a smaller context."""
+    return min(8192, n_ctx // 4)
+
+
+def suggested_ctx(n_fixed: int) -> int:
+    """The smallest power of two that leaves 8,192 tokens and a quarter of it beside `n_fixed`."""
+    ctx = 8192
+    while ctx - n_fixed < max(8192, ctx // 4):
+        ctx *= 2
+    return ctx
+
+
+def context_too_small(n_fixed: int, n_ctx: int) -> APIError:
+    """The system prompt and tools leave the conversation less than `conversation_room`: no compaction
+    can help. Deliberately not OpenAI's context error, whose wording and code make agents compact and
+    retry forever; a plain 400 makes Codex and opencode stop and show the message."""
+    if n_fixed >= n_ctx:
+        where = f"more than this server's context (--ctx {n_ctx})"
+    else:
+        where = (f"which leaves {n_ctx - n_fixed:,} of this server's context (--ctx {n_ctx}) for the conversation, "
+                 f"too few to work in")
+    return APIError(f"The system prompt and tools alone are {n_fixed:,} tokens, {where}: restart `ossgguf serve` "
+                    f"with --ctx {suggested_ctx(n_fixed)} or more.", 400, None, "context_too_small")
 
 
 async def read_json_object(request: Request) -> dict[str, Any]:

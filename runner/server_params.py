@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ossgguf import limits
 from ossgguf.errors import OssggufError
 
 from .chat import Sampling
@@ -38,13 +39,13 @@ def sampling(body: dict, max_keys: tuple[str, ...]) -> Sampling:
     max_tokens = None
     for key in max_keys:
         if body.get(key) is not None:
-            max_tokens = number(body, key, 1, 2**31 - 1, integer=True)
+            max_tokens = number(body, key, limits.MAX_TOKENS.lo, limits.MAX_TOKENS.hi, integer=True)
             break
-    fields = {
-        "temperature": number(body, "temperature", 0, 2),
-        "top_p": number(body, "top_p", 0, 1),
-        "top_k": number(body, "top_k", 0, 2**31 - 1, integer=True),
-        "min_p": number(body, "min_p", 0, 1),
+    fields = {  # the ranges of the CLI's options (ossgguf.limits), which are OpenAI's
+        "temperature": number(body, "temperature", limits.TEMPERATURE.lo, limits.TEMPERATURE.hi),
+        "top_p": number(body, "top_p", limits.TOP_P.lo, limits.TOP_P.hi),
+        "top_k": number(body, "top_k", limits.TOP_K.lo, limits.TOP_K.hi, integer=True),
+        "min_p": number(body, "min_p", limits.MIN_P.lo, limits.MIN_P.hi),
         "seed": number(body, "seed", -(2**63), 2**64 - 1, integer=True),
     }
     return Sampling(max_tokens=max_tokens, **{k: v for k, v in fields.items() if v is not None})
@@ -116,13 +117,46 @@ def tool_choice(value: Any, fns: list[dict], param: str = "tool_choice") -> tupl
     return fns, f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>"
 
 
-def unsupported(body: dict) -> None:
-    """Options gpt-oss cannot honour here: refuse them rather than silently answer something else."""
+def _one_choice(body: dict) -> None:
     n = body.get("n")
     if n is not None and n != 1:
         raise invalid("Only n=1 is supported: this server generates one choice per request.", "n")
-    if body.get("logprobs"):
-        raise invalid("logprobs are not supported by this server.", "logprobs")
+
+
+def unsupported(body: dict) -> None:
+    """Chat Completions options gpt-oss cannot honour here: refuse them rather than silently answer
+    something else."""
+    _one_choice(body)
+    for key in ("logprobs", "top_logprobs"):
+        if body.get(key):
+            raise invalid("logprobs are not supported by this server.", key)
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
         raise invalid(f"response_format {fmt.get('type')!r} is not supported: only 'text'.", "response_format")
+
+
+def unsupported_responses(body: dict) -> None:
+    """The Responses API's options this server cannot honour, refused as `unsupported` refuses chat's.
+    Accepted and ignored: what changes no answer here (`include: ["reasoning.encrypted_content"]`,
+    which Codex sends: reasoning comes back as text; `prompt_cache_key`, `service_tier`, ...)."""
+    _one_choice(body)
+    include = body.get("include")
+    if include is not None and (not isinstance(include, list) or not all(isinstance(i, str) for i in include)):
+        raise invalid("'include' must be a list of strings.", "include")
+    if body.get("top_logprobs") or body.get("logprobs") or "message.output_text.logprobs" in (include or []):
+        raise invalid("logprobs are not supported by this server.",
+                      "top_logprobs" if body.get("top_logprobs") else "include")
+    if body.get("background"):
+        raise invalid("Background responses are not supported by this server: send the request with or without "
+                      "'stream'.", "background")
+    if body.get("conversation") is not None:
+        raise invalid("Conversations are not supported by this server: send 'previous_response_id' or the whole "
+                      "conversation as 'input'.", "conversation")
+    if body.get("prompt") is not None:
+        raise invalid("Prompt templates are not supported by this server: send 'instructions' and 'input'.", "prompt")
+    text = body.get("text")
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        raise invalid(f"text.format {fmt.get('type')!r} is not supported: only 'text'.", "text.format")
+    if body.get("truncation") not in (None, "auto", "disabled"):
+        raise invalid(f"'truncation' is {body['truncation']!r}: use 'auto' or 'disabled'.", "truncation")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -57,7 +58,7 @@ def _chat_tools(value: Any) -> list[dict]:
         return []
     if not isinstance(value, list):
         raise invalid("'tools' must be a list of function tools.", "tools")
-    out = []
+    out, kept = [], []
     for k, tool in enumerate(value):
         if not isinstance(tool, dict):
             raise invalid(f"'tools[{k}]' must be an object.", f"tools[{k}]")
@@ -67,7 +68,18 @@ def _chat_tools(value: Any) -> list[dict]:
         fn = tool.get("function") if isinstance(tool.get("function"), dict) else tool
         out.append({"type": "function", "function": {k2: fn[k2] for k2 in ("name", "description", "parameters")
                                                       if k2 in fn}})
-    return P.tools(out)
+        kept.append(k)
+    try:
+        return P.tools(out)
+    except APIError as exc:  # errors name the chat form's tools[j].function.x: the request's is tools[k].x
+
+        def request_path(m: re.Match) -> str:
+            return f"tools[{kept[int(m.group(1))]}]" + ("." if m.group(2) else "")
+
+        path = re.compile(r"tools\[(\d+)\](\.function\.)?")
+        exc.message = path.sub(request_path, exc.message)
+        exc.param = path.sub(request_path, exc.param) if exc.param else exc.param
+        raise
 
 
 def _reasoning_text(item: dict) -> str:
@@ -77,50 +89,62 @@ def _reasoning_text(item: dict) -> str:
     return "\n".join(p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str))
 
 
-def input_messages(items: list, where: str = "input") -> list[dict]:
-    """Responses input items as chat messages. Consecutive assistant-side items (reasoning, an assistant
-    message, function calls) make one assistant message, as harmony renders them."""
+def input_messages(items: list, where: str = "input", skip: int = 0) -> tuple[list[dict], list[dict[str, str]]]:
+    """Responses input items as chat messages, and per message where its parts are in the request
+    (`Turn.paths`, so that errors name `input[k]`). Consecutive assistant-side items (reasoning, an
+    assistant message, function calls) make one assistant message, as harmony renders them. The
+    first `skip` items are a stored previous response's (`previous_response_id`)."""
     msgs: list[dict] = []
+    paths: list[dict[str, str]] = []
     group: dict | None = None  # the assistant message being assembled
 
-    def assistant(fresh_if_filled: bool) -> dict:
+    def assistant(fresh_if_filled: bool, here: str) -> tuple[dict, dict[str, str]]:
         nonlocal group
         if group is None or (fresh_if_filled and (group["content"] or group.get("tool_calls"))):
             group = {"role": "assistant", "content": ""}
             msgs.append(group)
-        return group
+            paths.append({"": here})
+        return group, paths[-1]
 
     for k, item in enumerate(items):
-        here = f"{where}[{k}]"
+        here = f"{where}[{k - skip}]" if k >= skip else f"previous_response_id[{k}]"
         if not isinstance(item, dict):
             raise invalid(f"'{here}' must be an object.", here)
         kind = item.get("type", "message" if "role" in item else None)
         if kind == "message":
             role = item.get("role")
             if role == "assistant":
-                assistant(fresh_if_filled=True)["content"] = item.get("content") or ""
+                g, path = assistant(True, here)
+                g["content"] = item.get("content") or ""
+                path[".content"] = f"{here}.content"
             elif role in ("user", "system", "developer"):
                 group = None
                 msgs.append({"role": role, "content": item.get("content")})
+                paths.append({"": here})
             else:
                 raise invalid(f"'{here}.role' is {role!r}: use user, system, developer or assistant.", f"{here}.role")
         elif kind == "reasoning":
-            g = assistant(fresh_if_filled=True)
+            g, path = assistant(True, here)
             text = _reasoning_text(item)
             g["reasoning_content"] = "\n".join(t for t in (g.get("reasoning_content"), text) if t)
+            path[".reasoning_content"] = f"{here}.content"
         elif kind == "function_call":
             if not isinstance(item.get("name"), str) or not isinstance(item.get("call_id"), str):
                 raise invalid(f"'{here}' needs 'name' and 'call_id' strings.", here)
-            assistant(fresh_if_filled=False).setdefault("tool_calls", []).append(
-                {"id": item["call_id"], "type": "function",
-                 "function": {"name": item["name"], "arguments": item.get("arguments") or "{}"}})
+            g, path = assistant(False, here)
+            calls = g.setdefault("tool_calls", [])
+            path[f".tool_calls[{len(calls)}]"] = here
+            path[f".tool_calls[{len(calls)}].function.arguments"] = f"{here}.arguments"
+            calls.append({"id": item["call_id"], "type": "function",
+                          "function": {"name": item["name"], "arguments": item.get("arguments") or "{}"}})
         elif kind == "function_call_output":
             group = None
             msgs.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": item.get("output")})
+            paths.append({"": here, ".content": f"{here}.output"})
         else:
             raise invalid(f"'{here}' has type {kind!r}: this server takes message, reasoning, function_call and "
                           "function_call_output items.", f"{here}.type")
-    return msgs
+    return msgs, paths
 
 
 @dataclass
@@ -138,20 +162,19 @@ def parse_responses(body: dict, default_effort: str, store: ResponseStore) -> Re
     items = [{"type": "message", "role": "user", "content": raw}] if isinstance(raw, str) else raw
     if not isinstance(items, list):
         raise invalid("'input' must be a string or a list of input items.", "input")
+    P.unsupported_responses(body)
     prev = body.get("previous_response_id")
-    if prev is not None:
-        items = list(store.get(str(prev))) + items
+    stored = list(store.get(str(prev))) if prev is not None else []
+    items = stored + items
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise invalid("'instructions' must be a string.", "instructions")
-    messages = input_messages(items)
+    messages, paths = input_messages(items, skip=len(stored))
     if instructions:
         messages.insert(0, {"role": "developer", "content": instructions})
+        paths.insert(0, {"": "instructions", ".content": "instructions"})
     if not messages:
         raise invalid("'input' holds no messages.", "input")
-    fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
-    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-        raise invalid(f"text.format {fmt.get('type')!r} is not supported: only 'text'.", "text.format")
     fns = _chat_tools(body.get("tools"))
     fns, prefill = P.tool_choice(body.get("tool_choice"), fns)
     reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
@@ -162,19 +185,21 @@ def parse_responses(body: dict, default_effort: str, store: ResponseStore) -> Re
         raise invalid("'stream' must be true or false.", "stream")
     turn = Turn(messages=messages, tools=fns, reasoning_effort=effort,
                 params=P.sampling(body, ("max_output_tokens",)), prefill=prefill, stream=stream,
-                date=date_field(body))
+                date=date_field(body), source="input", paths=paths)
     echo = {"instructions": instructions, "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice", "auto"),
             "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
             "max_output_tokens": body.get("max_output_tokens"), "previous_response_id": prev,
             "parallel_tool_calls": body.get("parallel_tool_calls", True), "metadata": body.get("metadata") or {},
             "reasoning": {"effort": effort, "summary": None}, "text": {"format": {"type": "text"}},
-            "truncation": "disabled", "user": body.get("user")}
+            "truncation": body.get("truncation") or "disabled", "user": body.get("user")}
     return ResponsesRequest(turn, items, body.get("store", True) is not False, echo)
 
 
 # -- output --------------------------------------------------------------------------------------
 def usage_json(u: Usage) -> dict[str, Any]:
-    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_tokens},
+    # cache_write_tokens: required by the openai client's types; the KV cache is not billed storage here
+    return {"input_tokens": u.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
             "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
             "total_tokens": u.total_tokens}
 
@@ -250,11 +275,7 @@ class OutputBuilder:
             return []
         where = {"item_id": item["id"], "output_index": self.items.index(item)}
         out = []
-        if item["type"] == "function_call":
-            try:
-                json.loads(item["arguments"] or "{}")
-            except json.JSONDecodeError:
-                status = "incomplete"  # cut off or malformed: the client must not run it
+        if item["type"] == "function_call":  # malformed or not, as written (harmony.tool_call_problem)
             item["arguments"] = item["arguments"] or "{}"
             out.append(self._event("response.function_call_arguments.done", **where, name=item["name"],
                                    arguments=item["arguments"]))

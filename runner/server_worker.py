@@ -13,14 +13,14 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .chat import Sampling
 from .engine import GenerationChunk
-from .harmony import usable_tool_calls
+from .harmony import Segment, tool_call_problem
 from .harmony_parse import Event, HarmonyStreamParser, ParsedMessage
 
 log = logging.getLogger(__name__)
@@ -45,16 +45,21 @@ class Backend:
     """Where generations come from: an `Engine`, or (tests) any function yielding `GenerationChunk`s."""
 
     generate: GenerateFn
-    tokenize: Callable[[str], list[int]] | None = None
+    tokenize: Callable[[list[Segment]], list[int]] | None = None  # a rendered prompt's segments -> ids
     n_ctx: int | None = None
     cancel: Callable[[], None] | None = None  # stops the running generation early (engine only)
+    # id -> text of the vocabulary's special tokens: output is parsed on ids. None (a scripted
+    # `generate` without a vocabulary): chunk texts are read as harmony markup.
+    special_tokens: Mapping[int, str] | None = None
 
     @classmethod
     def from_engine(cls, engine, generate: GenerateFn | None = None) -> Backend:
         def run(req: GenerationRequest) -> Iterator[GenerationChunk]:
             return engine.generate(req.tokens if req.tokens is not None else req.prompt, **asdict(req.params))
 
-        return cls(generate=generate or run, tokenize=engine.tokenize, n_ctx=engine.n_ctx, cancel=engine.cancel)
+        # a `generate` given beside the engine scripts the output as markup (tests): no ids to read
+        return cls(generate=generate or run, tokenize=engine.tokenize_segments, n_ctx=engine.n_ctx,
+                   cancel=engine.cancel, special_tokens=None if generate else engine.special_tokens())
 
 
 class ClientGone(Exception):
@@ -64,7 +69,7 @@ class ClientGone(Exception):
 _END = object()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: jobs live in a set
 class Job:
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
@@ -108,7 +113,7 @@ class Worker:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ossgguf-generate")
         self._lock = threading.Lock()
         self._current: Job | None = None
-        self.waiting = 0
+        self._queued: set[Job] = set()
         self.served = 0
         self.cancelled = 0
 
@@ -116,10 +121,16 @@ class Worker:
     def busy(self) -> bool:
         return self._current is not None
 
+    @property
+    def waiting(self) -> int:
+        """Queued jobs whose client is still there (a cancelled one is skipped when its turn comes)."""
+        with self._lock:
+            return sum(not j.cancelled.is_set() for j in self._queued)
+
     def submit(self, request: GenerationRequest) -> Job:
         job = Job(request, asyncio.get_running_loop())
         with self._lock:
-            self.waiting += 1
+            self._queued.add(job)
         self._pool.submit(self._run, job)
         return job
 
@@ -142,7 +153,7 @@ class Worker:
 
     def _run(self, job: Job) -> None:
         with self._lock:
-            self.waiting -= 1
+            self._queued.discard(job)
             if job.cancelled.is_set():
                 self.cancelled += 1
                 job.put(_END)
@@ -223,19 +234,23 @@ def _finish_reason(parsed: ParsedMessage, ended_by: str | None, stopped: bool) -
         return "stop"
     if parsed.stop_reason == "error" and ended_by == "length":
         return "length"
-    if parsed.stop_reason in ("error", "tool_calls"):  # tool_calls only if one is usable
+    if parsed.stop_reason in ("error", "tool_calls"):  # malformed calls too (harmony.tool_call_problem)
         return "tool_calls" if parsed.tool_calls else "stop"
     return parsed.stop_reason
 
 
 async def run_turn(worker: Worker, job: Job, is_disconnected=None, prefill: str = "",
-                   stop: Iterable[str] = ()) -> AsyncIterator[Event | TurnEnd]:
+                   stop: Iterable[str] = (), tool_names: Iterable[str] | None = None
+                   ) -> AsyncIterator[Event | TurnEnd]:
     """Parse a job's output as it streams: harmony `Event`s, then one `TurnEnd`.
 
     `prefill` is the start of the answer that the prompt already holds (a forced tool call): the
     parser reads it first. Cancels the job if the caller stops early or the client goes away.
+    Tool calls go to the client as the model wrote them; `tool_names` (the offered functions) only
+    serves the log line for a malformed one (harmony.tool_call_problem).
     """
-    parser = HarmonyStreamParser()
+    special = worker.backend.special_tokens
+    parser = HarmonyStreamParser(special_tokens=special)
     matcher = StopMatcher(stop)
     usage = Usage()
     content: list[str] = []
@@ -265,7 +280,9 @@ async def run_turn(worker: Worker, job: Job, is_disconnected=None, prefill: str 
             if chunk.finish_reason is not None:
                 ended_by = chunk.finish_reason
             if chunk.text:
-                events = deliver(parser.feed(chunk.text))
+                # on ids (a stop chunk's token ends the output: finish() is told); markup without a vocabulary
+                events = deliver(parser.feed(chunk.text) if special is None else
+                                 parser.feed_token(None if chunk.finish_reason else chunk.token, chunk.text))
                 usage.reasoning_tokens += any(e.kind == "reasoning" for e in events)
                 for ev in events:
                     yield ev
@@ -279,7 +296,10 @@ async def run_turn(worker: Worker, job: Job, is_disconnected=None, prefill: str 
             yield Event("content", text=held)
         parsed = parser.finish(ended_by if ended_by in ("stop", "length") else None)
         parsed.content = "".join(content)
-        parsed.tool_calls = usable_tool_calls(parsed)
+        names = None if tool_names is None else list(tool_names)
+        for call in parsed.tool_calls:
+            if problem := tool_call_problem(call, names):
+                log.warning("tool call %s handed to the client as written: %s", call.id, problem)
         yield TurnEnd(parsed, _finish_reason(parsed, ended_by, matcher.hit), usage)
     finally:
         worker.cancel(job)  # no-op once it ended; stops it when the consumer left early

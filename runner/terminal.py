@@ -192,10 +192,14 @@ def _lines(stdin: TextIO, interactive: bool, prompt: str) -> Iterator[str]:
 
 
 def chat_loop(engine: Engine, conv: Conversation, sampling: Sampling, tool_runner: ToolRunner | None,
-              stdin: TextIO, out: TextIO, err: TextIO, show_reasoning: bool = False) -> None:
+              stdin: TextIO, out: TextIO, err: TextIO, show_reasoning: bool = False) -> int:
     """The REPL. Piped stdin: one message per line, no prompt. A conversation that ends with a
-    user (or tool) message, from --messages, is answered first."""
+    user (or tool) message, from --messages, is answered first.
+
+    An error is shown and the chat goes on; returns how many messages or commands failed, so that a
+    piped run can report failure in its exit status."""
     interactive = stdin.isatty()
+    failed = 0
     printer = Printer(out, err, show_reasoning)
     if interactive:
         printer.note("type a message; /help for commands, Ctrl-C stops an answer, Ctrl-D leaves")
@@ -207,13 +211,17 @@ def chat_loop(engine: Engine, conv: Conversation, sampling: Sampling, tool_runne
         else:
             line = next(lines, None)
             if line is None:
-                return
+                return failed
             text = line.strip()
             if not text:
                 continue
             if text.startswith("/"):
-                if not _command(text, conv, engine, printer):
-                    return
+                try:
+                    if not _command(text, conv, engine, printer):
+                        return failed
+                except OssggufError as e:
+                    printer.note(f"error: {e}")
+                    failed += 1
                 continue
             conv.add_user(line)
         try:
@@ -224,6 +232,7 @@ def chat_loop(engine: Engine, conv: Conversation, sampling: Sampling, tool_runne
                         _after(ev, printer, tool_runner, engine.plan)
         except OssggufError as e:
             printer.note(f"error: {e}")
+            failed += 1
             if conv.messages and conv.messages[-1]["role"] == "user":
                 conv.messages.pop()  # the message was not answered: let the user /reset or retry
 
@@ -255,7 +264,7 @@ def _command(text: str, conv: Conversation, engine: Engine, printer: Printer) ->
             Path(arg).write_text(json.dumps(conv.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
             printer.note(f"saved {len(conv.messages)} messages to {arg}")
         except OSError as e:
-            printer.note(f"error: cannot write {arg}: {e.strerror or e}")
+            raise OssggufError(f"cannot write {arg}: {e.strerror or e}") from None
     else:
         printer.note(f"unknown command {cmd}; /help lists them")
     return True

@@ -42,11 +42,11 @@ def test_dry_run_matches_real_write(make_ckpt, tmp_path, recipe, split):
 
 
 def test_split_output_loads_in_llama_cpp(make_gguf):
-    from llama_cpp import Llama
+    from ossgguf.runner.llama_ctypes import open_llama
 
     first = make_gguf("mxfp4", split=60_000)
     assert first.name.endswith("-00001-of-" + first.name.split("-of-")[1])
-    llm = Llama(str(first), n_ctx=64, verbose=False)
+    llm = open_llama(first, n_ctx=64, verbose=False)
     try:
         toks = llm.tokenize(b"hello world", add_bos=False)
         llm.eval(toks)

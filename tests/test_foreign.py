@@ -89,7 +89,7 @@ def test_retrained_vocabulary_tokenizes_like_hf(foreign, tmp_path):
 
 
 def test_transformers_saved_checkpoint_logits(foreign, tmp_path):
-    from llama_cpp import Llama
+    from ossgguf.runner.llama_ctypes import open_llama
 
     out = tmp_path / "f.gguf"
     convert(foreign, out, recipe="bf16")
@@ -97,7 +97,7 @@ def test_transformers_saved_checkpoint_logits(foreign, tmp_path):
     model = GptOssForCausalLM.from_pretrained(foreign, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()
-    llm = Llama(str(out), n_ctx=64, n_batch=64, logits_all=True, verbose=False)
+    llm = open_llama(out, n_ctx=64, n_batch=64, logits_all=True, verbose=False)
     try:
         llm.eval(ids)
         got = np.array(llm.scores[: len(ids)])

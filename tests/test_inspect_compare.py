@@ -142,14 +142,14 @@ def test_compare_quality_order_from_bf16_finetune(from_finetune):
 
 def test_compare_against_numpy_on_logits(from_mxfp4):
     """The metrics recomputed from llama.cpp's logits with scipy-free numpy, on explicit token ids."""
-    from llama_cpp import Llama
+    from ossgguf.runner.llama_ctypes import open_llama  # the switches compare() honours
 
     ids = list(range(3, 200, 3))
     r = compare(from_mxfp4["bf16"], from_mxfp4["q8_0"], tokens=ids, n_ctx=128, threads=1)
     assert r["tokens"] == ids
     logits = []
     for p in (from_mxfp4["bf16"], from_mxfp4["q8_0"]):
-        llm = Llama(str(p), n_ctx=128, logits_all=True, n_threads=1, verbose=False, swa_full=False)
+        llm = open_llama(p, n_ctx=128, logits_all=True, n_threads=1, verbose=False, swa_full=False)
         llm.eval(ids)
         logits.append(np.array(llm.scores[: len(ids)], dtype=np.float64))
         llm.close()

@@ -25,10 +25,10 @@ def _logits_pair(make_ckpt, make_gguf, recipe, **spec):
                                               attn_implementation="eager").eval()
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()
-    from llama_cpp import Llama
+    from ossgguf.runner.llama_ctypes import open_llama  # honours OSSGGUF_NO_REPACK, as the engine does
 
-    llm = Llama(str(make_gguf(recipe, **spec)), n_ctx=128, n_batch=N_TOKENS, logits_all=True, n_threads=1,
-                verbose=False)
+    llm = open_llama(make_gguf(recipe, **spec), n_ctx=128, n_batch=N_TOKENS, logits_all=True, n_threads=1,
+                     verbose=False)
     try:
         llm.eval(ids)
         got = np.array(llm.scores[:N_TOKENS])

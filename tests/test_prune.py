@@ -55,36 +55,51 @@ def test_stats_name_exactly_the_never_selected_experts(biased):
     assert (st.scores("reap")[st.count > 0] > 0).all()
 
 
+def assert_kept_bytes(src: Path, out: Path, kept: list[list[int]]) -> GGUFReader:
+    """Every tensor of `out` is the source's bytes (gguf-py reads both): the kept experts' slices of
+    expert matrices, biases and router rows, in `kept` order; every other tensor whole."""
+    a, b = GGUFReader(src), GGUFReader(out)
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert list(ta) == list(tb)
+    sliced = 0
+    for name, t in ta.items():
+        x, y = np.asarray(t.data), np.asarray(tb[name].data)
+        assert tb[name].tensor_type == t.tensor_type, name
+        if name.split(".", 2)[-1] in EXPERT_AXIS:  # numpy order: experts on axis 0
+            x = x[kept[int(name.split(".")[1])]]
+            sliced += 1
+        assert x.shape == y.shape and x.tobytes() == y.tobytes(), name
+    assert sliced == 2 * 8  # 3 expert matrices + 3 biases + router weight and bias, per layer
+    return b
+
+
+# llama.cpp's numerics change with the expert count (KL max 2e-10 here, 3.5e-5 on another CPU and model)
+# and a routing near-tie may flip at a few positions on some CPU, hence p99; 1e-2 is 6x the KL of re-rounding
+# every activation (test_inspect_compare: max 1.6e-3) and ~400x below pruning selected experts (p99 ~4).
+KL_P99_UNCHANGED = 1e-2
+
+
 def test_pruning_never_selected_experts_leaves_logits_unchanged(biased, tmp_path):
     src, st = biased
     p = plan_prune(src, tmp_path / "p6.gguf", keep=6, stats=st)
     assert [sorted(set(range(8)) - set(r)) for r in p.kept] == BLOCKED
     run_prune(p)
+    assert_kept_bytes(src, tmp_path / "p6.gguf", p.kept)  # exact; the KL checks that llama.cpp runs it alike
     r = compare(src, tmp_path / "p6.gguf", text=DEFAULT_TEXT)
-    assert r["kl_max"] < 1e-6 and r["top1_agreement"] == 1.0 and r["cosine_min"] > 0.99999, r["kl_max"]
+    assert r["kl_p99"] < KL_P99_UNCHANGED and r["top1_agreement"] >= 0.99, (r["kl_p99"], r["kl_max"])
     # ... while pruning selected experts does move them (the check can fail)
     other = plan_prune(src, tmp_path / "o6.gguf", keep=6, stats=st, kept=[[0, 1, 2, 4, 5, 6], [0, 1, 2, 3, 5, 6]])
     run_prune(other)
-    assert compare(src, tmp_path / "o6.gguf", text=DEFAULT_TEXT)["kl_mean"] > 1e-3
+    moved = compare(src, tmp_path / "o6.gguf", text=DEFAULT_TEXT)
+    assert moved["kl_p99"] > 10 * KL_P99_UNCHANGED and moved["kl_mean"] > 1e-3, moved["kl_p99"]
 
 
 def test_kept_expert_bytes_identical_and_metadata(biased, tmp_path):
     src, st = biased
     p = plan_prune(src, tmp_path / "p.gguf", keep=5, stats=st)
     run_prune(p)
-    a, b = GGUFReader(src), GGUFReader(tmp_path / "p.gguf")
-    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
-    assert list(ta) == list(tb)
-    sliced = 0
-    for name, t in ta.items():
-        x, y = np.asarray(t.data), np.asarray(tb[name].data)
-        if name.split(".", 2)[-1] in EXPERT_AXIS:  # numpy order: experts on axis 0
-            kept = p.kept[int(name.split(".")[1])]
-            assert y.shape[0] == 5 and np.array_equal(x[kept], y), name
-            sliced += 1
-        else:
-            assert tb[name].tensor_type == t.tensor_type and np.array_equal(x, y), name
-    assert sliced == 2 * 8  # 3 expert matrices + 3 biases + router weight and bias, per layer
+    b = assert_kept_bytes(src, tmp_path / "p.gguf", p.kept)
+    assert all(len(row) == 5 for row in p.kept)
     assert b.get_field("gpt-oss.expert_count").contents() == 5
     assert b.get_field(KEY_KEPT).contents() == [e for row in p.kept for e in row]
     assert b.get_field("ossgguf.prune.stats_sha256").contents() == st.sha256

@@ -322,13 +322,14 @@ def test_logits_are_not_degenerate(ckpts):
     for layer in model.model.layers:
         layer.mlp.router.register_forward_hook(lambda mod, inp, out: chosen.append(out[2]))
     prompts = [PROMPT, "def f(x):\n    return x * 2\n", "Привет, мир! 你好，世界！ 🙂"]
-    argmaxes = []
+    last = []
     for text in prompts:
         logits = _logits(model, _prompt_ids(ckpts["mxfp4"], text))
         assert torch.isfinite(logits).all() and logits.std() > 0.5
-        argmaxes.append(logits.argmax(-1).tolist())
-        assert len(set(argmaxes[-1])) > 1  # not the same next token everywhere
-    assert argmaxes[0][-1] != argmaxes[1][-1] or argmaxes[1][-1] != argmaxes[2][-1]
+        assert len(set(logits.argmax(-1).tolist())) > 1  # not the same next token everywhere
+        last.append(logits[-1])
+    # the prompt moves the next-token logits (by 6-9 here), far beyond any CPU's rounding
+    assert all((a - b).abs().max() > 1.0 for a, b in zip(last, last[1:]))
     spec = TinySpec()
     for idx in chosen:
         sets = {tuple(sorted(r)) for r in idx.tolist()}
