@@ -22,7 +22,7 @@ from pathlib import Path
 
 from benchutil import drop_caches, timed  # bench/ is on sys.path when a script runs
 
-from ossgguf.synthetic import checkpoint_bytes, make_synthetic
+from ossgguf.fixtures.synthetic import checkpoint_bytes, make_synthetic
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ KEEP = 24
 def child(src: str, out: str) -> None:
     import numpy as np
 
-    from ossgguf.gguf_read import read_gguf
+    from ossgguf.gguf.read import read_gguf
     from ossgguf.quantize.prune import plan_prune, run_prune
 
     g = read_gguf(src)
@@ -42,10 +42,10 @@ def child(src: str, out: str) -> None:
 
 def bench_calibrate(workdir: Path, rounds: int, threads: int) -> None:
     from ossgguf.convert.convert import convert
+    from ossgguf.fixtures.tiny import TinySpec, make_tiny_checkpoint
     from ossgguf.quantize.compare import DEFAULT_TEXT
     from ossgguf.runner.calibrate import calibrate
     from ossgguf.runner.plan import PlacementOptions
-    from ossgguf.tiny import TinySpec, make_tiny_checkpoint
 
     model = workdir / "prune-mid.gguf"
     if not model.is_file():
@@ -77,7 +77,7 @@ def source_20b(workdir: Path, given: Path | None) -> tuple[Path, bool]:
         if (workdir / name).is_file():
             return workdir / name, False
     from ossgguf.convert.convert import convert
-    from ossgguf.synthetic import checkpoint_bytes, make_synthetic
+    from ossgguf.fixtures.synthetic import checkpoint_bytes, make_synthetic
 
     need = checkpoint_bytes("20b")
     if shutil.disk_usage(workdir).free < 3.2 * need:

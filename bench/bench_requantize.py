@@ -39,7 +39,7 @@ def main() -> None:
     from gguf import GGUFReader
 
     from ossgguf.convert.convert import convert
-    from ossgguf.synthetic import checkpoint_bytes, make_synthetic
+    from ossgguf.fixtures.synthetic import checkpoint_bytes, make_synthetic
 
     need = checkpoint_bytes("20b")
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -130,7 +130,7 @@ def run_raw(gguf: Path, args) -> dict:
 
 def ensure_gguf(workdir: Path, keep: bool) -> tuple[Path, bool]:
     from ossgguf.convert.convert import convert
-    from ossgguf.synthetic import checkpoint_bytes, make_synthetic
+    from ossgguf.fixtures.synthetic import checkpoint_bytes, make_synthetic
 
     ckpt, gguf = workdir / "synthetic-20b", workdir / "run-20b-mxfp4.gguf"
     if gguf.is_file():

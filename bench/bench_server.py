@@ -1,6 +1,6 @@
 """Server load benchmark: 8 concurrent clients x 25 requests on a tiny gpt-oss GGUF, over loopback.
 
-The server runs as `ossgguf.runner.server.serve` in its own process (its RSS is measured alone); the
+The server runs as `ossgguf.runner.server.app.serve` in its own process (its RSS is measured alone); the
 clients are the official `openai` client on threads. Every request asks the same conversation with its
 own seed and max_tokens, so each answer is identifiable, and all of them must equal a sequential run
 through the same server (one prompt means one cached prefix whatever the order, so sampling is
@@ -49,7 +49,7 @@ def tiny_model(workdir: Path) -> Path:
     from tokenizers import Tokenizer
 
     from ossgguf.convert.convert import convert
-    from ossgguf.tiny import TinySpec, make_tiny_checkpoint
+    from ossgguf.fixtures.tiny import TinySpec, make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint(workdir / "ckpt", TinySpec(num_hidden_layers=3, seed=5))
     tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
@@ -67,8 +67,8 @@ def request(i: int) -> dict:
 def engine_alone(model: Path, n: int, threads: int | None) -> tuple[float, float]:
     """Seconds for the same generations on the engine directly (render + generate, warm cache), and
     for the greedy generation that the killed client asks for."""
+    from ossgguf.harmony.render import render
     from ossgguf.runner.engine import Engine
-    from ossgguf.runner.harmony import render
     from ossgguf.runner.plan import PlacementOptions
 
     with Engine.load(model, PlacementOptions(gpu_mem=0, ctx=CTX, threads=threads)) as eng:
@@ -86,8 +86,8 @@ def start_server(model: Path, threads: int | None) -> tuple[subprocess.Popen, st
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = ("import logging; logging.getLogger('ossgguf.runner.harmony_parse').setLevel(logging.ERROR); "  # random text
-            "from ossgguf.runner.server import serve; from ossgguf.runner.plan import PlacementOptions; "
+    code = ("import logging; logging.getLogger('ossgguf.harmony.parse').setLevel(logging.ERROR); "  # random text
+            "from ossgguf.runner.server.app import serve; from ossgguf.runner.plan import PlacementOptions; "
             f"serve({str(model)!r}, port={port}, options=PlacementOptions(gpu_mem=0, ctx={CTX}, threads={threads}), "
             "log_level='warning')")
     proc = subprocess.Popen([sys.executable, "-c", code])

@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from ossgguf.gguf.write import GGUFFileWriter, Shard, ShardedOutput, TensorInfo, plan_layout, refuse_inputs
+
 from ..errors import OssggufError
 from ..model import ARCH, OutTensor, TensorClass, conversion_table, gguf_metadata
 from ..quantize import mxfp4
 from ..quantize.encode import encode, to_f32
 from ..quantize.policy import DEFAULT_RECIPE, TypeChoice, choose_types, file_type, parse_overrides
 from .checkpoint import Checkpoint, checkpoint_license, load_checkpoint
-from .gguf_writer import GGUFFileWriter, Shard, ShardedOutput, TensorInfo, plan_layout, refuse_inputs
 from .safetensors import TensorReader
 from .vocab import vocab_metadata
 

@@ -8,8 +8,9 @@ from typing import Any
 
 from gguf import GGUFValueType, TokenType
 
+from ossgguf.gguf.values import KV, kv_array, kv_bool, kv_str, kv_u32
+
 from ..errors import OssggufError
-from ..kv import KV, kv_array, kv_bool, kv_str, kv_u32
 from ..model import LLAMA_PRE_TOKENIZER, O200K_PATTERN
 
 

@@ -22,9 +22,10 @@ from typing import Any, TypeVar
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from ..convert.gguf_writer import shard_paths as split_names
+from ossgguf.gguf.read import GgufFile, read_gguf, read_gguf_file, shard_paths
+from ossgguf.gguf.write import shard_paths as split_names
+
 from ..errors import OssggufError
-from ..gguf_read import GgufFile, read_gguf, read_gguf_file, shard_paths
 from ..model import ARCH, TensorClass, tensor_class
 from .card import FileEntry, group_models, human_size, model_bits_per_weight, model_card, split_parts
 from .download import looks_like_repo_id, offline_mode
@@ -61,7 +62,7 @@ class GgufHeader:
 
 
 def read_gguf_header(path: str | Path) -> GgufHeader:
-    """A GGUF file's header (ossgguf.gguf_read): scalar metadata and tensor infos, no tensor data;
+    """A GGUF file's header (ossgguf.gguf.read): scalar metadata and tensor infos, no tensor data;
     OssggufError if it is not a GGUF or is cut short."""
     return _header(read_gguf_file(path))
 
@@ -75,7 +76,7 @@ def _header(f: GgufFile) -> GgufHeader:
 
 def check_gguf(path: Path) -> list[GgufHeader]:
     """The headers of a complete gpt-oss GGUF model: the file, or every shard of the split set `path`
-    belongs to, checked as one by the project's reader (ossgguf.gguf_read.read_gguf: truncation,
+    belongs to, checked as one by the project's reader (ossgguf.gguf.read.read_gguf: truncation,
     alignment, tensor sizes, duplicates, split keys and shards of other models)."""
     model = read_gguf(path)
     arch = model.get("general.architecture")

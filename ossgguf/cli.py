@@ -388,7 +388,7 @@ def _chat_setup(context: click.Context, model: Path, kw: dict):
     sampling = Sampling(temperature=kw.pop("temp"), top_p=kw.pop("top_p"), top_k=kw.pop("top_k"),
                         min_p=kw.pop("min_p"), seed=kw.pop("seed"), max_tokens=kw.pop("max_tokens"))
     if not context.obj["verbose"]:  # run/chat report malformed model output themselves, once
-        logging.getLogger("ossgguf.runner.harmony_parse").setLevel(logging.ERROR)
+        logging.getLogger("ossgguf.harmony.parse").setLevel(logging.ERROR)
     engine = Engine.load(model, _placement(kw, context.obj["verbose"]))
     click.echo(load_line(engine), err=True)
     return engine, conv, sampling, runner
@@ -470,7 +470,7 @@ def serve(context: click.Context, model: Path, host: str, port: int, api_key: st
       ossgguf serve gpt-oss-20b-mxfp4.gguf --host 0.0.0.0 --api-key "$OSSGGUF_API_KEY"
     """
     try:
-        from .runner.server import serve as run_server
+        from ossgguf.runner.server.app import serve as run_server
     except ImportError as e:  # fastapi/uvicorn are the `server` extra
         raise OssggufError(f"the server needs its extra: pip install 'ossgguf[server]' ({e})") from None
 
@@ -597,7 +597,7 @@ def prune(src: Path, out: Path, keep: int | None, target_size: int | None, targe
 @click.pass_context
 def demo(ctx: click.Context, workdir: Path | None, keep: bool) -> None:
     """Run the whole pipeline on a built-in tiny gpt-oss model: make, convert, load, generate."""
-    from .demo import run_demo
+    from ossgguf.fixtures.demo import run_demo
 
     run_demo(workdir, keep=keep, verbose=ctx.obj["verbose"])
 
@@ -616,7 +616,7 @@ def render(model: str, messages_path: str, tools_path: str | None, reasoning: st
     Example:
       ossgguf render gpt-oss-20b.gguf --messages chat.json --tools tools.json --reasoning high
     """
-    from .runner.harmony import render_from_files
+    from ossgguf.harmony.render import render_from_files
 
     click.echo(render_from_files(messages_path, tools_path, reasoning_effort=reasoning, date=date, model=model),
                nl=False)

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 from gguf import GGUFValueType
 
+from ossgguf.gguf.values import KV, kv_array, kv_f32, kv_str, kv_u32
+
 from .errors import OssggufError
-from .kv import KV, kv_array, kv_f32, kv_str, kv_u32
 
 ARCH = "gpt-oss"
 HF_ARCHITECTURE = "GptOssForCausalLM"

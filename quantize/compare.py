@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from ossgguf.gguf.read import read_gguf
+
 from ..errors import OssggufError
-from ..gguf_read import read_gguf
 
 log = logging.getLogger(__name__)
 DEFAULT_CTX = 512

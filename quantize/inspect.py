@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 from gguf import GGUFValueType, LlamaFileType
 
+from ossgguf.gguf.read import GgufSet, read_gguf
+
 from ..errors import OssggufError
-from ..gguf_read import GgufSet, read_gguf
 from ..model import TensorClass, tensor_class
 
 MAX_ARRAY = 16  # longer arrays (tokens, merges, token types) are shown as their element type and count

@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 from gguf import GGUFValueType
 
+from ossgguf.gguf.read import GgufSet, GgufTensor, read_gguf
+from ossgguf.gguf.values import KV, kv_array, kv_str, kv_u32
+from ossgguf.gguf.write import GGUFFileWriter, Shard, ShardedOutput, TensorInfo, plan_layout, refuse_inputs
+
 from .. import limits
 from ..convert.convert import peak_rss_bytes, pipelined
-from ..convert.gguf_writer import GGUFFileWriter, Shard, ShardedOutput, TensorInfo, plan_layout, refuse_inputs
 from ..convert.safetensors import TensorEntry, TensorReader
 from ..errors import OssggufError
-from ..gguf_read import GgufSet, GgufTensor, read_gguf
-from ..kv import KV, kv_array, kv_str, kv_u32
 from ..model import ARCH, EXPERT_DOWN, EXPERT_GATE, EXPERT_UP, LAYER_TENSORS, layer_of
 from ..runner.calibrate import SCORES, ExpertStats, model_identity, moe_shape
 from .requantize import source_metadata

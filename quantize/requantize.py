@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ..convert.convert import peak_rss_bytes, pipelined
-from ..convert.gguf_writer import (
+from ossgguf.gguf.read import SPLIT_KEYS, GgufSet, GgufTensor, read_gguf
+from ossgguf.gguf.values import KV, kv_str, kv_u32
+from ossgguf.gguf.write import (
     ALIGNMENT,
     GGUFFileWriter,
     Shard,
@@ -27,10 +28,10 @@ from ..convert.gguf_writer import (
     plan_layout,
     refuse_inputs,
 )
+
+from ..convert.convert import peak_rss_bytes, pipelined
 from ..convert.safetensors import TensorEntry, TensorReader
 from ..errors import OssggufError
-from ..gguf_read import SPLIT_KEYS, GgufSet, GgufTensor, read_gguf
-from ..kv import KV, kv_str, kv_u32
 from ..model import ARCH, TensorClass, tensor_class
 from . import mxfp4
 from .encode import encode, to_f32

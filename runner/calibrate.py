@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ossgguf.errors import OssggufError
-from ossgguf.gguf_read import GgufSet, read_gguf
+from ossgguf.gguf.read import GgufSet, read_gguf
 from ossgguf.model import ARCH
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,7 @@ from typing import Any
 
 from ossgguf import limits
 from ossgguf.errors import OssggufError
-
-from .engine import DEFAULT_MIN_P, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, Engine
-from .harmony import (
+from ossgguf.harmony.render import (
     REASONING_EFFORTS,
     Event,
     HarmonyStreamParser,
@@ -37,6 +35,8 @@ from .harmony import (
     render_segments,
     tool_call_problem,
 )
+
+from .engine import DEFAULT_MIN_P, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, Engine
 
 log = logging.getLogger(__name__)
 

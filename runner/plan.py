@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ossgguf import limits
 from ossgguf.errors import OssggufError
-from ossgguf.gguf_read import GgufSet, read_gguf
+from ossgguf.gguf.read import GgufSet, read_gguf
 from ossgguf.model import ARCH, TensorClass, expert_offload_pattern, layer_of, tensor_class
 from ossgguf.sizes import parse_size as _parse_size
 
@@ -87,7 +87,7 @@ def read_model(path: str | Path) -> ModelInfo:
 
 
 def model_info(g: GgufSet) -> ModelInfo:
-    """ModelInfo of a GGUF whose headers are read already (one header reader: ossgguf.gguf_read)."""
+    """ModelInfo of a GGUF whose headers are read already (one header reader: ossgguf.gguf.read)."""
     files = [f.path for f in g.files]
     arch = g.get("general.architecture")
     if arch != ARCH:

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TextIO
 
 from ossgguf.errors import OssggufError
+from ossgguf.harmony.render import REASONING_EFFORTS, Event
 
 from .chat import Conversation, Reply, Sampling, ToolResult, ToolRunner, respond
 from .engine import Engine
-from .harmony import REASONING_EFFORTS, Event
 from .plan import Plan
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"

@@ -14,7 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def make_ckpt(tmp_path_factory):
     """make_ckpt(**TinySpec fields) -> checkpoint folder (cached per spec)."""
-    from ossgguf.tiny import TinySpec, make_tiny_checkpoint
+    from ossgguf.fixtures.tiny import TinySpec, make_tiny_checkpoint
 
     cache: dict[tuple, Path] = {}
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from gguf import GGUFValueType
 
-from ossgguf.gguf_read import SPLIT_ID, read_gguf
+from ossgguf.gguf.read import SPLIT_ID, read_gguf
 
 SPLIT = 60_000  # bytes per shard: the tiny model in 4 shards
 

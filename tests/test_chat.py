@@ -28,9 +28,9 @@ import pytest
 from scripted_model import Episode, Script, scripted_gguf
 
 from ossgguf.errors import OssggufError
+from ossgguf.harmony.render import Event
 from ossgguf.runner.chat import Conversation, Reply, Sampling, ToolResult, ToolRunner, complete, respond
 from ossgguf.runner.engine import Engine
-from ossgguf.runner.harmony import Event
 from ossgguf.runner.plan import GiB, PlacementOptions
 
 # one thread: a model this small runs faster without the threads waiting on each other (and on other jobs)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ossgguf.convert.gguf_writer import partial_path
+from ossgguf.gguf.write import partial_path
 
 CLI = [sys.executable, "-m", "ossgguf.cli"]
 
@@ -149,7 +149,7 @@ def test_full_disk(ckpt, tmp_path):
 @pytest.fixture(scope="module")
 def big_ckpt(tmp_path_factory):
     """Big enough (~70 MB of experts) that a conversion is still running when we signal it."""
-    from ossgguf.tiny import TinySpec, make_tiny_checkpoint
+    from ossgguf.fixtures.tiny import TinySpec, make_tiny_checkpoint
 
     spec = TinySpec(hidden_size=512, intermediate_size=512, num_local_experts=64, num_hidden_layers=4, seed=5)
     return make_tiny_checkpoint(tmp_path_factory.mktemp("big"), spec)

@@ -9,7 +9,9 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, GGUFValueType
 
-from ossgguf.convert.gguf_writer import (
+from ossgguf.errors import OssggufError
+from ossgguf.gguf.values import kv_array, kv_bool, kv_f32, kv_str, kv_u32
+from ossgguf.gguf.write import (
     GGUFFileWriter,
     TensorInfo,
     parse_size,
@@ -17,8 +19,6 @@ from ossgguf.convert.gguf_writer import (
     plan_layout,
     write_tensors,
 )
-from ossgguf.errors import OssggufError
-from ossgguf.kv import kv_array, kv_bool, kv_f32, kv_str, kv_u32
 
 
 def _kvs():

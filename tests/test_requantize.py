@@ -328,7 +328,7 @@ def test_source_damaged_during_run_leaves_nothing(make_gguf, tmp_path):
 
 def test_header_parser_matches_gguf_py(make_gguf, tmp_path):
     """Our header reader (used to copy metadata) against gguf-py's reader, on ours and on gguf-py's files."""
-    from ossgguf.gguf_read import read_gguf
+    from ossgguf.gguf.read import read_gguf
 
     foreign = write_foreign(tmp_path / "f.gguf")
     for path in (make_gguf("mxfp4"), make_gguf("mxfp4", split=60_000), foreign):
@@ -351,7 +351,7 @@ def test_header_parser_matches_gguf_py(make_gguf, tmp_path):
 
 def test_unaligned_source_alignment_key(tmp_path):
     """A source with general.alignment != 32 (allowed by GGUF): read at its alignment, written at 32."""
-    from ossgguf.gguf_read import read_gguf
+    from ossgguf.gguf.read import read_gguf
 
     p = tmp_path / "a.gguf"
     w = GGUFWriter(str(p), "gpt-oss")

@@ -26,10 +26,10 @@ import httpx
 import pytest
 from tokenizers import Tokenizer
 
+from ossgguf.harmony.render import parse_tokens
 from ossgguf.runner.engine import Engine, GenerationChunk
-from ossgguf.runner.harmony import parse_tokens
 from ossgguf.runner.plan import GiB, PlacementOptions
-from ossgguf.runner.server import ServerThread, create_app
+from ossgguf.runner.server.app import ServerThread, create_app
 
 openai = pytest.importorskip("openai")
 ctu = pytest.importorskip("transformers.utils.chat_template_utils")
@@ -272,7 +272,7 @@ def test_a_system_prompt_too_big_for_the_context_gets_an_error_agents_stop_on(re
 
 
 def test_suggested_context():
-    from ossgguf.runner.server_errors import conversation_room, suggested_ctx
+    from ossgguf.runner.server.errors import conversation_room, suggested_ctx
 
     assert [suggested_ctx(n) for n in (100, 7000, 16812, 24576, 30000)] == [16384, 16384, 32768, 32768, 65536]
     for n in (100, 7000, 16812, 24576, 30000, 100_000):  # the suggestion is never itself too small
@@ -497,7 +497,7 @@ def test_responses_function_call_round_trip(fixed_date):
 
 
 # -- every object against the openai client's own types ---------------------------------------------
-# Fields this server adds on purpose: reasoning under both names (server_chat), the served context on
+# Fields this server adds on purpose: reasoning under both names (server.chat), the served context on
 # the model card, and two fields of OpenAI's API spec that the python client's types lack.
 EXTRA_FIELDS = {
     "ChatCompletionMessage": {"reasoning_content", "reasoning"},

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ossgguf.convert.convert import plan_conversion
-from ossgguf.synthetic import make_synthetic
+from ossgguf.fixtures.synthetic import make_synthetic
 
 PUBLISHED = {
     "mxfp4": 65_369_017_728,  # MXFP4 experts + BF16 other weights (llama.cpp convert default)

@@ -11,8 +11,15 @@ import numpy as np
 import pytest
 
 from ossgguf.errors import OssggufError
-from ossgguf.tiny import TinySpec, config_json, make_tiny_checkpoint, render_json, tiny_tensors, to_bf16
-from ossgguf.tiny_tokenizer import (
+from ossgguf.fixtures.tiny import (
+    TinySpec,
+    config_json,
+    make_tiny_checkpoint,
+    render_json,
+    tiny_tensors,
+    to_bf16,
+)
+from ossgguf.fixtures.tokenizer import (
     HARMONY_SPECIAL_TOKENS,
     O200K_PATTERN,
     generation_config_json,

@@ -18,10 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .chat import Sampling
-from .engine import GenerationChunk
-from .harmony import Segment, tool_call_problem
-from .harmony_parse import Event, HarmonyStreamParser, ParsedMessage
+from ossgguf.harmony.parse import Event, HarmonyStreamParser, ParsedMessage
+from ossgguf.harmony.render import Segment, tool_call_problem
+from ossgguf.runner.chat import Sampling
+from ossgguf.runner.engine import GenerationChunk
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ossgguf.errors import OssggufError
-
-from .harmony_parse import (
+from ossgguf.harmony.parse import (
     CALL,
     CHANNEL,
     CONSTRAIN,
@@ -35,7 +34,7 @@ from .harmony_parse import (
     parse_completion,
     parse_tokens,
 )
-from .harmony_tools import BROWSER_TOOL, PYTHON_TOOL, check_tools, tojson, tool_namespace
+from ossgguf.harmony.tools import BROWSER_TOOL, PYTHON_TOOL, check_tools, tojson, tool_namespace
 
 __all__ = [
     "Event",
@@ -559,7 +558,7 @@ HARMONY_TOKENS = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|retur
 def check_harmony_model(path: str | Path) -> None:
     """OssggufError unless `path` is a readable gpt-oss GGUF (any shard of a split set) whose
     vocabulary has harmony's control tokens: the prompt `render` prints is only right for such a model."""
-    from ossgguf.gguf_read import read_gguf
+    from ossgguf.gguf.read import read_gguf
     from ossgguf.model import ARCH
 
     model = read_gguf(path)  # the project's one header reader: refuses a missing, cut or corrupt file

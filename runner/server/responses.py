@@ -17,11 +17,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import server_params as P
-from .harmony_parse import Event
-from .server_chat import Turn, date_field, template_kwargs
-from .server_errors import APIError, invalid
-from .server_worker import TurnEnd, Usage
+from ossgguf.harmony.parse import Event
+from ossgguf.runner.server import params as P
+from ossgguf.runner.server.chat import Turn, date_field, template_kwargs
+from ossgguf.runner.server.errors import APIError, invalid
+from ossgguf.runner.server.worker import TurnEnd, Usage
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import server_params as P
-from .chat import Sampling
-from .harmony import assistant_history_message
-from .harmony_parse import Event
-from .server_errors import APIError, invalid
-from .server_worker import TurnEnd, Usage
+from ossgguf.harmony.parse import Event
+from ossgguf.harmony.render import assistant_history_message
+from ossgguf.runner.server import params as P
+from ossgguf.runner.chat import Sampling
+from ossgguf.runner.server.errors import APIError, invalid
+from ossgguf.runner.server.worker import TurnEnd, Usage
 
 
 @dataclass

@@ -4,8 +4,8 @@
 loads the model through the planner and runs it under uvicorn (127.0.0.1 unless told otherwise).
 Requests are rendered to harmony prompts here (deterministically: the date is fixed when the server
 starts, so a conversation's next request starts with the same tokens and reuses the KV cache), then
-queued and generated one at a time (server_worker). Endpoint details live in server_chat and
-server_responses, request checks in server_params, error shapes in server_errors.
+queued and generated one at a time (worker.py). Endpoint details live in chat.py and
+responses.py, request checks in params.py, error shapes in errors.py.
 """
 
 from __future__ import annotations
@@ -30,11 +30,10 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ossgguf.errors import OssggufError
-
-from .harmony import markup_segments, render_segments
-from .plan import PlacementOptions
-from .server_chat import Turn, completion, include_usage, new_id, parse_chat, stream_chunks
-from .server_errors import (
+from ossgguf.harmony.render import markup_segments, render_segments
+from ossgguf.runner.plan import PlacementOptions
+from ossgguf.runner.server.chat import Turn, completion, include_usage, new_id, parse_chat, stream_chunks
+from ossgguf.runner.server.errors import (
     APIError,
     context_exceeded,
     context_too_small,
@@ -42,8 +41,17 @@ from .server_errors import (
     install_handlers,
     read_json_object,
 )
-from .server_responses import OutputBuilder, ResponseStore, parse_responses, prefixed_id, sse
-from .server_worker import Backend, ClientGone, GenerateFn, GenerationRequest, Job, TurnEnd, Worker, run_turn
+from ossgguf.runner.server.responses import OutputBuilder, ResponseStore, parse_responses, prefixed_id, sse
+from ossgguf.runner.server.worker import (
+    Backend,
+    ClientGone,
+    GenerateFn,
+    GenerationRequest,
+    Job,
+    TurnEnd,
+    Worker,
+    run_turn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +106,7 @@ class ServerState:
     def _too_long(self, turn: Turn, n_prompt: int, n_ctx: int) -> APIError:
         """OpenAI's context error, on which agents compact the conversation; or, when what they never
         compact (the leading system/developer messages and the tools) leaves too little room for that
-        to help, an error that makes them stop and names --ctx (server_errors.context_too_small)."""
+        to help, an error that makes them stop and names --ctx (errors.context_too_small)."""
         fixed = []
         for msg in turn.messages:  # the template reads only the leading run (harmony.normalize_messages)
             if not isinstance(msg, dict) or msg.get("role") not in ("system", "developer"):
@@ -162,7 +170,7 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
     generation (tests script the model's harmony output with it). `date` (YYYY-MM-DD) goes into every
     system message unless a request sends its own `date`; default: today, fixed for the server's life.
     """
-    from .engine import Engine
+    from ossgguf.runner.engine import Engine
 
     engine, owned = engine_or_path, False
     if isinstance(engine_or_path, str | Path):
@@ -299,7 +307,7 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8080, options: 
     """
     import uvicorn
 
-    from .engine import Engine
+    from ossgguf.runner.engine import Engine
 
     if not _is_loopback(host) and not api_key:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
@@ -307,7 +315,7 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8080, options: 
     with Engine.load(path, options) as engine:
         app = create_app(engine, model_name, api_key, reasoning_effort=reasoning_effort)
         name = app.state.server.model_name
-        from .terminal import load_line
+        from ossgguf.runner.terminal import load_line
 
         line = f"{load_line(engine)}; serving {name!r} at http://{host}:{port}/v1 (Ctrl-C stops)"
         (on_ready or log.info)(line)

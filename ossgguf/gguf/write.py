@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from ..errors import OssggufError
-from ..gguf_read import SPLIT_ID
-from ..kv import KV, kv_i32, kv_str
-from ..limits import FILE_SIZE
-from ..sizes import human_size
-from ..sizes import parse_size as _parse_size
+from ossgguf.errors import OssggufError
+from ossgguf.gguf.read import SPLIT_ID
+from ossgguf.gguf.values import KV, kv_i32, kv_str
+from ossgguf.limits import FILE_SIZE
+from ossgguf.sizes import human_size
+from ossgguf.sizes import parse_size as _parse_size
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
@@ -79,7 +79,7 @@ class ShardedOutput:
     def layout_json(self) -> dict:
         """The `--dry-run --json` fields of DESIGN.md: exact total bytes, files, and each tensor
         with its GGUF type, GGUF-order shape, bytes and tensor class."""
-        from ..model import tensor_class
+        from ossgguf.model import tensor_class
 
         return {
             "total_bytes": self.total_bytes,

@@ -20,15 +20,15 @@ from typing import Any, BinaryIO
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from .errors import OssggufError
-from .kv import KV
-from .model import ARCH, TensorClass, layer_of, tensor_class
+from ossgguf.errors import OssggufError
+from ossgguf.gguf.values import KV
+from ossgguf.model import ARCH, TensorClass, layer_of, tensor_class
 
 Q = GGMLQuantizationType
 MAGIC = b"GGUF"
 ALIGNMENT_KEY = "general.alignment"
 DEFAULT_ALIGNMENT = 32
-# The writer records one random id in every shard of one output (convert/gguf_writer.py): shards of
+# The writer records one random id in every shard of one output (ossgguf/gguf/write.py): shards of
 # two runs with the same layout cannot be told apart by llama.cpp's split keys alone.
 SPLIT_ID = "ossgguf.split.id"
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count", SPLIT_ID)

@@ -10,11 +10,10 @@ from typing import Any
 
 from ossgguf import limits
 from ossgguf.errors import OssggufError
-
-from .chat import Sampling
-from .harmony import REASONING_EFFORTS, normalize_tools
-from .harmony_tools import tool_namespace
-from .server_errors import invalid
+from ossgguf.harmony.render import REASONING_EFFORTS, normalize_tools
+from ossgguf.harmony.tools import tool_namespace
+from ossgguf.runner.chat import Sampling
+from ossgguf.runner.server.errors import invalid
 
 log = logging.getLogger(__name__)
 
