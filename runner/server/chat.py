@@ -16,8 +16,8 @@ from typing import Any
 
 from ossgguf.harmony.parse import Event
 from ossgguf.harmony.render import assistant_history_message
-from ossgguf.runner.server import params as P
 from ossgguf.runner.chat import Sampling
+from ossgguf.runner.server import params as P
 from ossgguf.runner.server.errors import APIError, invalid
 from ossgguf.runner.server.worker import TurnEnd, Usage
 
