@@ -20,9 +20,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from benchutil import drop_caches, timed  # bench/ is on sys.path when a script runs
+from benchutil import cache_note, copy_seconds, drop_caches, synthetic_checkpoint, timed  # bench/ on sys.path
 
-from ossgguf.fixtures.synthetic import checkpoint_bytes, make_synthetic
+from ossgguf.fixtures.synthetic import checkpoint_bytes
 
 
 def main() -> None:
@@ -41,24 +41,12 @@ def main() -> None:
     recipes = args.recipes or ["mxfp4"]
     need = checkpoint_bytes(args.model, args.layers, args.layout)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.model}{'-' + args.layout if args.layout != 'mxfp4' else ''}{f'-{args.layers}l' if args.layers else ''}"
-    src = args.workdir / f"synthetic-{tag}"
-    have_src = (src / "config.json").is_file()
-    free = shutil.disk_usage(args.workdir).free
-    want = (0 if have_src else need) + need + need // 20
-    if free < want:
-        raise SystemExit(f"needs {want / 1e9:.1f} GB free in {args.workdir} (source + one output), has {free / 1e9:.1f} GB")
-    if not have_src:
-        print(f"writing a synthetic {tag} checkpoint ({need / 1e9:.1f} GB) to {src} ...", flush=True)
-        make_synthetic(src, args.model, sparse=args.sparse, layers=args.layers, layout=args.layout)
+    src, _ = synthetic_checkpoint(args.workdir, args.model, args.layers, args.layout, args.sparse, room=need + need // 20)
+    tag = src.name.removeprefix("synthetic-")
     files = sorted(src.glob("*.safetensors"))
     nbytes = sum(f.stat().st_size for f in files)
-
-    copy_dir = args.workdir / "cp-copy"
-    copy_dir.mkdir(exist_ok=True)
-    cached = not drop_caches()
-    t_cp, _ = timed(["cp", "--sparse=never", *map(str, files), str(copy_dir)])
-    shutil.rmtree(copy_dir)
+    cached = cache_note()
+    t_cp = copy_seconds(files, args.workdir)
 
     from gguf import GGUFReader
 
@@ -80,7 +68,7 @@ def main() -> None:
         ref_out.unlink()
     print()
     print(f"checkpoint: {tag} shapes ({args.layout} layout), {nbytes / 1e9:.2f} GB in {len(files)} files"
-          f"{' (sparse)' if args.sparse else ''}{' (page cache not dropped: not root)' if cached else ''}")
+          f"{' (sparse)' if args.sparse else ''}{cached}")
     print(f"cp + sync:               {t_cp:7.1f} s  read {nbytes / t_cp / 1e9:6.2f} GB/s")
     for recipe, t, rss, out_bytes, n_tensors, solid in results:
         print(f"ossgguf convert {recipe:9}{t:7.1f} s  read {nbytes / t / 1e9:6.2f} GB/s  "

@@ -4,8 +4,8 @@
    workdir) evaluates the same text with and without the eval callback that gathers expert
    statistics: same model, same threads, same sequences; rounds interleaved, best of each.
    Prints the ratio calibrate / plain in tokens per second (target: at least 0.8).
-2. Prune: a GGUF with gpt-oss-20b's real shapes (synthetic data; an existing bench/out source of
-   the requantize or run benchmarks is reused, else one is converted) pruned to 24 of 32 experts,
+2. Prune: benchutil's synthetic 20b GGUF (gpt-oss-20b's real shapes, random data; reused when
+   another benchmark left it in the workdir) pruned to 24 of 32 experts,
    against `cp` of the same source plus `sync`. Prints the ratio of throughputs in source bytes
    and our peak RSS (wait4 rusage of the child). Page caches are dropped when running as root.
 
@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from benchutil import drop_caches, timed  # bench/ is on sys.path when a script runs
+from benchutil import cache_note, need_free, synthetic_gguf, versus_copy  # bench/ is on sys.path
 
 MID = dict(hidden_size=512, intermediate_size=512, num_hidden_layers=4, num_local_experts=32, num_experts_per_tok=4,
            num_attention_heads=8, num_key_value_heads=2, head_dim=64)
@@ -31,13 +31,14 @@ def child(src: str, out: str) -> None:
     import numpy as np
 
     from ossgguf.gguf.read import read_gguf
-    from ossgguf.quantize.prune import plan_prune, run_prune
+    from ossgguf.model import read_hparams
+    from ossgguf.quantize.prune import plan_prune
 
-    g = read_gguf(src)
-    n_layer, n_expert = int(g.get("gpt-oss.block_count")), int(g.get("gpt-oss.expert_count"))
+    hp = read_hparams(read_gguf(src))
+    n_layer, n_expert = hp.n_layer, hp.n_expert
     rng = np.random.default_rng(0)  # which experts does not change the bytes moved
     kept = [sorted(rng.choice(n_expert, KEEP, replace=False).tolist()) for _ in range(n_layer)]
-    run_prune(plan_prune(src, out, keep=KEEP, kept=kept), force=True)
+    plan_prune(src, out, keep=KEEP, kept=kept).run(force=True)
 
 
 def bench_calibrate(workdir: Path, rounds: int, threads: int) -> None:
@@ -69,54 +70,23 @@ def bench_calibrate(workdir: Path, rounds: int, threads: int) -> None:
     print(f"ratio (calibrate / plain): {best[True] / best[False]:.2f}")
 
 
-def source_20b(workdir: Path, given: Path | None) -> tuple[Path, bool]:
-    """A 20b-shaped GGUF and whether this run made it."""
-    if given:
-        return given, False
-    for name in ("requant-src-20b.gguf", "run-20b-mxfp4.gguf", "prune-src-20b.gguf"):
-        if (workdir / name).is_file():
-            return workdir / name, False
-    from ossgguf.convert.convert import convert
-    from ossgguf.fixtures.synthetic import checkpoint_bytes, make_synthetic
-
-    need = checkpoint_bytes("20b")
-    if shutil.disk_usage(workdir).free < 3.2 * need:
-        raise SystemExit(f"needs {3.2 * need / 1e9:.1f} GB free in {workdir}")
-    ckpt, src = workdir / "synthetic-20b", workdir / "prune-src-20b.gguf"
-    made_ckpt = not (ckpt / "config.json").is_file()
-    if made_ckpt:
-        print(f"writing a synthetic 20b checkpoint ({need / 1e9:.1f} GB) to {ckpt} ...", flush=True)
-        make_synthetic(ckpt, "20b")
-    print(f"converting it to {src} ...", flush=True)
-    convert(ckpt, src, recipe="mxfp4", force=True)
-    if made_ckpt:
-        shutil.rmtree(ckpt)
-    return src, True
-
-
 def bench_prune(workdir: Path, rounds: int, given: Path | None, keep_src: bool) -> None:
     from gguf import GGUFReader
 
-    src, made = source_20b(workdir, given)
+    from ossgguf.model import arch_key
+
+    src, made = (given, False) if given else synthetic_gguf(workdir)
     src_bytes = src.stat().st_size
-    out, copy = workdir / "prune-out-20b.gguf", workdir / "prune-cp-copy.gguf"
-    if shutil.disk_usage(workdir).free < 2.2 * src_bytes:
-        raise SystemExit(f"needs {2.2 * src_bytes / 1e9:.1f} GB free in {workdir}")
-    cached = not drop_caches()
-    t_cp, t_ours, rss = float("inf"), float("inf"), 0
+    out = workdir / "prune-out-20b.gguf"
+    need_free(workdir, int(2.2 * src_bytes), "a copy and the pruned output")
+    cached = cache_note()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(src), str(out)]
-    for _ in range(rounds):
-        drop_caches()
-        t_cp = min(t_cp, timed(["cp", "--sparse=never", str(src), str(copy)])[0])
-        copy.unlink()
-        drop_caches()
-        t, r = timed(cmd)
-        t_ours, rss = min(t_ours, t), max(rss, r)
+    t_cp, t_ours, rss = versus_copy(src, cmd, rounds, workdir)
     out_bytes = out.stat().st_size
     reader = GGUFReader(out)
-    n_exp = reader.get_field("gpt-oss.expert_count").contents()
+    n_exp = reader.get_field(arch_key("expert_count")).contents()
     print(f"source: {src.name}, gpt-oss-20b shapes (synthetic data), {src_bytes / 1e9:.2f} GB"
-          f"{' (page cache not dropped: not root)' if cached else ''}; best of {rounds} round(s)")
+          f"{cached}; best of {rounds} round(s)")
     print(f"cp + sync:            {t_cp:7.1f} s  {src_bytes / t_cp / 1e9:6.2f} GB/s")
     print(f"ossgguf prune -> {KEEP}:  {t_ours:7.1f} s  {src_bytes / t_ours / 1e9:6.2f} GB/s of source, "
           f"{out_bytes / t_ours / 1e9:.2f} GB/s written, peak RSS {rss / 2**30:.2f} GiB")

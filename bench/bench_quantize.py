@@ -14,30 +14,18 @@ import argparse
 import os
 import resource
 import sys
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import gguf.quants as gq
 import numpy as np
+from benchutil import best_time  # bench/ is on sys.path when a script runs
 from gguf import GGMLQuantizationType
 
 from ossgguf.quantize import kernels as K
+from ossgguf.runner.llama_ctypes import ggml_lib
 
 Q = GGMLQuantizationType
 ROW = 2880  # gpt-oss hidden = expert width
-
-
-def best_time(fn: Callable[[], object], rounds: int, warm: bool = True) -> tuple[float, float]:
-    """(wall, cpu) seconds of the fastest of `rounds` runs; cpu/wall shows the cores really used."""
-    if warm:
-        fn()  # page faults, tables, library load
-    best = (float("inf"), 0.0)
-    for _ in range(rounds):
-        t, c = time.perf_counter(), time.process_time()
-        fn()
-        best = min(best, (time.perf_counter() - t, time.process_time() - c))
-    return best
 
 
 def make_bf16(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -52,7 +40,7 @@ def make_bf16(shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 def ggml_mxfp4(bits: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor, threads: int) -> None:
     """libggml's quantize_row_mxfp4_ref on the same chunking, BF16 widened per chunk."""
-    lib = K.ggml_library()
+    lib = ggml_lib()
     rows, dst = bits.reshape(-1, bits.shape[-1]), out.reshape(-1, out.shape[-1])
     step = max(1, K._CHUNK_ELEMS // rows.shape[1])
 

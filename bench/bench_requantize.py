@@ -1,7 +1,7 @@
 """Requantizer benchmark: GGUF -> GGUF, mxfp4 -> mxfp4-q8, on a GGUF with gpt-oss-20b's real shapes.
 
-The source GGUF is converted from a synthetic checkpoint (random data, real names and shapes; an
-existing bench/out/synthetic-20b is reused and kept). Baseline measured in the same run: `cp` of the
+The source is benchutil's synthetic 20b GGUF (random data, real names and shapes; an existing one
+in the workdir is reused and kept). Baseline measured in the same run: `cp` of the
 same source bytes plus `sync`. Prints the throughput ratio (ours / cp) and our peak RSS (wait4 rusage
 of the child process). Page caches are dropped before each timed run when running as root.
 
@@ -11,11 +11,10 @@ of the child process). Page caches are dropped before each timed run when runnin
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
-from benchutil import drop_caches, timed  # bench/ is on sys.path when a script runs
+from benchutil import cache_note, synthetic_gguf, versus_copy  # bench/ is on sys.path when a script runs
 
 
 def child(src: str, out: str, recipe: str) -> None:
@@ -38,40 +37,15 @@ def main() -> None:
 
     from gguf import GGUFReader
 
-    from ossgguf.convert.convert import convert
-    from ossgguf.fixtures.synthetic import checkpoint_bytes, make_synthetic
+    from ossgguf.fixtures.synthetic import checkpoint_bytes
 
-    need = checkpoint_bytes("20b")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = args.workdir / "synthetic-20b"
-    src = args.workdir / "requant-src-20b.gguf"
+    src, made = synthetic_gguf(args.workdir, room=checkpoint_bytes("20b") * 21 // 20)  # one output
     out = args.workdir / f"requant-out-20b-{args.recipe}.gguf"
-    have_ckpt, have_src = (ckpt / "config.json").is_file(), src.is_file()
-    free = shutil.disk_usage(args.workdir).free
-    want = (0 if have_src or have_ckpt else need) + (0 if have_src else need) + need + need // 20
-    if free < want:
-        raise SystemExit(f"needs {want / 1e9:.1f} GB free in {args.workdir}, has {free / 1e9:.1f} GB")
-    if not have_src:
-        if not have_ckpt:
-            print(f"writing a synthetic 20b checkpoint ({need / 1e9:.1f} GB) to {ckpt} ...", flush=True)
-            make_synthetic(ckpt, "20b")
-        print(f"converting it to {src} (mxfp4) ...", flush=True)
-        convert(ckpt, src, recipe="mxfp4", force=True)
-        if not have_ckpt:
-            shutil.rmtree(ckpt)  # only what this run made
     src_bytes = src.stat().st_size
-    cached = not drop_caches()
-
-    t_cp, t_ours, rss = float("inf"), float("inf"), 0
-    copy = args.workdir / "requant-cp-copy.gguf"
+    cached = cache_note()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--recipe", args.recipe, "--child", str(src), str(out)]
-    for _ in range(args.rounds):
-        drop_caches()
-        t_cp = min(t_cp, timed(["cp", "--sparse=never", str(src), str(copy)])[0])
-        copy.unlink()
-        drop_caches()
-        t, r = timed(cmd)
-        t_ours, rss = min(t_ours, t), max(rss, r)
+    t_cp, t_ours, rss = versus_copy(src, cmd, args.rounds, args.workdir)
     out_bytes = out.stat().st_size
     reader = GGUFReader(out)
     types: dict[str, int] = {}
@@ -79,7 +53,7 @@ def main() -> None:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
     print()
     print(f"source: gpt-oss-20b shapes (synthetic data), mxfp4 GGUF of {src_bytes / 1e9:.2f} GB"
-          f"{' (page cache not dropped: not root)' if cached else ''}; best of {args.rounds} round(s)")
+          f"{cached}; best of {args.rounds} round(s)")
     print(f"cp + sync:            {t_cp:7.1f} s  {src_bytes / t_cp / 1e9:6.2f} GB/s")
     print(f"ossgguf quantize:     {t_ours:7.1f} s  {src_bytes / t_ours / 1e9:6.2f} GB/s read, "
           f"{out_bytes / t_ours / 1e9:.2f} GB/s written, peak RSS {rss / 2**30:.2f} GiB")
@@ -88,7 +62,7 @@ def main() -> None:
           + ", ".join(f"{k} x{v}" for k, v in sorted(types.items())))
     del reader
     out.unlink()
-    if not args.keep:
+    if made and not args.keep:
         src.unlink()
 
 

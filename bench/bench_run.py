@@ -1,7 +1,7 @@
 """`ossgguf run` against raw llama-cpp-python, and decode speed against this machine's memory bandwidth.
 
-On a GGUF converted from a checkpoint with gpt-oss-20b's real shapes (random data; an existing
-bench/out/synthetic-20b is reused and kept), with the same prompt tokens, threads, context, batch,
+On benchutil's synthetic 20b GGUF (gpt-oss-20b's real shapes, random data; an existing one in the
+workdir is reused and kept), with the same prompt tokens, threads, context, batch,
 flash attention and greedy sampling on both sides:
 
 - ours: `ossgguf run MODEL -p ... --json` (Engine, harmony rendering and parsing); timings from its JSON;
@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from benchutil import synthetic_gguf  # bench/ is on sys.path when a script runs
 
 DATE = "2025-03-14"
 WORDS = ("the model reads every expert it routes to from memory so decoding is bound by bandwidth "
@@ -57,7 +58,7 @@ def bandwidth(threads: int, nbytes: int = 1 << 30, repeat: int = 3) -> float:
 def bytes_per_token(path: Path) -> tuple[int, dict]:
     """What one decoded token reads: every weight except the experts not chosen and the embedding table
     (the expert biases, too, are read only for the chosen experts)."""
-    from ossgguf.model import EXPERT_DOWN, EXPERT_GATE, EXPERT_UP, TensorClass
+    from ossgguf.model import EXPERT_DOWN, EXPERT_GATE, EXPERT_UP, TensorClass, tensor_class
     from ossgguf.runner.plan import read_model
 
     m = read_model(path)
@@ -67,11 +68,11 @@ def bytes_per_token(path: Path) -> tuple[int, dict]:
     for t in m.tensors:
         if any(f".{e}." in t.name for e in (EXPERT_GATE, EXPERT_UP, EXPERT_DOWN)):
             parts["experts (chosen share)"] += int(t.nbytes * share)
-        elif t.cls == TensorClass.ATTENTION:
+        elif tensor_class(t.name) == TensorClass.ATTENTION:
             parts["attention"] += t.nbytes
-        elif t.cls == TensorClass.OUTPUT:
+        elif tensor_class(t.name) == TensorClass.OUTPUT:
             parts["output head"] += t.nbytes
-        elif t.cls != TensorClass.EMBEDDING:
+        elif tensor_class(t.name) != TensorClass.EMBEDDING:
             parts["router, norms, biases"] += t.nbytes
     return sum(parts.values()), parts
 
@@ -128,26 +129,6 @@ def run_raw(gguf: Path, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def ensure_gguf(workdir: Path, keep: bool) -> tuple[Path, bool]:
-    from ossgguf.convert.convert import convert
-    from ossgguf.fixtures.synthetic import checkpoint_bytes, make_synthetic
-
-    ckpt, gguf = workdir / "synthetic-20b", workdir / "run-20b-mxfp4.gguf"
-    if gguf.is_file():
-        return gguf, False
-    need = checkpoint_bytes("20b")
-    have_ckpt = (ckpt / "config.json").is_file()
-    free = shutil.disk_usage(workdir).free
-    if free < need * (1 if have_ckpt else 2) + need // 20:
-        raise SystemExit(f"needs {need * (1 if have_ckpt else 2) / 1e9:.1f} GB free in {workdir}, has {free / 1e9:.1f} GB")
-    if not have_ckpt:
-        print(f"writing a synthetic 20b checkpoint ({need / 1e9:.1f} GB) to {ckpt} ...", flush=True)
-        make_synthetic(ckpt, "20b")
-    print(f"converting it to {gguf} ...", flush=True)
-    convert(ckpt, gguf, force=True)
-    return gguf, not keep
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("bench/out"))
@@ -168,7 +149,8 @@ def main() -> None:
         return
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    gguf, remove = ensure_gguf(args.workdir, args.keep)
+    gguf, made = synthetic_gguf(args.workdir)
+    remove = made and not args.keep
     try:
         size = gguf.stat().st_size
         print(f"{gguf} ({size / 1e9:.1f} GB), {args.threads} threads, context {args.ctx}", flush=True)

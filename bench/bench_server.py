@@ -39,7 +39,6 @@ from openai import OpenAI
 MESSAGES = [{"role": "system", "content": "You are a storyteller."}, {"role": "user", "content": "Tell me a story."}]
 CTX = 8192
 KILLED_MAX_TOKENS = 6000
-EOG = ("<|return|>", "<|call|>", "<|endoftext|>")
 
 
 def tiny_model(workdir: Path) -> Path:
@@ -50,14 +49,16 @@ def tiny_model(workdir: Path) -> Path:
 
     from ossgguf.convert.convert import convert
     from ossgguf.fixtures.tiny import TinySpec, make_tiny_checkpoint
+    from ossgguf.harmony.tokens import END_OF_GENERATION
 
     ckpt = make_tiny_checkpoint(workdir / "ckpt", TinySpec(num_hidden_layers=3, seed=5))
     tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     weights = load_file(str(ckpt / "model.safetensors"))
-    for text in EOG:
+    for text in END_OF_GENERATION:
         weights["lm_head.weight"][tok.token_to_id(text)] = torch.zeros_like(weights["lm_head.weight"][0])
     save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
-    return convert(ckpt, workdir / "tiny.gguf", force=True).plan.shards[0].path
+    convert(ckpt, workdir / "tiny.gguf", force=True)
+    return workdir / "tiny.gguf"
 
 
 def request(i: int) -> dict:
@@ -67,7 +68,7 @@ def request(i: int) -> dict:
 def engine_alone(model: Path, n: int, threads: int | None) -> tuple[float, float]:
     """Seconds for the same generations on the engine directly (render + generate, warm cache), and
     for the greedy generation that the killed client asks for."""
-    from ossgguf.harmony.render import render
+    from ossgguf.harmony import render
     from ossgguf.runner.engine import Engine
     from ossgguf.runner.plan import PlacementOptions
 

@@ -1,15 +1,15 @@
-"""A safetensors reader that streams: headers parsed up front, data read with pread into reused
-buffers, so nothing read stays resident (no mmap pages counted in RSS)."""
+"""safetensors checkpoints: headers parsed and checked up front, tensor rows read with pread."""
 
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ossgguf.gguf.stream import FileReader
 
 from ..errors import OssggufError
 
@@ -85,58 +85,16 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
 
 
 class TensorReader:
-    """Reads tensors (or runs of dim-0 slices) from safetensors files with pread.
+    """Rows along dim 0 of checkpoint tensors (one expert of an [E, ...] tensor, a run of a matrix's
+    rows), read through the write loop's FileReader: nothing mapped, nothing kept resident."""
 
-    One open file descriptor per shard; callers pass their own reusable buffers so that peak memory
-    is one slice, whatever the model size.
-    """
+    def __init__(self, entries: dict[str, TensorEntry], files: FileReader):
+        self.entries, self.files = entries, files
 
-    def __init__(self, entries: dict[str, TensorEntry]):
-        self.entries = entries
-        self._fds: dict[Path, int] = {}
-
-    def __enter__(self) -> TensorReader:
-        for path in {e.file for e in self.entries.values()}:  # open all now: reads run on threads
-            self._fd(path)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            # Sequential read-once access: tell the kernel not to keep much read-ahead around.
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        return fd
-
-    def read(self, name: str, start: int = 0, count: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    def read(self, name: str, start: int = 0, count: int | None = None) -> np.ndarray:
         """Rows [start, start+count) along dim 0 of tensor `name`, as an array of its dtype."""
         e = self.entries[name]
-        n0 = e.shape[0] if e.shape else 1
-        count = n0 - start if count is None else count
+        count = (e.shape[0] if e.shape else 1) - start if count is None else count
         shape = (count,) + e.shape[1:] if e.shape else ()
-        nbytes = count * e.row_bytes
-        if out is None:
-            out = np.empty(shape, dtype=e.np_dtype)
-        else:
-            out = out.reshape(-1).view(np.uint8)[:nbytes].view(e.np_dtype).reshape(shape)
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        fd = self._fd(e.file)
-        pos, done = e.offset + start * e.row_bytes, 0
-        while done < nbytes:
-            n = os.preadv(fd, [view[done:]], pos + done)
-            if n <= 0:
-                raise OssggufError(f"{e.file} ended early while reading '{name}': the file is truncated")
-            done += n
-        if hasattr(os, "posix_fadvise"):
-            # Drop the pages we just read from the page cache: this is a read-once stream.
-            os.posix_fadvise(fd, pos, nbytes, os.POSIX_FADV_DONTNEED)
-        return out
+        data = self.files.read(e.file, e.offset + start * e.row_bytes, count * e.row_bytes, f"'{name}'")
+        return data.view(e.np_dtype).reshape(shape)

@@ -114,14 +114,6 @@ def _check_config(path: Path, what: str) -> GptOssConfig:
     return GptOssConfig.from_dict(cfg, where=f"{what}/config.json")
 
 
-def check_checkpoint(path: Path, what: str | None = None) -> GptOssConfig:
-    """A folder is a gpt-oss checkpoint: config.json says gpt_oss and safetensors weights are there."""
-    what = what or str(path)
-    config = _check_config(path, what)
-    _check_weights(path, what)
-    return config
-
-
 def _check_weights(path: Path, what: str) -> None:
     if not any(path.glob("*.safetensors")):
         raise OssggufError(f"{what} has no .safetensors weights in {path}: run `ossgguf download` with network "
@@ -129,19 +121,15 @@ def _check_weights(path: Path, what: str) -> None:
 
 
 def resolve_source(src: str | Path, revision: str | None = None, token: str | None = None,
-                   offline: bool | None = None) -> Path:
-    """A checkpoint folder as given, or a repo id (owner/name) downloaded to the cache."""
+                   offline: bool | None = None) -> tuple[Path, str | None]:
+    """(checkpoint folder, repo id or None): a path that exists is taken as given (the converter's reader
+    says what it lacks), anything else must be a repo id (owner/name), downloaded to the cache."""
     p = Path(src).expanduser()
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise OssggufError(f"{p} has no config.json: pass a Hugging Face checkpoint folder or a repo id "
-                               "such as openai/gpt-oss-20b")
-        return p
     if p.exists():
-        raise OssggufError(f"{p} is a file: pass the checkpoint folder (with config.json) or a repo id")
+        return p, None
     text = str(src)
     if looks_like_repo_id(text):
-        return download(text, revision=revision, token=token, offline=offline)
+        return download(text, revision=revision, token=token, offline=offline), text
     raise OssggufError(f"'{text}' is neither a folder nor a Hugging Face repo id (owner/name)")
 
 

@@ -19,15 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
-
-from ossgguf.gguf.read import GgufFile, read_gguf, read_gguf_file, shard_paths
-from ossgguf.gguf.write import shard_paths as split_names
+from ossgguf.gguf.read import GgufSet, read_gguf
+from ossgguf.gguf.split import model_sets, shard_names, split_name
+from ossgguf.gguf.tensors import FLOAT_TYPES, Q, Tensor
 
 from ..errors import OssggufError
-from ..model import ARCH, TensorClass, tensor_class
-from .card import FileEntry, group_models, human_size, model_bits_per_weight, model_card, split_parts
+from ..model import TensorClass, check_gpt_oss, tensor_class
+from .card import FileEntry, group_models, human_size, model_bits_per_weight, model_card
 from .download import looks_like_repo_id, offline_mode
 
 log = logging.getLogger(__name__)
@@ -36,82 +34,18 @@ T = TypeVar("T")
 MAX_FILE_SIZE = 48 * 10**9  # the Hub refuses single files over 50 GB; llama.cpp splits at 48G
 RETRY_DELAYS = (5.0, 30.0)  # seconds slept after the 1st and 2nd failed attempt: 3 attempts in all
 RECIPE_KEY = "ossgguf.recipe"
-GGUF_MAGIC = b"GGUF"
-_SPLIT_NAME = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
 
 
-# --- a light GGUF header reader: metadata scalars and tensor infos, no tensor data -----------------
-
-@dataclass(frozen=True)
-class GgufTensor:
-    name: str
-    qtype: GGMLQuantizationType
-    n_elements: int
-    n_bytes: int
-    offset: int  # from the start of the data section
-
-
-@dataclass
-class GgufHeader:
-    path: Path
-    size: int  # of the file
-    metadata: dict[str, Any]  # scalar and string values; arrays are skipped
-    tensors: list[GgufTensor]
-    data_offset: int
-
-
-
-def read_gguf_header(path: str | Path) -> GgufHeader:
-    """A GGUF file's header (ossgguf.gguf.read): scalar metadata and tensor infos, no tensor data;
-    OssggufError if it is not a GGUF or is cut short."""
-    return _header(read_gguf_file(path))
-
-
-def _header(f: GgufFile) -> GgufHeader:
-    metadata = {k: kv.value for k, kv in f.kvs.items() if kv.type != GGUFValueType.ARRAY}
-    tensors = [GgufTensor(t.name, t.qtype, int(np.prod(t.shape, dtype=np.int64)), t.nbytes, t.offset - f.data_offset)
-               for t in f.tensors]
-    return GgufHeader(f.path, f.size, metadata, tensors, f.data_offset)
-
-
-def check_gguf(path: Path) -> list[GgufHeader]:
-    """The headers of a complete gpt-oss GGUF model: the file, or every shard of the split set `path`
-    belongs to, checked as one by the project's reader (ossgguf.gguf.read.read_gguf: truncation,
-    alignment, tensor sizes, duplicates, split keys and shards of other models)."""
-    model = read_gguf(path)
-    arch = model.get("general.architecture")
-    if arch != ARCH:
-        raise OssggufError(f"{model.path} holds a '{arch}' model, not {ARCH}: ossgguf publishes gpt-oss GGUFs only")
-    return [_header(f) for f in model.files]
-
-
-# --- which files, which recipe ----------------------------------------------------------------------
-
-def collect_files(path: str | Path) -> list[Path]:
-    """The GGUFs to publish: a file, all shards of a split set, or every .gguf in a folder."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        files = sorted(x for x in p.iterdir() if x.is_file() and x.suffix.lower() == ".gguf")
-        if not files:
-            raise OssggufError(f"{p} holds no .gguf files: pass a GGUF file or a folder of them")
-    elif p.is_file():
-        files = [p]
-    else:
-        raise OssggufError(f"{p} does not exist: pass a GGUF file or a folder of them")
-    out: list[Path] = []
-    for f in files:
-        out += [s for s in shard_paths(f) if s not in out]  # the reader's naming: refuses a missing shard
-    return sorted(out, key=lambda f: split_parts(f.name)[:2])  # by model, shards in order
-
+# --- which recipe -----------------------------------------------------------------------------------
 
 _WEIGHTS = (TensorClass.EXPERT, TensorClass.ATTENTION, TensorClass.EMBEDDING, TensorClass.OUTPUT)
 
 
-def infer_recipe(tensors: list[GgufTensor]) -> str:
+def infer_recipe(tensors: list[Tensor]) -> str:
     """The recipe whose types these tensors have (quantize.policy.RECIPES), or a description of them."""
-    from ..quantize.policy import AS_STORED, FLOAT_TYPES, RECIPES
+    from ..quantize.policy import AS_STORED, RECIPES
 
-    types: dict[TensorClass, set[GGMLQuantizationType]] = {}
+    types: dict[TensorClass, set[Q]] = {}
     for t in tensors:
         try:
             cls = tensor_class(t.name)
@@ -129,7 +63,7 @@ def infer_recipe(tensors: list[GgufTensor]) -> str:
     return f"custom (experts {experts}; other weights {'/'.join(other) or 'none'})"
 
 
-def base_model_of(meta: dict[str, Any]) -> str | None:
+def base_model_of(meta: GgufSet) -> str | None:
     """The Hub repo the GGUF was converted from, from its general.* source/base-model keys."""
     for key in ("general.source.repo_url", "general.base_model.0.repo_url"):
         url = str(meta.get(key) or "")
@@ -212,10 +146,10 @@ def publish_plan_text(plan: PublishPlan, with_card: bool = True) -> str:
 
 def conventional_name(base: str, recipe: str, count: int = 1) -> str:
     """`<base>-<recipe>.gguf`, or its first shard `<base>-<recipe>-00001-of-0000N.gguf` (llama.cpp's naming)."""
-    return split_names(Path(f"{base}-{recipe}.gguf"), count)[0].name
+    return shard_names(Path(f"{base}-{recipe}.gguf"), count)[0].name
 
 
-def name_note(model: str, count: int, recipe: str, base_model: str | None, meta: dict[str, Any]) -> str | None:
+def name_note(model: str, count: int, recipe: str, base_model: str | None, meta: GgufSet) -> str | None:
     """A warning when a model's file name does not end with its recipe: llama.cpp's `-hf repo:TAG`, Ollama's
     `hf.co/repo:TAG` and people choosing a file all go by the name (`model.gguf` says nothing)."""
     if " " in recipe or recipe == "unknown" or model.lower().endswith("-" + recipe.lower()):
@@ -248,41 +182,32 @@ def plan_publish(path: str | Path, repo_id: str, *, private: bool = False, revis
     """Check, hash and describe the files; no network."""
     if not looks_like_repo_id(repo_id):
         raise OssggufError(f"'{repo_id}' is not a Hugging Face repo id: write it as owner/name")
-    paths = collect_files(path)
-    headers: dict[Path, GgufHeader] = {}
-    for p in paths:
-        if p not in headers:  # one read per model: its shards are checked as one set
-            headers.update((h.path, h) for h in check_gguf(p))
-    recipes: dict[str, str] = {}  # model -> recipe
-    firsts: dict[str, GgufHeader] = {}
-    for p in paths:
-        model, no, _ = split_parts(p.name)
-        if no == 1:
-            firsts[model] = headers[p]
-            tensors = [t for q in paths if split_parts(q.name)[0] == model for t in headers[q].tensors]
-            recipes[model] = str(headers[p].metadata.get(RECIPE_KEY) or infer_recipe(tensors))
-    for p in paths:
-        if headers[p].size > max_file_size:
-            raise OssggufError(_split_advice(p, headers[p].size, max_file_size, recipes[split_parts(p.name)[0]]))
-    hashes = sha256_files(paths)
-    entries = [FileEntry(p.name, headers[p].size, hashes[p], recipes[split_parts(p.name)[0]],
-                         sum(t.n_bytes for t in headers[p].tensors), sum(t.n_elements for t in headers[p].tensors),
-                         p.resolve()) for p in paths]
-    first = next(iter(firsts.values()))
+    models: list[tuple[str, GgufSet, str]] = []  # name (without -0000N-of-0000M.gguf), files, recipe
+    for files in model_sets(path):  # each read and checked as one set (ossgguf.gguf.read)
+        g = read_gguf(files[0])
+        check_gpt_oss(g)
+        models.append((split_name(g.path.name)[0], g, ""))
+    models = [(m, g, str(g.get(RECIPE_KEY) or infer_recipe(g.tensors))) for m, g, _ in models]
+    for _, g, recipe in models:
+        for f in g.files:
+            if f.size > max_file_size:
+                raise OssggufError(_split_advice(f.path, f.size, max_file_size, recipe))
+    hashes = sha256_files([f.path for _, g, _ in models for f in g.files])
+    entries = [FileEntry(f.path.name, f.size, hashes[f.path], recipe, sum(t.nbytes for t in f.tensors),
+                         sum(t.n_params for t in f.tensors), f.path.resolve())
+               for _, g, recipe in models for f in g.files]
     notes = []
-    base = base_model or next((b for h in firsts.values() if (b := base_model_of(h.metadata))), None)
+    base = base_model or next((b for _, g, _ in models if (b := base_model_of(g))), None)
     if base is None:
         notes.append("base model unknown (no general.source.repo_url in the GGUF): pass --base-model")
-    for model, header in firsts.items():
-        count = split_parts(next(p for p in paths if split_parts(p.name)[0] == model).name)[2]
-        if (note := name_note(model, count, recipes[model], base, header.metadata)):
-            notes.append(note)
+    notes += [n for m, g, recipe in models if (n := name_note(m, len(g.files), recipe, base, g))]
     for n in notes:
         log.warning("%s", n)
-    main_recipe = max(recipes.values(), key=list(recipes.values()).count)
+    recipes = [recipe for _, _, recipe in models]
+    main_recipe = max(recipes, key=recipes.count)
     card = model_card(entries, base, main_recipe, quantized_by or repo_id.split("/")[0], compare, plan_hints,
-                      license=str(first.metadata.get("general.license") or "apache-2.0"), repo_id=repo_id)
-    message = commit_message or f"Upload {', '.join(sorted(recipes.values()))} GGUF ({len(entries)} file(s))"
+                      license=str(models[0][1].get("general.license") or "apache-2.0"), repo_id=repo_id)
+    message = commit_message or f"Upload {', '.join(sorted(set(recipes)))} GGUF ({len(entries)} file(s))"
     return PublishPlan(repo_id, entries, card, private, revision, message, dry_run, notes=notes)
 
 

@@ -133,14 +133,18 @@ def _progress_bar(total: int, desc: str, unit: str = "B"):
                 file=sys.stderr, disable=None, dynamic_ncols=True)
 
 
-def _resolve_source(src: str) -> tuple[Path, str | None]:
-    """A local folder, or a Hub repo id that is downloaded first."""
-    p = Path(src)
-    if p.exists():
-        return p, None
-    from .hub.download import resolve_source
-
-    return resolve_source(src), src
+def _write(plan, dry_run: bool, as_json: bool, force: bool) -> None:
+    """The one --dry-run / --json / progress / summary path of convert, quantize and prune
+    (a convert.output.WritePlan)."""
+    if dry_run:
+        click.echo(json.dumps(plan.to_json(), indent=1) if as_json else plan.summary())
+        return
+    if as_json:
+        raise click.UsageError("--json goes with --dry-run")
+    with _progress_bar(plan.data_bytes, plan.command) as bar:
+        report = plan.run(force=force, progress=bar.update)
+    click.echo(report.summary(), err=True)
+    click.echo(str(plan.shards[0].path))
 
 
 @cli.command()
@@ -192,24 +196,12 @@ def convert(src: str, out: Path, recipe: str, tensor_types: tuple[str, ...], spl
       ossgguf convert openai/gpt-oss-120b -o gpt-oss-120b-mxfp4.gguf --split-max-size 48G
       ossgguf convert ./my-finetune -o ft.gguf --recipe bf16 --dry-run --json
     """
-    from .convert.convert import plan_conversion, run_conversion, summarize
+    from .convert.convert import plan_conversion
+    from .hub.download import resolve_source
 
-    path, repo = _resolve_source(src)
-    plan = plan_conversion(path, out, recipe, tensor_types, split_max_size, allow_fallback, source_repo=repo)
-    if dry_run:
-        if as_json:
-            click.echo(json.dumps(plan.to_json(), indent=1))
-        else:
-            from .convert.convert import ConvertReport
-
-            click.echo(summarize(ConvertReport(plan)))
-        return
-    if as_json:
-        raise click.UsageError("--json goes with --dry-run")
-    with _progress_bar(plan.data_bytes, "convert") as bar:
-        report = run_conversion(plan, force=force, progress=bar.update)
-    click.echo(summarize(report), err=True)
-    click.echo(str(plan.shards[0].path))
+    path, repo = resolve_source(src)
+    _write(plan_conversion(path, out, recipe, tensor_types, split_max_size, allow_fallback, source_repo=repo),
+           dry_run, as_json, force)
 
 
 @cli.command()
@@ -237,19 +229,9 @@ def quantize(src: Path, out: Path, recipe: str, tensor_types: tuple[str, ...], s
       ossgguf quantize gpt-oss-120b-mxfp4.gguf -o gpt-oss-120b-mxfp4-q8.gguf --recipe mxfp4-q8
       ossgguf quantize in.gguf -o out.gguf --recipe mxfp4 --tensor-type 'attn_(q|k|v)[.]weight=q8_0'
     """
-    from .convert.convert import summarize
-    from .quantize.requantize import RequantReport, plan_requantize, run_requantize
+    from .quantize.requantize import plan_requantize
 
-    plan = plan_requantize(src, out, recipe, tensor_types, split_max_size, allow_fallback)
-    if dry_run:
-        click.echo(json.dumps(plan.to_json(), indent=1) if as_json else summarize(RequantReport(plan)))
-        return
-    if as_json:
-        raise click.UsageError("--json goes with --dry-run")
-    with _progress_bar(plan.data_bytes, "quantize") as bar:
-        report = run_requantize(plan, force=force, progress=bar.update)
-    click.echo(summarize(report), err=True)
-    click.echo(str(plan.shards[0].path))
+    _write(plan_requantize(src, out, recipe, tensor_types, split_max_size, allow_fallback), dry_run, as_json, force)
 
 
 @cli.command("inspect")
@@ -272,7 +254,7 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
 @click.argument("reference", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("candidate", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), help="Text to evaluate on.")
-@click.option("--ctx", type=_number(limits.CTX), default=512, show_default=True, help="Tokens evaluated.")
+@click.option("--ctx", type=_number(limits.CTX), default=limits.COMPARE_CTX, show_default=True, help="Tokens evaluated.")
 @click.option("--threads", type=_number(limits.THREADS), help="CPU threads (default: llama.cpp's).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def compare(reference: Path, candidate: Path, text_file: str | None, ctx: int, threads: int | None,
@@ -293,7 +275,7 @@ def compare(reference: Path, candidate: Path, text_file: str | None, ctx: int, t
 
 
 def placement_options(f):
-    """The placement flags shared by every command that loads a model (DESIGN.md)."""
+    """The placement flags of every command that loads a model (runner.plan.PlacementOptions)."""
     opts = [
         click.option("--gpu-mem", type=Size(limits.GPU_MEM, memory=True), metavar="SIZE",
                      help="GPU memory to plan for, e.g. 24GiB (0: no GPU; default: detect)."),
@@ -304,9 +286,10 @@ def placement_options(f):
         click.option("--cpu-moe", is_flag=True, help="Keep every layer's experts in system RAM."),
         click.option("--n-cpu-moe", type=_number(limits.N_CPU_MOE), metavar="N",
                      help="Keep the experts of layers 0..N-1 in system RAM."),
-        click.option("--ctx", type=_number(limits.CTX), help="Context size in tokens (default: min(65536, the model's))."),
-        click.option("--ubatch", type=_number(limits.UBATCH),
-                     help="Prompt micro-batch (default: 2048 with experts in RAM, else 512)."),
+        click.option("--ctx", type=_number(limits.CTX),
+                     help=f"Context size in tokens (default: min({limits.DEFAULT_CTX}, the model's))."),
+        click.option("--ubatch", type=_number(limits.UBATCH), help=f"Prompt micro-batch (default: "
+                     f"{limits.UBATCH_OFFLOAD} with experts in RAM, else {limits.UBATCH_DEFAULT})."),
         click.option("--threads", type=_number(limits.THREADS), help="CPU threads (default: the physical cores)."),
     ]
     for opt in reversed(opts):
@@ -345,8 +328,21 @@ def plan_cmd(model: Path, as_json: bool, **kw) -> None:
     click.echo(json.dumps(p.to_json(), indent=1) if as_json else format_plan(p))
 
 
+def reasoning_option(help: str | None = None):
+    """--reasoning, wherever a prompt is rendered, with the library's default."""
+    from .harmony import DEFAULT_REASONING, REASONING_EFFORTS
+
+    return click.option("--reasoning", "reasoning_effort", type=click.Choice(REASONING_EFFORTS),
+                        default=DEFAULT_REASONING, show_default=True, help=help)
+
+
 def chat_options(f):
-    """Conversation and generation flags shared by run and chat (DESIGN.md)."""
+    """Conversation and generation flags shared by run and chat (runner.terminal.open_chat), with the
+    library's defaults (Sampling's are OpenAI's for gpt-oss)."""
+    from .runner.chat import TOOL_TIMEOUT
+    from .runner.generation import Sampling
+
+    default = Sampling()
     opts = [
         click.option("--system", help="System prompt (the developer instructions gpt-oss reads)."),
         click.option("--messages", "messages_path", type=click.Path(exists=True, dir_okay=False),
@@ -355,17 +351,16 @@ def chat_options(f):
                      help="OpenAI function tools the model may call (JSON)."),
         click.option("--tool-cmd", metavar="CMD",
                      help="Run tool calls with CMD: the call as JSON on stdin, its stdout is the result."),
-        click.option("--tool-timeout", type=_number(limits.TOOL_TIMEOUT), default=60.0, show_default=True,
+        click.option("--tool-timeout", type=_number(limits.TOOL_TIMEOUT), default=TOOL_TIMEOUT, show_default=True,
                      help="Seconds per tool call."),
-        click.option("--reasoning", type=click.Choice(["low", "medium", "high"]), default="medium",
-                     show_default=True, help="Reasoning effort."),
+        reasoning_option("Reasoning effort."),
         click.option("--show-reasoning", is_flag=True, help="Show the model's reasoning (on stderr, dimmed)."),
         click.option("--date", help="Current date for the system message, YYYY-MM-DD (default: today)."),
-        click.option("--temp", type=_number(limits.TEMPERATURE), default=1.0, show_default=True,
-                     help="Temperature (0: greedy)."),
-        click.option("--top-p", type=_number(limits.TOP_P), default=1.0, show_default=True),
-        click.option("--top-k", type=_number(limits.TOP_K), default=0, show_default=True, help="0: off."),
-        click.option("--min-p", type=_number(limits.MIN_P), default=0.0, show_default=True),
+        click.option("--temp", "temperature", type=_number(limits.TEMPERATURE), default=default.temperature,
+                     show_default=True, help="Temperature (0: greedy)."),
+        click.option("--top-p", type=_number(limits.TOP_P), default=default.top_p, show_default=True),
+        click.option("--top-k", type=_number(limits.TOP_K), default=default.top_k, show_default=True, help="0: off."),
+        click.option("--min-p", type=_number(limits.MIN_P), default=default.min_p, show_default=True),
         click.option("--seed", type=int, help="Sampling seed (default: random)."),
         click.option("--max-tokens", type=_number(limits.MAX_TOKENS),
                      help="Tokens per generation round (default: until the context is full)."),
@@ -375,23 +370,14 @@ def chat_options(f):
     return f
 
 
-def _chat_setup(context: click.Context, model: Path, kw: dict):
-    """Engine, conversation, sampling and tool runner from the run/chat flags (loads the model last)."""
-    from .runner.chat import Sampling, ToolRunner, load_conversation
-    from .runner.engine import Engine
-    from .runner.terminal import load_line
+def _open_chat(context: click.Context, model: Path, kw: dict):
+    """runner.terminal.open_chat from the run/chat flags."""
+    from .runner.generation import Sampling
+    from .runner.terminal import open_chat
 
-    conv = load_conversation(kw.pop("messages_path"), kw.pop("tools_path"), kw.pop("system"),
-                             kw.pop("reasoning"), kw.pop("date"))
-    cmd, timeout = kw.pop("tool_cmd"), kw.pop("tool_timeout")
-    runner = ToolRunner.from_command(cmd, timeout) if cmd else None
-    sampling = Sampling(temperature=kw.pop("temp"), top_p=kw.pop("top_p"), top_k=kw.pop("top_k"),
-                        min_p=kw.pop("min_p"), seed=kw.pop("seed"), max_tokens=kw.pop("max_tokens"))
-    if not context.obj["verbose"]:  # run/chat report malformed model output themselves, once
-        logging.getLogger("ossgguf.harmony.parse").setLevel(logging.ERROR)
-    engine = Engine.load(model, _placement(kw, context.obj["verbose"]))
-    click.echo(load_line(engine), err=True)
-    return engine, conv, sampling, runner
+    sampling = Sampling(**{k: kw.pop(k) for k in ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens")})
+    options = _placement(kw, context.obj["verbose"])
+    return open_chat(model, options, sampling, err=sys.stderr, **kw)
 
 
 @cli.command()
@@ -415,11 +401,10 @@ def run(context: click.Context, model: Path, prompt: str | None, show_reasoning:
 
     if prompt is None and kw.get("messages_path") is None:
         raise click.UsageError("give a prompt with -p, or a conversation with --messages")
-    engine, conv, sampling, runner = _chat_setup(context, model, kw)
-    with engine:
+    with _open_chat(context, model, kw) as chat:
         if prompt is not None:
-            conv.add_user(prompt)
-        run_once(engine, conv, sampling, runner, sys.stdout, sys.stderr, show_reasoning, as_json)
+            chat.conv.add_user(prompt)
+        run_once(chat, sys.stdout, sys.stderr, show_reasoning, as_json)
 
 
 @cli.command()
@@ -441,9 +426,8 @@ def chat(context: click.Context, model: Path, show_reasoning: bool, **kw) -> Non
     """
     from .runner.terminal import chat_loop
 
-    engine, conv, sampling, runner = _chat_setup(context, model, kw)
-    with engine:
-        failed = chat_loop(engine, conv, sampling, runner, sys.stdin, sys.stdout, sys.stderr, show_reasoning)
+    with _open_chat(context, model, kw) as chat:
+        failed = chat_loop(chat, sys.stdin, sys.stdout, sys.stderr, show_reasoning)
     if failed and not sys.stdin.isatty():  # as a script, a message that was not answered is a failure
         context.exit(1)
 
@@ -455,12 +439,11 @@ def chat(context: click.Context, model: Path, show_reasoning: bool, **kw) -> Non
 @click.option("--port", default=8080, show_default=True, type=_number(limits.PORT))
 @click.option("--api-key", envvar="OSSGGUF_API_KEY", help="Require `Authorization: Bearer KEY` (env OSSGGUF_API_KEY).")
 @click.option("--model-name", help="The model's id in the API (default: the file name without .gguf).")
-@click.option("--reasoning", type=click.Choice(["low", "medium", "high"]), default="medium", show_default=True,
-              help="Reasoning effort when a request does not say.")
+@reasoning_option("Reasoning effort when a request does not say.")
 @placement_options
 @click.pass_context
 def serve(context: click.Context, model: Path, host: str, port: int, api_key: str | None, model_name: str | None,
-          reasoning: str, **kw) -> None:
+          reasoning_effort: str, **kw) -> None:
     """Serve the model over the OpenAI API: /v1/chat/completions, /v1/responses, /v1/models, /health.
 
     \b
@@ -477,11 +460,21 @@ def serve(context: click.Context, model: Path, host: str, port: int, api_key: st
     verbose = context.obj["verbose"]
     options = _placement(kw, verbose)
     run_server(model, host=host, port=port, options=options, api_key=api_key, model_name=model_name,
-               reasoning_effort=reasoning, log_level="info" if verbose else "warning",
+               reasoning_effort=reasoning_effort, log_level="info" if verbose else "warning",
                on_ready=lambda line: click.echo(line, err=True))
 
 
-@cli.command()
+@cli.command(help=f"""Run MODEL over calibration text and record, per layer and expert, how often the router
+    selects it, the gate weights it gets and the size of its outputs: the statistics `prune` ranks experts by.
+
+    --ctx is the length of each evaluated sequence (default {limits.CALIBRATE_CHUNK}). Use text like the model's
+    real work: harmony chat transcripts, code, your own domain (see docs/pruning.md).
+
+    \b
+    Examples:
+      ossgguf calibrate gpt-oss-120b-mxfp4-00001-of-00003.gguf --text chat.txt code/*.py -o 120b.stats.json
+      ossgguf calibrate gpt-oss-20b-mxfp4.gguf --text mydomain.txt -o 20b.stats.json --cpu-moe
+    """)
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("more_texts", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--text", "texts", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -494,50 +487,24 @@ def serve(context: click.Context, model: Path, host: str, port: int, api_key: st
 @click.pass_context
 def calibrate(context: click.Context, model: Path, more_texts: tuple[Path, ...], texts: tuple[Path, ...],
               out: Path | None, as_json: bool, **kw) -> None:
-    """Run MODEL over calibration text and record, per layer and expert, how often the router selects
-    it, the gate weights it gets and the size of its outputs: the statistics `prune` ranks experts by.
-
-    --ctx is the length of each evaluated sequence (default 2048). Use text like the model's real
-    work: harmony chat transcripts, code, your own domain (see docs/pruning.md).
-
-    \b
-    Examples:
-      ossgguf calibrate gpt-oss-120b-mxfp4-00001-of-00003.gguf --text chat.txt code/*.py -o 120b.stats.json
-      ossgguf calibrate gpt-oss-20b-mxfp4.gguf --text mydomain.txt -o 20b.stats.json --cpu-moe
-    """
-
-    from .runner.calibrate import DEFAULT_CHUNK
     from .runner.calibrate import calibrate as run_calibrate
+    from .runner.calibrate import default_stats_path
 
     files = list(texts) + list(more_texts)
     if not files:
         raise click.UsageError("give calibration text with --text FILE")
-    out = out or model.with_name(model.name.removesuffix(".gguf") + ".stats.json")
-    options = _placement(kw, context.obj["verbose"])
-    chunk = options.ctx or DEFAULT_CHUNK
     with _progress_bar(0, "calibrate", unit="tok") as bar:
         def total(n: int) -> None:
             bar.total = n
             bar.refresh()
 
-        r = run_calibrate(model, files, out, options, chunk=chunk, progress=bar.update, on_total=total)
-    s = r.stats
-    never = s.never_selected()
-    summary = {"stats": str(out), "tokens_total": s.tokens, "tokens_this_run": r.tokens, "files_done": r.done,
-               "files_skipped": r.skipped, "tokens_per_second": r.tps,
-               "never_selected": {f"blk.{i}": e for i, e in enumerate(never) if e}}
+        r = run_calibrate(model, files, out or default_stats_path(model), _placement(kw, context.obj["verbose"]),
+                          progress=bar.update, on_total=total)
     if as_json:
-        click.echo(json.dumps(summary, indent=1))
+        click.echo(json.dumps(r.to_json(), indent=1))
         return
-    for f in r.skipped:
-        click.echo(f"skipped (already in {out.name}): {f}", err=True)
-    click.echo(f"{r.tokens:,} tokens in {r.seconds:.1f} s ({r.tps:.1f} tok/s); {s.tokens:,} tokens over "
-               f"{len(s.files)} file(s) in the statistics", err=True)
-    n_never = sum(len(e) for e in never)
-    if n_never:
-        click.echo(f"{n_never} experts were never selected: "
-                   + "; ".join(f"blk.{i}: {', '.join(map(str, e))}" for i, e in enumerate(never) if e)[:400], err=True)
-    click.echo(str(out))
+    click.echo(r.summary(), err=True)
+    click.echo(str(r.out))
 
 
 @cli.command()
@@ -575,19 +542,13 @@ def prune(src: Path, out: Path, keep: int | None, target_size: int | None, targe
       ossgguf prune gpt-oss-120b-mxfp4-00001-of-00003.gguf -o 120b-96.gguf --keep 96 --stats 120b.stats.json
       ossgguf prune gpt-oss-20b-mxfp4.gguf -o 20b-small.gguf --target-size 9GiB --stats 20b.stats.json --dry-run --json
     """
-    from .quantize.prune import PruneReport, plan_prune, run_prune, summarize
+    from .quantize.prune import plan_prune
 
     if as_json and not dry_run:
         raise click.UsageError("--json goes with --dry-run")
-    plan = plan_prune(src, out, keep=keep, target_size=target_size, target_device=target_device, ctx=ctx,
-                      stats=stats_path, score=score, split_max_size=split_max_size, dry_run=dry_run)
-    if dry_run:
-        click.echo(json.dumps(plan.to_json(), indent=1) if as_json else summarize(PruneReport(plan)))
-        return
-    with _progress_bar(plan.data_bytes, "prune") as bar:
-        report = run_prune(plan, force=force, progress=bar.update)
-    click.echo(summarize(report), err=True)
-    click.echo(str(plan.shards[0].path))
+    _write(plan_prune(src, out, keep=keep, target_size=target_size, target_device=target_device, ctx=ctx,
+                      stats=stats_path, score=score, split_max_size=split_max_size, dry_run=dry_run),
+           dry_run, as_json, force)
 
 
 @cli.command()
@@ -607,24 +568,23 @@ def demo(ctx: click.Context, workdir: Path | None, keep: bool) -> None:
 @click.option("--messages", "messages_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="OpenAI chat messages (a JSON list, or a request body with messages/tools).")
 @click.option("--tools", "tools_path", type=click.Path(exists=True, dir_okay=False), help="OpenAI function tools (JSON).")
-@click.option("--reasoning", type=click.Choice(["low", "medium", "high"]), default="medium", show_default=True)
+@reasoning_option()
 @click.option("--date", help="Current date for the system message, YYYY-MM-DD (default: today).")
-def render(model: str, messages_path: str, tools_path: str | None, reasoning: str, date: str | None) -> None:
+def render(model: str, messages_path: str, tools_path: str | None, reasoning_effort: str, date: str | None) -> None:
     """Print the exact harmony prompt gpt-oss sees for a conversation.
 
     \b
     Example:
       ossgguf render gpt-oss-20b.gguf --messages chat.json --tools tools.json --reasoning high
     """
-    from ossgguf.harmony.render import render_from_files
+    from ossgguf.harmony import render_from_files
 
-    click.echo(render_from_files(messages_path, tools_path, reasoning_effort=reasoning, date=date, model=model),
-               nl=False)
+    click.echo(render_from_files(messages_path, tools_path, reasoning_effort, date, model=model), nl=False)
 
 
 @cli.command()
-@click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.argument("repo_id")
+@click.argument("path", type=click.Path(path_type=Path))
 @click.option("--private", is_flag=True, help="Create the repo as private.")
 @click.option("--revision", help="Branch to upload to (created if missing).")
 @click.option("--commit-message", help="Commit message on the Hub.")
@@ -633,18 +593,28 @@ def render(model: str, messages_path: str, tools_path: str | None, reasoning: st
 @click.option("--quantized-by", help="quantized_by for the card.")
 @click.option("--dry-run", is_flag=True, help="Check files, hash them and print the card; upload nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def publish(path: Path, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
+def publish(repo_id: str, path: Path, private: bool, revision: str | None, commit_message: str | None,
             token: str | None, base_model: str | None, quantized_by: str | None, dry_run: bool, as_json: bool) -> None:
-    """Publish GGUF file(s) to a Hub repo with a model card (PATH: a GGUF, the first shard of a
-    split set, or a folder of them).
+    """Publish GGUF file(s) to a Hub repo with a model card, as `hf upload REPO_ID PATH` (PATH: a GGUF,
+    the first shard of a split set, or a folder of them).
 
     \b
     Examples:
-      ossgguf publish gpt-oss-120b-mxfp4-00001-of-00002.gguf me/gpt-oss-120b-GGUF --dry-run
-      ossgguf publish ./out/ me/gpt-oss-120b-GGUF --private
+      ossgguf publish me/gpt-oss-120b-GGUF gpt-oss-120b-mxfp4-00001-of-00002.gguf --dry-run
+      ossgguf publish me/gpt-oss-120b-GGUF ./out/ --private
     """
+    from .hub.download import looks_like_repo_id
     from .hub.publish import publish as hub_publish
     from .hub.publish import publish_plan_text
+
+    if not path.exists():
+        if Path(repo_id).exists():  # ossgguf 0.1's order, PATH REPO_ID: still read, with a note
+            click.echo("note: `ossgguf publish PATH REPO_ID` is deprecated: write `ossgguf publish REPO_ID PATH`, "
+                       "the order of `hf upload`", err=True)
+            repo_id, path = str(path), Path(repo_id)
+        else:  # name the missing file, in either order
+            missing = path if looks_like_repo_id(repo_id) else repo_id
+            raise click.BadParameter(f"Path '{missing}' does not exist.", param_hint="'PATH'")
 
     plan = hub_publish(path, repo_id, private=private, revision=revision, commit_message=commit_message,
                        token=token, dry_run=dry_run, base_model=base_model, quantized_by=quantized_by)

@@ -1,9 +1,10 @@
-"""The valid range of each numeric option, defined once.
+"""The valid range of each numeric option, and the defaults the library applies, defined once.
 
-The CLI turns these into click types (a bad value is a usage error naming the option); the library's
-option classes (PlacementOptions, Sampling, ToolRunner, the GGUF writer's split size) and the
-server's request checks refuse the same values with an OssggufError, since the CLI is not their only
-caller.
+The CLI turns the ranges into click types (a bad value is a usage error naming the option) and shows
+the defaults in its help; the library's option classes (PlacementOptions, Sampling, ToolRunner, the
+GGUF writer's split size) and the server's request checks refuse the same values with an
+OssggufError, since the CLI is not their only caller. This module imports nothing heavy, so that
+`ossgguf --help` stays fast.
 """
 
 from __future__ import annotations
@@ -57,7 +58,12 @@ N_CPU_MOE = Limit(0, integer=True)  # more than the model's layers means all of 
 GPU_MEM = Limit(0, integer=True)  # 0: no GPU
 MEMORY = Limit(0, lo_open=True, integer=True)  # RAM, unified memory
 
-# generation (runner.chat.Sampling): OpenAI's ranges, which the server also enforces
+# placement defaults (runner.plan) when --ctx / --ubatch are not given
+DEFAULT_CTX = 65536  # capped by the model's context; long enough for tool use, 2.4 GB of KV on 120b
+UBATCH_OFFLOAD = 2048  # large prompt batches amortise streaming RAM-resident experts to the GPU
+UBATCH_DEFAULT = 512
+
+# generation (runner.generation.Sampling): OpenAI's ranges, which the server also enforces
 TEMPERATURE = Limit(0, 2)  # 0: greedy
 TOP_P = Limit(0, 1)
 TOP_K = Limit(0, INT32_MAX, integer=True)  # 0: off
@@ -69,3 +75,5 @@ TOOL_TIMEOUT = Limit(0, lo_open=True)  # seconds
 FILE_SIZE = Limit(0, lo_open=True, integer=True)  # --split-max-size, --target-size
 COUNT = Limit(1, integer=True)  # prune's --keep (the model bounds it further)
 PORT = Limit(1, 65535, integer=True)
+COMPARE_CTX = 512  # tokens `compare` evaluates by default
+CALIBRATE_CHUNK = 2048  # tokens per calibration sequence (REAP calibrates on 2048-token sequences)

@@ -15,12 +15,29 @@ import numpy as np
 from gguf import GGUFValueType
 
 from ossgguf.gguf.values import KV, kv_array, kv_f32, kv_str, kv_u32
+from ossgguf.harmony.tokens import SPECIAL_TOKENS as HARMONY_SPECIAL_TOKENS  # noqa: F401 - for vocabularies
 
 from .errors import OssggufError
 
 ARCH = "gpt-oss"
 HF_ARCHITECTURE = "GptOssForCausalLM"
 MXFP4_BLOCK = 32  # values per MXFP4 block (one E8M0 scale + 16 bytes of E2M1 codes)
+SLIDING, FULL = "sliding_attention", "full_attention"  # config.json layer_types
+
+
+def swa_layers(n_layer: int, pattern: Any = None) -> tuple[bool, ...]:
+    """Which layers attend through the sliding window, as llama.cpp reads a gpt-oss GGUF's
+    attention.sliding_window_pattern: one flag per layer, or a period whose last layer is full.
+    Without it, gpt-oss's own pattern: sliding, full, sliding, ... from layer 0 (both released models)."""
+    if pattern is not None and not isinstance(pattern, int):
+        return tuple(bool(x) for x in pattern)
+    period = int(pattern or 2)
+    return tuple(i % period < period - 1 for i in range(n_layer))
+
+
+def default_layer_types(n_layer: int) -> list[str]:
+    """config.json's layer_types for gpt-oss's default pattern."""
+    return [SLIDING if swa else FULL for swa in swa_layers(n_layer)]
 
 
 class TensorClass(enum.StrEnum):
@@ -75,10 +92,7 @@ class GptOssConfig:
             # rope_scaling + rope_theta; accept both.
             rope = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
             rope_theta = float(cfg.get("rope_theta", rope.get("rope_theta", 150000.0)))
-            layer_types = tuple(
-                cfg.get("layer_types")
-                or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
-            )
+            layer_types = tuple(cfg.get("layer_types") or default_layer_types(n_layers))
             qcfg = cfg.get("quantization_config") or {}
             out = cls(
                 hidden_size=int(cfg["hidden_size"]),
@@ -116,7 +130,7 @@ class GptOssConfig:
 
     @property
     def is_swa(self) -> list[bool]:
-        return [t == "sliding_attention" for t in self.layer_types]
+        return [t == SLIDING for t in self.layer_types]
 
 
 def _first_id(v: Any) -> int | None:
@@ -127,6 +141,7 @@ def _first_id(v: Any) -> int | None:
 
 # --- tensor names -------------------------------------------------------------------------------
 
+ROUTER = "ffn_gate_inp"  # [E, H] weight and [E] bias per layer
 # Hugging Face name (with {i} for the layer) -> (GGUF name, class). The expert tensors are handled
 # by EXPERT_SOURCES below, since one HF tensor becomes two GGUF tensors (gate/up de-interleaved).
 GLOBAL_TENSORS: dict[str, tuple[str, TensorClass]] = {
@@ -146,8 +161,8 @@ LAYER_TENSORS: dict[str, tuple[str, TensorClass]] = {
     "self_attn.o_proj.weight": ("attn_output.weight", TensorClass.ATTENTION),
     "self_attn.o_proj.bias": ("attn_output.bias", TensorClass.NORM),
     "self_attn.sinks": ("attn_sinks.weight", TensorClass.NORM),
-    "mlp.router.weight": ("ffn_gate_inp.weight", TensorClass.ROUTER),
-    "mlp.router.bias": ("ffn_gate_inp.bias", TensorClass.NORM),
+    "mlp.router.weight": (f"{ROUTER}.weight", TensorClass.ROUTER),
+    "mlp.router.bias": (f"{ROUTER}.bias", TensorClass.NORM),
 }
 # Expert tensors. gate_up is interleaved (gate = even rows, up = odd rows) in weights, scales
 # and bias alike; MXFP4 checkpoints store *_blocks [E, rows, cols/32, 16] + *_scales [E, rows, cols/32];
@@ -158,14 +173,28 @@ EXPERT_DOWN = "ffn_down_exps"
 HF_LAYER_PREFIX = "model.layers.{i}."
 HF_EXPERTS = "mlp.experts."
 
+# Tensors with one slice per expert on axis 0 (numpy order): the expert matrices, their biases and the
+# router's rows and bias. Pruning slices them; calibration identifies a model by its routers.
+EXPERT_AXIS = tuple(f"{t}.{w}" for t in (EXPERT_GATE, EXPERT_UP, EXPERT_DOWN, ROUTER) for w in ("weight", "bias"))
+
 _BLK = re.compile(r"^blk\.(\d+)\.")
-_EXPERT_WEIGHT = re.compile(r"\.ffn_(gate|up|down)_exps\.weight$")
+_EXPERTS = r"ffn_(up|down|gate)_exps"
+_EXPERT_WEIGHT = re.compile(rf"\.{_EXPERTS}\.weight$")
 
 
 def layer_of(gguf_name: str) -> int | None:
     """The block index of a GGUF tensor name, or None for global tensors."""
     m = _BLK.match(gguf_name)
     return int(m.group(1)) if m else None
+
+
+def has_expert_axis(gguf_name: str) -> bool:
+    return layer_of(gguf_name) is not None and gguf_name.split(".", 2)[2] in EXPERT_AXIS
+
+
+def router_names(n_layer: int) -> list[str]:
+    """The router tensors of every layer, weight then bias, in layer order."""
+    return [f"blk.{i}.{ROUTER}.{w}" for i in range(n_layer) for w in ("weight", "bias")]
 
 
 def tensor_class(gguf_name: str) -> TensorClass:
@@ -181,30 +210,89 @@ def tensor_class(gguf_name: str) -> TensorClass:
     raise OssggufError(f"'{gguf_name}' is not a gpt-oss tensor name")
 
 
-def expert_offload_pattern(layers: range | None = None, weights_only: bool = True) -> str:
-    """The tensor-buffer-override regex that keeps expert tensors in system RAM.
+@dataclass(frozen=True)
+class Offload:
+    """A placement decision: tensors whose name matches `pattern` (re.search) live on `device`.
+    llama.cpp takes it as a tensor buffer override; `str()` is its `--override-tensor` form."""
 
-    Matches llama.cpp's --cpu-moe (all layers) or --n-cpu-moe N (blk.0 .. blk.N-1). Matching only
-    `.weight` keeps the tiny expert biases with the rest of the layer on the GPU.
-    """
-    suffix = r"\.weight" if weights_only else ""
-    exps = r"ffn_(up|down|gate)_exps" + suffix
+    pattern: str
+    device: str = "CPU"
+
+    def __str__(self) -> str:
+        return f"{self.pattern}={self.device}"
+
+
+def expert_offload(layers: range | None = None) -> Offload:
+    """Keep the expert weights of `layers` (None: all) in system RAM, as llama.cpp's --cpu-moe or
+    --n-cpu-moe N (blk.0 .. blk.N-1). Matching only `.weight` keeps the tiny expert biases with the
+    rest of the layer on the GPU."""
     if layers is None:
-        return r"\." + exps
+        return Offload(rf"\.{_EXPERTS}\.weight")
     ids = "|".join(str(i) for i in layers)
-    return rf"^blk\.({ids})\.{exps}"
+    return Offload(rf"^blk\.({ids})\.{_EXPERTS}\.weight")
 
 
-def size_label(total_params: int, active_params: int | None = None) -> str:
-    """general.size_label as llama.cpp writes it for MoE models ("120B", "20B", or "1.2M")."""
-    def fmt(n: int) -> str:
-        for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-            if n >= scale:
-                v = n / scale
-                return f"{v:.0f}{unit}" if v >= 10 else f"{v:.1f}{unit}".replace(".0", "")
-        return str(n)
+# --- a GGUF read back ----------------------------------------------------------------------------
 
-    return fmt(total_params)
+def arch_key(name: str) -> str:
+    """The metadata key of a gpt-oss hyperparameter: 'expert_count' -> 'gpt-oss.expert_count'."""
+    return f"{ARCH}.{name}"
+
+
+def check_gpt_oss(gguf: Any) -> None:
+    """The one "is this gpt-oss" check of every command that reads a GGUF (`gguf`: an
+    ossgguf.gguf.read.GgufSet, or anything with .get(key) and .path)."""
+    arch = gguf.get("general.architecture")
+    if arch != ARCH:
+        raise OssggufError(f"{gguf.path} holds a '{arch}' model, not {ARCH}: ossgguf works only with gpt-oss "
+                           f"GGUF files (general.architecture = {ARCH})")
+
+
+@dataclass(frozen=True)
+class HParams:
+    """A gpt-oss GGUF's hyperparameters, from the keys llama.cpp's loader reads (src/llama-model.cpp,
+    LLM_ARCH_OPENAI_MOE)."""
+
+    n_layer: int  # block_count
+    n_embd: int  # embedding_length
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int  # attention.key_length: 64, not n_embd / n_head (45)
+    head_dim_v: int
+    n_expert: int
+    n_expert_used: int
+    n_ff_exp: int  # expert_feed_forward_length
+    n_vocab: int  # rows of token_embd.weight (the tokenizer may have fewer tokens)
+    n_ctx_train: int  # context_length
+    n_swa: int  # attention.sliding_window
+    swa_layers: tuple[bool, ...]
+
+
+def read_hparams(gguf: Any) -> HParams:
+    """HParams of a GGUF whose headers are read (an ossgguf.gguf.read.GgufSet); OssggufError if it is not
+    gpt-oss or lacks a key that llama.cpp needs."""
+    check_gpt_oss(gguf)
+    name = gguf.path.name
+
+    def key(k: str, default: Any = None) -> int:
+        v = gguf.get(arch_key(k), default)
+        if v is None:
+            raise OssggufError(f"{name} has no '{arch_key(k)}' key: convert it again with ossgguf")
+        return int(v)
+
+    embd = next((t for t in gguf.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise OssggufError(f"{name} has no token_embd.weight tensor")
+    n_layer, n_embd, n_head = key("block_count"), key("embedding_length"), key("attention.head_count")
+    head_k = key("attention.key_length", n_embd // n_head)
+    return HParams(
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=key("attention.head_count_kv"),
+        head_dim_k=head_k, head_dim_v=key("attention.value_length", head_k),
+        n_expert=key("expert_count"), n_expert_used=key("expert_used_count"),
+        n_ff_exp=key("expert_feed_forward_length"), n_vocab=embd.shape[0], n_ctx_train=key("context_length"),
+        n_swa=key("attention.sliding_window"),
+        swa_layers=swa_layers(n_layer, gguf.get(arch_key("attention.sliding_window_pattern"))),
+    )
 
 
 # --- tokenizer ----------------------------------------------------------------------------------
@@ -219,15 +307,7 @@ O200K_PATTERN = (
 )
 LLAMA_PRE_TOKENIZER = "gpt-4o"
 
-# Harmony special tokens in gpt-oss's order; the real ids are 199998 + index. A re-trained or tiny
-# vocabulary keeps the names (the chat format and llama.cpp's end-of-generation detection use them).
-HARMONY_SPECIAL_TOKENS = (
-    "<|startoftext|>", "<|endoftext|>", "<|reserved_200000|>", "<|reserved_200001|>", "<|return|>",
-    "<|constrain|>", "<|reserved_200004|>", "<|channel|>", "<|start|>", "<|end|>", "<|message|>",
-    "<|reserved_200009|>", "<|reserved_200010|>", "<|reserved_200011|>", "<|call|>",
-    "<|reserved_200013|>", "<|reserved_200014|>", "<|reserved_200015|>", "<|reserved_200016|>",
-    "<|reserved_200017|>", "<|endofprompt|>",
-)
+# The harmony special tokens (names, gpt-oss's ids) are defined once, in ossgguf/harmony/tokens.py.
 
 
 # --- the conversion table -----------------------------------------------------------------------
@@ -348,8 +428,7 @@ def gguf_metadata(cfg: GptOssConfig, *, name: str, file_type: int, recipe: str, 
         f"{A}.attention.sliding_window": kv_u32(cfg.sliding_window),
         f"{A}.rope.freq_base": kv_f32(cfg.rope_theta),
     })
-    default_swa = [i % 2 == 0 for i in range(cfg.num_hidden_layers)]
-    if cfg.is_swa != default_swa:
+    if tuple(cfg.is_swa) != swa_layers(cfg.num_hidden_layers):
         # llama.cpp assumes sliding/full alternating from layer 0 unless told otherwise.
         kvs[f"{A}.attention.sliding_window_pattern"] = kv_array(GGUFValueType.BOOL, cfg.is_swa)
     if rope:

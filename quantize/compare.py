@@ -20,9 +20,9 @@ import numpy as np
 from ossgguf.gguf.read import read_gguf
 
 from ..errors import OssggufError
+from ..limits import COMPARE_CTX
 
 log = logging.getLogger(__name__)
-DEFAULT_CTX = 512
 ROWS = 64  # positions per step of the metric computation (float64 log-softmax of 64 x vocab)
 
 # A few hundred tokens of mixed text: prose, code, numbers, a table, punctuation.
@@ -107,14 +107,14 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def compare(a_gguf: str | Path, b_gguf: str | Path, text: str | None = None, tokens: Sequence[int] | None = None,
-            n_ctx: int = DEFAULT_CTX, threads: int | None = None) -> dict[str, Any]:
+            n_ctx: int = COMPARE_CTX, threads: int | None = None) -> dict[str, Any]:
     """KL divergence of B from A (the reference) per position, top-1 agreement, logit cosine, perplexities.
 
     Token ids are `tokens`, else `text` (default: a built-in mixed text) tokenized with A's
     vocabulary; at most n_ctx of them are used.
     """
     if n_ctx < 2:
-        raise OssggufError(f"--ctx {n_ctx} is too small: compare needs at least 2 tokens (default {DEFAULT_CTX})")
+        raise OssggufError(f"--ctx {n_ctx} is too small: compare needs at least 2 tokens (default {COMPARE_CTX})")
     threads = threads or os.cpu_count() or 1
     if tokens is None and text is None:
         text = DEFAULT_TEXT

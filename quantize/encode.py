@@ -1,37 +1,32 @@
-"""Turn source values into the bytes of a GGML type.
+"""Stored values of one GGML type as the bytes of another: decode, encode and the two together.
 
-Floats are widened to float32 once per slice; quantized types go through ggml's own C quantizers
-(quantize/kernels.py, the libggml that llama-cpp-python ships) when available, else gguf-py's numpy
-reference.
+Floats are widened to float32 once per slice (BF16 through the one codec in quantize/kernels.py);
+quantized types are written by ggml's own C quantizers or the MXFP4 encoder (quantize/kernels.py)
+and read back by gguf-py's dequantizers (MXFP4 by OpenAI's reference rule, quantize/mxfp4.py).
 """
 
 from __future__ import annotations
 
+import gguf.quants
 import numpy as np
-from gguf import GGMLQuantizationType
 
-from ..errors import OssggufError
+from ossgguf.gguf.tensors import FLOAT_TYPES, Q
 
-Q = GGMLQuantizationType
+from . import mxfp4
+from .kernels import bf16_to_f32, f32_to_bf16, quantize_bf16_rows, quantize_rows
 
-# safetensors dtype name or GGML type name of the source -> numpy view of its raw elements
-RAW_FLOAT = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
-
-
-def to_f32(raw: np.ndarray, src: str) -> np.ndarray:
-    """Raw source elements (BF16 as uint16 bits, F16, F32) -> float32."""
-    if src == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    if src in ("F16", "F32"):
-        return raw.astype(np.float32)
-    raise OssggufError(f"cannot convert {src} values")
+_FLOAT_VIEW = {Q.BF16: "<u2", Q.F16: "<f2", Q.F32: "<f4"}  # BF16 as its bits: numpy has no bfloat16
 
 
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> BF16 bits, round to nearest even (as torch and ggml do); NaN stays NaN."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
+def decode(raw: np.ndarray, qtype: Q, row: int) -> np.ndarray:
+    """Stored values (or their bytes) of `qtype` -> float32 [rows, row]."""
+    if qtype in FLOAT_TYPES:
+        x = raw.view(_FLOAT_VIEW[qtype])
+        return (bf16_to_f32(x) if qtype == Q.BF16 else x.astype(np.float32)).reshape(-1, row)
+    if qtype == Q.MXFP4:
+        blocks, scales = mxfp4.repack_ggml_to_hf(raw)  # lossless nibble moves; OpenAI's dequantizer
+        return mxfp4.dequantize_hf(blocks, scales).reshape(-1, row)
+    return np.asarray(gguf.quants.dequantize(raw, qtype), dtype=np.float32).reshape(-1, row)
 
 
 def encode(x: np.ndarray, qtype: Q) -> np.ndarray:
@@ -42,13 +37,14 @@ def encode(x: np.ndarray, qtype: Q) -> np.ndarray:
     if qtype == Q.F16:
         return x.astype(np.float16).view(np.uint8)
     if qtype == Q.BF16:
-        return f32_to_bf16_bits(x).view(np.uint8)
-    try:
-        from .kernels import quantize_rows
-    except ImportError:  # pragma: no cover - the kernels module is part of the package
-        quantize_rows = None
-    if quantize_rows is not None:
-        return quantize_rows(x.reshape(-1, x.shape[-1]), qtype).reshape(x.shape[:-1] + (-1,))
-    import gguf.quants
+        return f32_to_bf16(x).view(np.uint8)
+    return quantize_rows(x.reshape(-1, x.shape[-1]), qtype).reshape(x.shape[:-1] + (-1,))
 
-    return gguf.quants.quantize(x, qtype)
+
+def transcode(raw: np.ndarray, src: Q, dst: Q, row: int) -> np.ndarray:
+    """Stored values of type `src` in rows of `row` values -> bytes of `dst`; the same type is copied as is."""
+    if src == dst:
+        return raw.view(np.uint8)  # lossless: MXFP4 experts stay bit for bit
+    if src == Q.BF16 and dst not in FLOAT_TYPES:  # the kernels widen BF16 bits per chunk themselves
+        return quantize_bf16_rows(raw.view("<u2").reshape(-1, row), dst)
+    return encode(decode(raw, src, row), dst)

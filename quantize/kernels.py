@@ -1,6 +1,6 @@
 """Fast row quantization on all cores: ggml's own C quantizers (ctypes) and a numpy MXFP4 encoder.
 
-Quantized types go through `ggml_quantize_chunk` in the libggml-base that llama-cpp-python ships, so
+Quantized types go through `ggml_quantize_chunk` in the libggml that llama-cpp-python ships, so
 the bytes are llama.cpp's own. Rows are split into chunks run on a persistent thread pool (ctypes and
 numpy release the GIL). MXFP4 has its own numpy encoder: ggml's scale rule e = floor(log2(amax)) - 2
 clips block maxima in (7, 8) * 2^e to 6 * 2^e; trying e + 1 for those blocks and keeping the lower
@@ -13,65 +13,25 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
 import itertools
-import logging
-import math
 import os
-import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ossgguf.gguf.tensors import IMATRIX_TYPES, SUPPORTED_TYPES, Q, block_size, row_bytes, types_for_row
 
 from ..errors import OssggufError
-
-log = logging.getLogger(__name__)
-Q = GGMLQuantizationType
-
-# Types ggml_quantize_chunk encodes that gguf-py can read back; F32/F16/BF16 are done in numpy.
-FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
-GGML_TYPES = (
-    Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.NVFP4,
-    Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
-    Q.IQ4_NL, Q.IQ4_XS, Q.IQ3_S, Q.IQ3_XXS, Q.IQ2_S, Q.IQ1_M, Q.TQ1_0, Q.TQ2_0,
-)  # fmt: skip
-SUPPORTED_TYPES = FLOAT_TYPES + (Q.MXFP4,) + GGML_TYPES
-# ggml_quantize_requires_imatrix (ggml.c); tests check this against the library.
-IMATRIX_TYPES = (Q.IQ2_XXS, Q.IQ2_XS, Q.IQ1_S)
+from ..runner.llama_ctypes import ggml_lib, ggml_library_path
 
 _CHUNK_ELEMS = 1 << 18  # values per task: fits L2 with the temporaries, amortises Python overhead
 
 
-# ---------------------------------------------------------------- sizes and validation
-
-
-def block_size(qtype: Q) -> int:
-    return GGML_QUANT_SIZES[qtype][0]
-
-
-def row_bytes(qtype: Q, n_per_row: int) -> int:
-    """Bytes of one row of `n_per_row` values in `qtype`."""
-    _check_row(qtype, n_per_row)
-    blck, size = GGML_QUANT_SIZES[qtype]
-    return n_per_row // blck * size
-
-
-def tensor_bytes(qtype: Q, shape: Sequence[int]) -> int:
-    """Bytes of a tensor of numpy `shape` (last dimension = row) in `qtype`."""
-    shape = tuple(int(s) for s in shape) or (1,)
-    return math.prod(shape[:-1]) * row_bytes(qtype, shape[-1])
-
-
-def valid_types_for_row(n_per_row: int) -> list[Q]:
-    """The supported types whose blocks divide a row of `n_per_row` values."""
-    return [q for q in SUPPORTED_TYPES if n_per_row % block_size(q) == 0]
-
-
-def _check_row(qtype: Q, n_per_row: int) -> None:
+def check_encodable(qtype: Q, n_per_row: int) -> None:
+    """OssggufError unless ossgguf can write rows of `n_per_row` values as `qtype`, saying why and
+    which types would fit."""
     qtype = Q(qtype)
     if qtype in IMATRIX_TYPES:
         raise OssggufError(
@@ -83,22 +43,11 @@ def _check_row(qtype: Q, n_per_row: int) -> None:
         raise OssggufError(f"cannot quantize to {qtype.name}: supported types are {names}")
     blck = block_size(qtype)
     if n_per_row <= 0 or n_per_row % blck:
-        fit = ", ".join(q.name for q in valid_types_for_row(n_per_row)) or "none"
+        fit = ", ".join(q.name for q in types_for_row(n_per_row)) or "none"
         raise OssggufError(
             f"cannot quantize rows of {n_per_row} values to {qtype.name}: its blocks hold {blck} values "
             f"and {n_per_row} is not a multiple of {blck}; types that fit this row width: {fit}"
         )
-
-
-def qtype_from_name(name: str | Q) -> Q:
-    """'q8_0', 'Q8_0', 'mxfp4' ... -> GGMLQuantizationType (an OssggufError lists the valid names)."""
-    if isinstance(name, Q):
-        return name
-    try:
-        return Q[str(name).strip().upper()]
-    except KeyError:
-        names = ", ".join(q.name for q in SUPPORTED_TYPES)
-        raise OssggufError(f"unknown tensor type '{name}': use one of {names}") from None
 
 
 # ---------------------------------------------------------------- BF16
@@ -224,76 +173,20 @@ def _mxfp4_encode(src: np.ndarray, out: np.ndarray) -> None:
 
 # ---------------------------------------------------------------- libggml
 
-
-def find_ggml_library(search_dirs: Sequence[Path] | None = None) -> Path:
-    """Path of the libggml-base that llama-cpp-python ships (holds ggml_quantize_chunk)."""
-    if search_dirs is None:
-        search_dirs = []
-        if override := os.environ.get("LLAMA_CPP_LIB_PATH"):  # llama_cpp honours it too
-            search_dirs.append(Path(override))
-        spec = importlib.util.find_spec("llama_cpp")  # locates without importing (no dlopen)
-        for loc in (spec.submodule_search_locations or []) if spec else []:
-            search_dirs.append(Path(loc) / "lib")
-    if sys.platform == "win32":
-        names = ("ggml-base.dll", "libggml-base.dll", "ggml.dll")
-    elif sys.platform == "darwin":
-        names = ("libggml-base.dylib", "libggml-base.so", "libggml.dylib")
-    else:
-        names = ("libggml-base.so", "libggml.so")
-    for d in search_dirs:
-        for name in names:
-            if (Path(d) / name).exists():
-                return Path(d) / name
-    where = ", ".join(str(d) for d in search_dirs) or "nowhere (llama_cpp is not installed)"
-    raise OssggufError(
-        f"libggml-base not found (looked in {where}): install llama-cpp-python==0.3.36 in this "
-        f"environment, or set LLAMA_CPP_LIB_PATH to the folder holding its libggml-base"
-    )
-
-
-@functools.cache
-def _ggml() -> ctypes.CDLL:
-    path = find_ggml_library()
-    try:
-        lib = ctypes.CDLL(str(path))
-        lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-        lib.ggml_quantize_init.argtypes = [ctypes.c_int]
-        lib.ggml_quantize_init.restype = None
-        lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
-        lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
-        lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
-        lib.ggml_row_size.restype = ctypes.c_size_t
-        lib.ggml_blck_size.argtypes = [ctypes.c_int]
-        lib.ggml_blck_size.restype = ctypes.c_int64
-        lib.ggml_type_size.argtypes = [ctypes.c_int]
-        lib.ggml_type_size.restype = ctypes.c_size_t
-    except (OSError, AttributeError) as exc:
-        raise OssggufError(f"{path} is not a usable libggml ({exc}): reinstall llama-cpp-python==0.3.36") from None
-    log.debug("quantizing with %s", path)
-    return lib
-
-
-def ggml_library() -> ctypes.CDLL:
-    """The loaded libggml-base (tests compare against its own answers)."""
-    return _ggml()
-
-
 _initialised: set[Q] = set()
 _init_lock = threading.Lock()
 
 
 def _ggml_ready(qtype: Q) -> ctypes.CDLL:
     """Load the library and build qtype's tables once (IQ grids take seconds), before threads start."""
-    lib = _ggml()
+    lib = ggml_lib()
     if qtype not in _initialised:
         with _init_lock:
             if qtype not in _initialised:
                 # A libggml whose type ids or sizes differ from gguf-py's would write garbage: refuse.
                 n = block_size(qtype)
                 if lib.ggml_row_size(int(qtype), n) != row_bytes(qtype, n):
-                    raise OssggufError(f"{find_ggml_library()} disagrees with gguf-py on the size of "
+                    raise OssggufError(f"{ggml_library_path()} disagrees with gguf-py on the size of "
                                        f"{qtype.name}: reinstall llama-cpp-python==0.3.36 and gguf==0.19.0")
                 lib.ggml_quantize_init(int(qtype))
                 _initialised.add(qtype)
@@ -363,6 +256,7 @@ def _quantize(src: np.ndarray, qtype: Q, threads: int | None, out: np.ndarray | 
     if src.ndim == 0:
         src = src.reshape(1)
     n = src.shape[-1]
+    check_encodable(qtype, n)
     rb = row_bytes(qtype, n)
     lead = src.shape[:-1]
     if out is None:

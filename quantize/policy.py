@@ -10,12 +10,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+from gguf import LlamaFileType
+
+from ossgguf.gguf.tensors import FLOAT_TYPES, Q, block_size, parse_type, row_fits, types_for_row
 
 from ..errors import OssggufError
 from ..model import TensorClass
+from .kernels import check_encodable
 
-Q = GGMLQuantizationType
 AS_STORED = None  # keep the source's type (BF16 for gpt-oss's attention, embeddings and head)
 
 # recipe -> class -> type. Norms, sinks, biases and the router stay F32 in every recipe, as in
@@ -43,21 +45,6 @@ _FALLBACK = {
     Q.IQ2_XXS: Q.IQ4_NL, Q.IQ2_XS: Q.IQ4_NL, Q.IQ2_S: Q.IQ4_NL, Q.IQ3_XXS: Q.IQ4_NL, Q.IQ3_S: Q.IQ4_NL,
     Q.IQ1_S: Q.IQ4_NL, Q.IQ1_M: Q.IQ4_NL, Q.IQ4_XS: Q.IQ4_NL,
 }
-FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
-
-
-def parse_type(text: str) -> Q:
-    try:
-        return Q[text.strip().upper()]
-    except KeyError:
-        names = ", ".join(t.name.lower() for t in Q if t.name in _KNOWN)
-        raise OssggufError(f"unknown tensor type '{text}': use one of {names}") from None
-
-
-_KNOWN = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "MXFP4", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-          "Q6_K", "IQ4_NL", "IQ4_XS", "Q8_K"} & {t.name for t in Q}
-
-
 def parse_recipe(name: str) -> str:
     if name not in RECIPES:
         raise OssggufError(f"unknown recipe '{name}': use one of {', '.join(RECIPES)}")
@@ -76,10 +63,6 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> list[tuple[re.Pattern
         except re.error as e:
             raise OssggufError(f"--tensor-type '{item}': bad regex: {e}") from None
     return out
-
-
-def row_ok(qtype: Q, shape: tuple[int, ...]) -> bool:
-    return shape[-1] % GGML_QUANT_SIZES[qtype][0] == 0
 
 
 @dataclass(frozen=True)
@@ -104,7 +87,7 @@ def choose_types(tensors: list[tuple[str, TensorClass, tuple[int, ...], Q]], rec
     for name, cls, shape, stored in tensors:
         want, why = table[cls], "recipe"
         if want is AS_STORED:
-            want = stored if stored in FLOAT_TYPES or row_ok(stored, shape) else Q.BF16
+            want = stored if stored in FLOAT_TYPES or row_fits(stored, shape[-1]) else Q.BF16
         k = next((k for k, (pat, _) in enumerate(overrides) if pat.search(name)), None)
         if k is not None:
             # norms, sinks and biases (class NORM: F32 in every recipe) stay F32 whatever is asked:
@@ -114,9 +97,9 @@ def choose_types(tensors: list[tuple[str, TensorClass, tuple[int, ...], Q]], rec
                 want, why = typ, "override"
             (used if cls != TensorClass.NORM or typ == Q.F32 else norm_only)[k] = True
         got = want
-        if not row_ok(want, shape):
+        if not row_fits(want, shape[-1]):
             alt = _FALLBACK.get(want, Q.Q8_0)
-            if not allow_fallback or not row_ok(alt, shape):
+            if not allow_fallback or not row_fits(alt, shape[-1]):
                 bad.append((name, want, shape))
                 continue
             got, why = alt, "fallback"
@@ -130,6 +113,9 @@ def choose_types(tensors: list[tuple[str, TensorClass, tuple[int, ...], Q]], rec
                            f"llama.cpp reads as F32: {', '.join(f32_only)}; match weights (e.g. '\\.weight$')")
     if bad:
         raise OssggufError(_unfit_message(bad))
+    for c, (_, _, shape, stored) in zip(choices, tensors):  # what no quantizer here writes (imatrix types)
+        if c.qtype != stored and c.qtype not in FLOAT_TYPES:
+            check_encodable(c.qtype, shape[-1])
     return choices
 
 
@@ -137,18 +123,14 @@ def _unfit_message(bad: list[tuple[str, Q, tuple[int, ...]]], shown: int = 3) ->
     """One short line however many tensors are refused (all the experts of a 120b are 108): the count,
     the first few names, and the types that every one of their rows can take."""
     types = sorted({t for _, t, _ in bad}, key=lambda t: t.value)
-    blocks = sorted({GGML_QUANT_SIZES[t][0] for t in types})
+    blocks = sorted({block_size(t) for t in types})
     rows = sorted({shape[-1] for _, _, shape in bad})
-    valid = [t for t in valid_types(rows[0]) if all(row % GGML_QUANT_SIZES[t][0] == 0 for row in rows)]
+    valid = [t for t in types_for_row(rows[0]) if all(row_fits(t, row) for row in rows)]
     names = ", ".join(n for n, _, _ in bad[:shown]) + (f" and {len(bad) - shown} more" if len(bad) > shown else "")
     return (f"{len(bad)} tensor{'s' * (len(bad) != 1)} cannot be stored as {'/'.join(t.name for t in types)} "
             f"(rows of {'/'.join(map(str, rows))}, not a multiple of {'/'.join(map(str, blocks))}): {names}. "
             f"Types that fit these rows: {', '.join(t.name.lower() for t in valid) or 'none'}; "
             "or pass --allow-fallback to take the nearest valid type")
-
-
-def valid_types(row: int) -> list[Q]:
-    return [t for t in Q if t.name in _KNOWN and t != Q.Q8_K and row % GGML_QUANT_SIZES[t][0] == 0]
 
 
 def file_type(choices: list[TypeChoice], classes: dict[str, TensorClass]) -> int:

@@ -5,98 +5,54 @@ K experts, ranked by calibration statistics (runner.calibrate: REAP's router-wei
 or selection frequency). Every tensor with an expert axis (dim 0 in numpy order, ne[last] in GGUF:
 the three expert matrices, their biases, the router's rows and bias) is sliced expert by expert as
 raw bytes (each expert is one contiguous block, so quantized data is never decoded); the rest is
-copied. Built on the converter's writer: the plan is exact from the headers (this is --dry-run),
-the output appears only when complete, and split output works as for convert.
+copied. A WritePlan as convert's and quantize's: exact from the headers (this is --dry-run), written
+by the same loop (the output appears only when complete), split as theirs.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import os
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from gguf import GGUFValueType
 
-from ossgguf.gguf.read import GgufSet, GgufTensor, read_gguf
+from ossgguf.gguf.read import GgufSet, read_gguf
+from ossgguf.gguf.stream import FileReader, Task
+from ossgguf.gguf.tensors import Tensor
 from ossgguf.gguf.values import KV, kv_array, kv_str, kv_u32
-from ossgguf.gguf.write import GGUFFileWriter, Shard, ShardedOutput, TensorInfo, plan_layout, refuse_inputs
+from ossgguf.gguf.write import carried_metadata, plan_layout, refuse_inputs
 
 from .. import limits
-from ..convert.convert import peak_rss_bytes, pipelined
-from ..convert.safetensors import TensorEntry, TensorReader
+from ..convert.output import WritePlan
 from ..errors import OssggufError
-from ..model import ARCH, EXPERT_DOWN, EXPERT_GATE, EXPERT_UP, LAYER_TENSORS, layer_of
-from ..runner.calibrate import SCORES, ExpertStats, model_identity, moe_shape
-from .requantize import source_metadata
+from ..model import arch_key, has_expert_axis, layer_of, read_hparams
+from ..runner.calibrate import SCORES, ExpertStats, model_identity
 
-log = logging.getLogger(__name__)
 COPY_BYTES = 16 * 1024 * 1024
 DEVICE_CTX = 32768  # --target-device plans for this context unless told
-_ROUTER = [name for name, _ in LAYER_TENSORS.values() if name.startswith("ffn_gate_inp.")]
-EXPERT_AXIS = tuple(f"{t}.{w}" for t in (EXPERT_GATE, EXPERT_UP, EXPERT_DOWN) for w in ("weight", "bias")) + tuple(_ROUTER)
 KEY_KEPT, KEY_ORIGINAL = "ossgguf.prune.kept", "ossgguf.prune.expert_count_original"
 KEY_SCORE, KEY_STATS, KEY_TOKENS = "ossgguf.prune.score", "ossgguf.prune.stats_sha256", "ossgguf.prune.calibration_tokens"
 _SHA_PLACEHOLDER = "0" * 64  # a dry run without statistics: same header size as the real run
-
-
-def has_expert_axis(name: str) -> bool:
-    return layer_of(name) is not None and name.split(".", 2)[2] in EXPERT_AXIS
-
-
-@dataclass
-class PrunePlan(ShardedOutput):
-    source: GgufSet
-    keep: int
-    n_expert: int
-    kept: list[list[int]] | None  # per layer, source expert ids in order; None: a dry run without statistics
-    score: str
-    stats_sha256: str | None
-    tensors: list[tuple[GgufTensor, TensorInfo]]  # (source, output)
-    shards: list[Shard]
-    reason: str
-    device_plan: Any = None  # runner.plan.Plan for --target-device
-
-    def to_json(self) -> dict[str, Any]:
-        """convert's dry-run shape, plus what is kept and why."""
-        out = {
-            **self.layout_json(),
-            "source": [str(f.path) for f in self.source.files], "source_bytes": self.source.size,
-            "expert_count": self.n_expert, "keep": self.keep, "score": self.score,
-            "stats_sha256": self.stats_sha256, "kept": self.kept, "reason": self.reason,
-        }
-        if self.device_plan is not None:
-            out["device_plan"] = self.device_plan.to_json()
-        return out
-
-
-@dataclass
-class PruneReport:
-    plan: PrunePlan
-    seconds: float = 0.0
-    peak_rss: int = 0
-    written: int = 0
 
 
 # --- planning ------------------------------------------------------------------------------------------
 
 def _metadata(src: GgufSet, keep: int, kept: list[list[int]] | None, n_layer: int, score: str,
               stats: ExpertStats | None, stats_sha: str | None) -> dict[str, KV]:
-    kvs = source_metadata(src)
+    kvs = carried_metadata(src.kvs)
     prev = src.get(KEY_KEPT)
-    n_orig = int(src.get(KEY_ORIGINAL, src.get(f"{ARCH}.expert_count")))
+    n_orig = int(src.get(KEY_ORIGINAL, src.get(arch_key("expert_count"))))
     if kept is None:
         ids = np.zeros(n_layer * keep, np.int32)
     else:  # ids of the original model, also when pruning a pruned file again
         k = np.asarray(kept, np.int32)
         ids = (np.asarray(prev, np.int32).reshape(n_layer, -1)[np.arange(n_layer)[:, None], k] if prev is not None
                else k).reshape(-1)
-    kvs[f"{ARCH}.expert_count"] = kv_u32(keep)  # in place: key order is kept
+    kvs[arch_key("expert_count")] = kv_u32(keep)  # in place: key order is kept
     kvs[KEY_ORIGINAL] = kv_u32(n_orig)
     kvs[KEY_KEPT] = kv_array(GGUFValueType.INT32, ids)  # layer-major, K per layer (GGUF has no nested arrays)
     kvs[KEY_SCORE] = kv_str(score)
@@ -106,17 +62,19 @@ def _metadata(src: GgufSet, keep: int, kept: list[list[int]] | None, n_layer: in
 
 
 def _layout(src: GgufSet, keep: int, kept, score: str, stats, stats_sha: str | None, out: Path, split: int | None):
-    n_expert, n_layer = int(src.get(f"{ARCH}.expert_count")), int(src.get(f"{ARCH}.block_count"))
-    pairs = []
+    """The output tensors (the source's, K experts where they have an expert axis) and their shards."""
+    hp = read_hparams(src)
+    n_expert, n_layer = hp.n_expert, hp.n_layer
+    tensors = []
     for t in src.tensors:
         shape = t.shape
         if has_expert_axis(t.name):
             if shape[0] != n_expert:
                 raise OssggufError(f"{t.file}: {t.name} has {shape[0]} experts, the metadata says {n_expert}")
             shape = (keep, *shape[1:])
-        pairs.append((t, TensorInfo(t.name, t.qtype, shape)))
+        tensors.append(Tensor(t.name, t.qtype, shape))
     kvs = _metadata(src, keep, kept, n_layer, score, stats, stats_sha)
-    return pairs, plan_layout(kvs, [o for _, o in pairs], out, split)
+    return tensors, plan_layout(kvs, tensors, out, split)
 
 
 def parse_device(spec: str) -> Any:
@@ -138,15 +96,12 @@ def parse_device(spec: str) -> Any:
                            if "unified" not in parts else None, parts.get("unified"), detect=False)
 
 
-def _device_fit(info: Any, pairs, total: int, keep: int, devices, ctx: int):
+def _device_fit(info: Any, tensors: list[Tensor], total: int, keep: int, devices, ctx: int):
     """The planner's verdict on the would-be pruned model: unified memory or a lone GPU must hold all of
     it (the GPU working set), a GPU with a RAM size may keep experts in RAM, RAM alone runs CPU-only."""
     from ..runner.plan import PlacementOptions, plan
 
-    sizes = {o.name: o for _, o in pairs}
-    tensors = tuple(replace(t, shape=tuple(reversed(sizes[t.name].shape)), nbytes=sizes[t.name].nbytes)
-                    for t in info.tensors)
-    m = replace(info, n_expert=keep, tensors=tensors, file_bytes=total)
+    m = replace(info, n_expert=keep, tensors=tuple(tensors), file_bytes=total)
     p = plan(m, PlacementOptions(ctx=ctx), devices=devices)
     whole_gpu = devices.unified or devices.ram_total >= 1 << 50
     ok = p.fits and (p.placement == "gpu" if whole_gpu and devices.has_gpu else True)
@@ -156,7 +111,7 @@ def _device_fit(info: Any, pairs, total: int, keep: int, devices, ctx: int):
 def plan_prune(src_gguf: str | Path, out: str | Path, *, keep: int | None = None, target_size: int | None = None,
                target_device: str | None = None, ctx: int = DEVICE_CTX, stats: str | Path | ExpertStats | None = None,
                score: str = "reap", kept: list[list[int]] | None = None, split_max_size: int | None = None,
-               dry_run: bool = False) -> PrunePlan:
+               dry_run: bool = False) -> WritePlan:
     """Everything a pruning will do, from the headers (and the statistics): this is --dry-run.
 
     Exactly one of keep / target_size / target_device; `kept` (per-layer expert ids) overrides the
@@ -170,9 +125,9 @@ def plan_prune(src_gguf: str | Path, out: str | Path, *, keep: int | None = None
     limits.FILE_SIZE.check("target_size", target_size)
     limits.CTX.check("ctx", ctx)
     src = read_gguf(src_gguf)
-    shape = moe_shape(src)  # also refuses a non-gpt-oss file
+    hp = read_hparams(src)  # also refuses a non-gpt-oss file
     out = Path(out)
-    n_expert, n_used, n_layer = shape["expert_count"], shape["expert_used_count"], shape["block_count"]
+    n_expert, n_used, n_layer = hp.n_expert, hp.n_expert_used, hp.n_layer
     st = stats if isinstance(stats, ExpertStats) or stats is None else ExpertStats.load(stats)
     if st is not None:  # hashing the routers is needed only to match statistics to this model
         st.check_model(model_identity(src), "the statistics" if isinstance(stats, ExpertStats) else str(stats),
@@ -195,8 +150,8 @@ def plan_prune(src_gguf: str | Path, out: str | Path, *, keep: int | None = None
 
     @functools.cache
     def device_fit(k: int):
-        pairs, shards = layout(k)
-        return _device_fit(base_info(), pairs, sum(s.size for s in shards), k, devices, ctx)
+        tensors, shards = layout(k)
+        return _device_fit(base_info(), tensors, sum(s.size for s in shards), k, devices, ctx)
 
     device_plan, reason = None, ""
     if keep is not None:
@@ -230,17 +185,33 @@ def plan_prune(src_gguf: str | Path, out: str | Path, *, keep: int | None = None
         if len(kept) != n_layer or any(len(set(r)) != keep or not all(0 <= e < n_expert for e in r) for r in kept):
             raise OssggufError(f"kept experts must be {n_layer} lists of {keep} distinct ids in 0..{n_expert - 1}")
         kept = [sorted(int(e) for e in r) for r in kept]
-    pairs, shards = _layout(src, keep, kept, score, st, sha, out, split_max_size)
-    refuse_inputs(shards, [f.path for f in src.files], "the input")
+    _, shards = _layout(src, keep, kept, score, st, sha, out, split_max_size)
+    sources = [f.path for f in src.files]
+    refuse_inputs(shards, sources, "the input")
     if target_device is not None:  # the kept ids do not change any size: the probe's plan holds
         device_plan = device_fit(keep)[1]
-    return PrunePlan(src, keep, n_expert, kept, score, sha, pairs, shards, reason, device_plan)
+    total = sum(s.size for s in shards)
+    notes = [f"keep {keep} of {n_expert} experts per layer ({reason}; score {score})",
+             f"{src.size:,} -> {total:,} bytes ({100 * total / src.size:.1f}%)"]
+    if kept is None:
+        notes.append("experts not chosen yet: a real run needs --stats from `ossgguf calibrate`")
+    elif n_expert - keep <= 16:
+        notes += [f"  blk.{i}: pruned {', '.join(map(str, sorted(set(range(n_expert)) - set(row)))) or '-'}"
+                  for i, row in enumerate(kept)]
+    if device_plan is not None:
+        d = device_plan
+        notes.append(f"planner: {'fits' if d.fits else 'DOES NOT FIT'} ({d.placement}), GPU {d.gpu_bytes / 1e9:.2f} GB "
+                     f"of {d.devices.gpu_budget / 1e9:.2f} GB budget, context {d.n_ctx}")
+    facts = {"source": [str(p) for p in sources], "source_bytes": src.size, "expert_count": n_expert, "keep": keep,
+             "score": score, "stats_sha256": sha, "kept": kept, "reason": reason}
+    if device_plan is not None:
+        facts["device_plan"] = device_plan.to_json()
+    return WritePlan("prune", shards, sources, functools.partial(_tasks, src.tensors, kept), facts=facts,
+                     notes=notes, refusal=None if kept is not None else
+                     "this plan has no experts chosen (made without statistics): pass --stats")
 
 
 # --- writing -------------------------------------------------------------------------------------------
-
-Chunk = tuple[str, int, np.ndarray]
-
 
 def _runs(ids: list[int]) -> Iterator[tuple[int, int, int]]:
     """(first source expert, first output slot, length) of each run of consecutive kept ids."""
@@ -253,68 +224,22 @@ def _runs(ids: list[int]) -> Iterator[tuple[int, int, int]]:
         slot += n
 
 
-def _tasks(plan: PrunePlan, reader: TensorReader) -> Iterator[Callable[[], list[Chunk]]]:
-    assert plan.kept is not None
-    for src, _ in plan.tensors:
-        rows, row_bytes = reader.entries[src.name].shape
-        il = layer_of(src.name)
-        if has_expert_axis(src.name):  # rows are experts
-            pieces = list(_runs(plan.kept[il]))
+def _tasks(sources: list[Tensor], kept: list[list[int]], files: FileReader) -> Iterator[Task]:
+    """Raw byte copies: whole tensors, or the kept experts' blocks of those with an expert axis (each
+    expert one contiguous block, so quantized data is never decoded)."""
+    for t in sources:
+        if has_expert_axis(t.name):  # rows are experts
+            rows, pieces = t.shape[0], list(_runs(kept[layer_of(t.name)]))
         else:
+            rows = t.rows
             pieces = [(0, 0, rows)]
+        row_bytes = t.nbytes // rows
         per = max(1, COPY_BYTES // row_bytes)
         for first, slot, n in pieces:
             for s in range(0, n, per):
                 c = min(per, n - s)
 
-                def task(name=src.name, a=first + s, b=slot + s, c=c, rb=row_bytes) -> list[Chunk]:
-                    return [(name, b * rb, reader.read(name, a, c))]
+                def task(t=t, a=first + s, b=slot + s, c=c, rb=row_bytes):
+                    return [(t.name, b * rb, files.read(t.file, t.offset + a * rb, c * rb, f"'{t.name}'"))]
 
                 yield task
-
-
-def run_prune(plan: PrunePlan, force: bool = False, progress: Callable[[int], None] | None = None,
-              threads: int | None = None) -> PruneReport:
-    """Write the planned file(s); they appear only when complete."""
-    if plan.kept is None:
-        raise OssggufError("this plan has no experts chosen (made without statistics): pass --stats")
-    t0 = time.perf_counter()
-    entries = {}
-    for t, _ in plan.tensors:
-        rows = t.shape[0] if has_expert_axis(t.name) else (
-            int(np.prod(t.shape[:-1], dtype=np.int64)) if len(t.shape) > 1 else 1)
-        entries[t.name] = TensorEntry(t.name, "U8", (rows, t.nbytes // rows), t.file, t.offset, t.nbytes)
-    written = 0
-    with TensorReader(entries) as reader, GGUFFileWriter(plan.shards, force=force) as w:
-        for name, off, data in pipelined(_tasks(plan, reader), threads or os.cpu_count() or 2):
-            n = w.write(name, data, off)
-            written += n
-            if progress:
-                progress(n)
-        if written != plan.data_bytes:
-            raise OssggufError(f"internal error: wrote {written} bytes of tensor data, planned {plan.data_bytes}")
-        w.commit()
-    log.info("wrote %s (%d of %d experts per layer)", plan.shards[0].path, plan.keep, plan.n_expert)
-    return PruneReport(plan, time.perf_counter() - t0, peak_rss_bytes(), written)
-
-
-def summarize(report: PruneReport) -> str:
-    p = report.plan
-    lines = [f"keep {p.keep} of {p.n_expert} experts per layer ({p.reason}; score {p.score})",
-             f"{p.source.size:,} -> {p.total_bytes:,} bytes ({100 * p.total_bytes / p.source.size:.1f}%) in "
-             f"{len(p.shards)} file(s): " + ", ".join(str(s.path) for s in p.shards)]
-    if p.kept is None:
-        lines.append("experts not chosen yet: a real run needs --stats from `ossgguf calibrate`")
-    elif p.n_expert - p.keep <= 16:
-        for i, row in enumerate(p.kept):
-            gone = sorted(set(range(p.n_expert)) - set(row))
-            lines.append(f"  blk.{i}: pruned {', '.join(map(str, gone)) or '-'}")
-    if p.device_plan is not None:
-        d = p.device_plan
-        lines.append(f"planner: {'fits' if d.fits else 'DOES NOT FIT'} ({d.placement}), GPU {d.gpu_bytes / 1e9:.2f} GB "
-                     f"of {d.devices.gpu_budget / 1e9:.2f} GB budget, context {d.n_ctx}")
-    if report.seconds:
-        lines.append(f"{report.seconds:.1f} s, {report.written / report.seconds / 1e9:.2f} GB/s, "
-                     f"peak RSS {report.peak_rss / 2**20:.0f} MiB")
-    return "\n".join(lines)
-

@@ -30,33 +30,27 @@ import numpy as np
 
 from ossgguf.errors import OssggufError
 from ossgguf.gguf.read import GgufSet, read_gguf
-from ossgguf.model import ARCH
+from ossgguf.gguf.tensors import Q
+from ossgguf.limits import CALIBRATE_CHUNK
+from ossgguf.model import ARCH, read_hparams, router_names
+
+from .llama_ctypes import GgmlTensor, ggml_lib, tensor_data
 
 log = logging.getLogger(__name__)
 
 STATS_VERSION = 1
-DEFAULT_CHUNK = 2048  # tokens per evaluated sequence (REAP calibrates on 2048-token sequences)
 SCORES = ("reap", "frequency")
 _TOPK, _WEIGHTS, _OUT = b"ffn_moe_topk-", b"ffn_moe_weights_softmax-", b"ffn_moe_down_biased-"
 _WANTED = (_TOPK, _WEIGHTS, _OUT)
-GGML_TYPE_F32, GGML_TYPE_I32 = 0, 26
 
 
 # --- identity ------------------------------------------------------------------------------------------
 
-def router_names(n_layer: int) -> list[str]:
-    return [f"blk.{i}.ffn_gate_inp.{w}" for i in range(n_layer) for w in ("weight", "bias")]
-
-
 def moe_shape(g: GgufSet) -> dict[str, Any]:
-    """A gpt-oss GGUF's MoE shape from its metadata (OssggufError for another architecture)."""
-    arch = g.get("general.architecture")
-    if arch != ARCH:
-        raise OssggufError(f"{g.path} holds a '{arch}' model, not {ARCH}: ossgguf calibrates gpt-oss GGUFs only")
-    return {"architecture": arch, "block_count": int(g.get(f"{ARCH}.block_count")),
-            "expert_count": int(g.get(f"{ARCH}.expert_count")),
-            "expert_used_count": int(g.get(f"{ARCH}.expert_used_count")),
-            "embedding_length": int(g.get(f"{ARCH}.embedding_length"))}
+    """A gpt-oss GGUF's MoE shape as statistics files record it (OssggufError for another architecture)."""
+    hp = read_hparams(g)
+    return {"architecture": ARCH, "block_count": hp.n_layer, "expert_count": hp.n_expert,
+            "expert_used_count": hp.n_expert_used, "embedding_length": hp.n_embd}
 
 
 def model_identity(src: GgufSet | str | Path) -> dict[str, Any]:
@@ -160,28 +154,7 @@ class ExpertStats:
 
 # --- the eval callback ---------------------------------------------------------------------------------
 
-class GgmlTensor(ctypes.Structure):
-    """struct ggml_tensor of the ggml bundled with llama-cpp-python 0.3.36 (ggml/include/ggml.h)."""
-
-    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
-                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
-                ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
-                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64),
-                ("extra", ctypes.c_void_p), ("padding", ctypes.c_char * 8)]
-
-
 _NAME_OFFSET = GgmlTensor.name.offset
-
-
-def _tensor_get():
-    from .llama_ctypes import ggml_lib
-
-    lib = ggml_lib()
-    fn = lib.ggml_backend_tensor_get  # copies from any backend (GPU buffers too), ggml-backend.h
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None
-    nbytes = lib.ggml_nbytes
-    nbytes.argtypes, nbytes.restype = [ctypes.c_void_p], ctypes.c_size_t
-    return fn, nbytes
 
 
 class _Collector:
@@ -192,20 +165,18 @@ class _Collector:
         self.n_expert = stats.count.shape[1]
         self.pending: dict[int, dict[bytes, np.ndarray]] = {}
         self.error: BaseException | None = None
-        self._get, self._nbytes = _tensor_get()
+        ggml_lib()  # loaded here, not inside llama.cpp's callback
 
-    def _read(self, addr: int, dtype: type) -> np.ndarray:
-        t = GgmlTensor.from_address(addr)
-        want = {GGML_TYPE_F32: np.float32, GGML_TYPE_I32: np.int32}.get(t.type)
+    @staticmethod
+    def _read(addr: int, dtype: type) -> np.ndarray:
+        t, buf = tensor_data(addr)
+        want = {Q.F32: np.float32, Q.I32: np.int32}.get(t.type)
         if want is not dtype:
             raise OssggufError(f"llama.cpp's {t.name.decode()} has ggml type {t.type}, expected {dtype.__name__}: "
                                "this llama-cpp-python is not the pinned 0.3.36")
-        n = self._nbytes(addr)
-        buf = np.empty(n, np.uint8)
-        self._get(addr, buf.ctypes.data, 0, n)
-        item = np.dtype(dtype).itemsize
         ne, nb = list(t.ne)[:3], list(t.nb)[:3]  # views (the top-k ids) have strides of the full argsort
-        arr = np.lib.stride_tricks.as_strided(buf.view(dtype)[: max(1, n // item)], shape=ne[::-1], strides=nb[::-1])
+        n = max(1, buf.nbytes // np.dtype(dtype).itemsize)
+        arr = np.lib.stride_tricks.as_strided(buf.view(dtype)[:n], shape=ne[::-1], strides=nb[::-1])
         return np.array(arr)  # [ne2, ne1, ne0]
 
     def __call__(self, addr: int, ask: bool, _user: int) -> bool:
@@ -240,6 +211,12 @@ class _Collector:
 
 # --- running -------------------------------------------------------------------------------------------
 
+def default_stats_path(model: str | Path) -> Path:
+    """MODEL.stats.json beside MODEL.gguf: where `calibrate` writes and extends statistics unless told."""
+    model = Path(model)
+    return model.with_name(model.name.removesuffix(".gguf") + ".stats.json")
+
+
 @dataclass
 class CalibrationReport:
     stats: ExpertStats
@@ -247,17 +224,39 @@ class CalibrationReport:
     skipped: list[str]  # files already in the statistics
     tokens: int = 0
     seconds: float = 0.0
+    out: Path | None = None  # where the statistics were saved
 
     @property
     def tps(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
 
+    def to_json(self) -> dict[str, Any]:
+        """`calibrate --json`: this run and the statistics so far, never-selected experts by layer."""
+        s = self.stats
+        return {"stats": str(self.out), "tokens_total": s.tokens, "tokens_this_run": self.tokens,
+                "files_done": self.done, "files_skipped": self.skipped, "tokens_per_second": self.tps,
+                "never_selected": {f"blk.{i}": e for i, e in enumerate(s.never_selected()) if e}}
+
+    def summary(self) -> str:
+        """For people: files skipped, tokens and speed, never-selected experts (cut to 400 characters)."""
+        s = self.stats
+        name = self.out.name if self.out else "the statistics"
+        lines = [f"skipped (already in {name}): {f}" for f in self.skipped]
+        lines.append(f"{self.tokens:,} tokens in {self.seconds:.1f} s ({self.tps:.1f} tok/s); {s.tokens:,} tokens "
+                     f"over {len(s.files)} file(s) in the statistics")
+        never = s.never_selected()
+        if n_never := sum(len(e) for e in never):
+            lines.append(f"{n_never} experts were never selected: " + "; ".join(
+                f"blk.{i}: {', '.join(map(str, e))}" for i, e in enumerate(never) if e)[:400])
+        return "\n".join(lines)
+
 
 def calibrate(model: str | Path, texts: Sequence[str | Path], out: str | Path | None = None,
-              options: Any = None, chunk: int = DEFAULT_CHUNK,
+              options: Any = None, chunk: int | None = None,
               progress: Callable[[int], None] | None = None, on_total: Callable[[int], None] | None = None,
               collect: bool = True) -> CalibrationReport:
-    """Run `model` over each text file (in sequences of `chunk` tokens) and record expert statistics.
+    """Run `model` over each text file (in sequences of `chunk` tokens: by default the options' ctx, else
+    limits.CALIBRATE_CHUNK) and record expert statistics.
 
     With `out`, statistics already there (of this model) are extended: files already processed are
     skipped, and the file is saved after each text file, so an interrupted run resumes.
@@ -285,9 +284,11 @@ def calibrate(model: str | Path, texts: Sequence[str | Path], out: str | Path | 
         else:
             todo.append((t, sha, data))
         done_sha.add(sha)
-    report = CalibrationReport(stats, [str(t) for t, _, _ in todo], [str(t) for t in skipped])
+    report = CalibrationReport(stats, [str(t) for t, _, _ in todo], [str(t) for t in skipped],
+                               out=Path(out) if out is not None else None)
     if not todo:
         return report
+    chunk = chunk or (options.ctx if options is not None else None) or CALIBRATE_CHUNK
     opts = replace(options or PlacementOptions(), ctx=chunk)
     with _Session(model, opts, collect, identity) as s:
         tokenized = [(t, sha, s.tokenize(data.decode("utf-8", errors="replace"))) for t, sha, data in todo]

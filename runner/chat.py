@@ -1,10 +1,10 @@
 """Chat on the engine: a conversation, one assistant turn with its tool loop, and tool commands.
 
 Layered as mlx-lm does: `Engine.generate` streams tokens; `respond` renders the conversation in
-harmony, streams parsed deltas (reasoning, content, tool calls), appends the assistant's messages to
-the conversation and, given a `ToolRunner`, runs tool calls and generates again until an answer.
-The engine keeps the KV cache between calls, so each round only prefills what changed. The terminal
-front-ends (`ossgguf run`, `ossgguf chat`) and the server sit on top.
+harmony, streams parsed deltas (reasoning, content, tool calls; `turn.run_turn`), appends the
+assistant's messages to the conversation and, given a `ToolRunner`, runs tool calls and generates
+again until an answer. The engine keeps the KV cache between calls, so each round only prefills what
+changed. The terminal front-ends (`ossgguf run`, `ossgguf chat`: terminal.py) sit on top.
 """
 
 from __future__ import annotations
@@ -18,16 +18,18 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ossgguf import limits
 from ossgguf.errors import OssggufError
-from ossgguf.harmony.render import (
+from ossgguf.harmony import (
+    DEFAULT_REASONING,
     REASONING_EFFORTS,
     Event,
-    HarmonyStreamParser,
+    ParsedMessage,
+    assistant_message,
     load_messages_and_tools,
     normalize_messages,
     normalize_tools,
@@ -36,7 +38,11 @@ from ossgguf.harmony.render import (
     tool_call_problem,
 )
 
-from .engine import DEFAULT_MIN_P, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, Engine
+from .generation import Sampling, Usage
+from .turn import TurnEnd, run_turn
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -45,30 +51,13 @@ TOOL_TIMEOUT = 60.0
 TOOL_OUTPUT_CHARS = 32_000  # a tool result longer than this is cut (it all goes into the context)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """Generation options; the defaults are OpenAI's for gpt-oss (temperature 1, top_p 1, no penalty)."""
-
-    temperature: float = DEFAULT_TEMPERATURE
-    top_p: float = DEFAULT_TOP_P
-    top_k: int = DEFAULT_TOP_K
-    min_p: float = DEFAULT_MIN_P
-    seed: int | None = None
-    max_tokens: int | None = None  # per generation round; None: until the context is full
-
-    def __post_init__(self) -> None:  # the CLI and the server check the same limits first
-        for name, limit in (("temperature", limits.TEMPERATURE), ("top_p", limits.TOP_P), ("top_k", limits.TOP_K),
-                            ("min_p", limits.MIN_P), ("max_tokens", limits.MAX_TOKENS)):
-            limit.check(name, getattr(self, name))
-
-
 @dataclass
 class Conversation:
     """OpenAI chat messages plus what the harmony system message needs; `render()` gives the prompt."""
 
     messages: list[dict] = field(default_factory=list)
     tools: list[dict] = field(default_factory=list)
-    reasoning_effort: str = "medium"
+    reasoning_effort: str = DEFAULT_REASONING
     date: str | None = None  # YYYY-MM-DD for the system message; None: today
 
     def __post_init__(self) -> None:
@@ -107,7 +96,7 @@ class Conversation:
 
 
 def load_conversation(messages_path: str | Path | None = None, tools_path: str | Path | None = None,
-                      system: str | None = None, reasoning_effort: str = "medium",
+                      system: str | None = None, reasoning_effort: str = DEFAULT_REASONING,
                       date: str | None = None) -> Conversation:
     """A conversation from JSON files: messages (a list, or a request body with `messages` and
     `tools`), tools (a list or `{"tools": [...]}`), and a system prompt put first."""
@@ -199,29 +188,8 @@ class Reply:
     finish_reason: str = "stop"  # stop, length, tool_calls (no runner, or the round limit), cancelled
     errors: list[str] = field(default_factory=list)  # malformed model output, tool loop limit
     rounds: int = 0
-    prompt_tokens: int = 0  # summed over rounds (each round's whole prompt, as the API counts)
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    prompt_seconds: float = 0.0
-    generation_seconds: float = 0.0
+    usage: Usage = field(default_factory=Usage)  # each round's whole prompt counted, as the API counts
     kind: str = "reply"
-
-    @property
-    def prompt_tps(self) -> float:
-        n = self.prompt_tokens - self.cached_tokens
-        return n / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
-
-    @property
-    def gen_tps(self) -> float:
-        return self.completion_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
-
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens, "cached_tokens": self.cached_tokens}
-
-    def timings(self) -> dict:
-        return {"prompt_seconds": round(self.prompt_seconds, 4), "generation_seconds": round(self.generation_seconds, 4),
-                "prompt_tps": round(self.prompt_tps, 2), "generation_tps": round(self.gen_tps, 2)}
 
     def calls_json(self) -> list[dict]:
         out = []
@@ -236,7 +204,7 @@ class Reply:
 ChatEvent = Event | ToolResult | Reply
 
 
-def respond(engine: Engine, conv: Conversation, sampling: Sampling = Sampling(),
+def respond(engine: Engine, conv: Conversation, sampling: Sampling | None = None,
             tool_runner: ToolRunner | None = None, max_rounds: int = MAX_TOOL_ROUNDS,
             cancel: threading.Event | None = None) -> Iterator[ChatEvent]:
     """Generate the assistant's turn for `conv` (which should end with a user or tool message).
@@ -247,46 +215,29 @@ def respond(engine: Engine, conv: Conversation, sampling: Sampling = Sampling(),
     keeps the next one from starting (a Ctrl-C handler does both).
     """
     reply = Reply()
-    gen_kw = asdict(sampling)
     while True:
         reply.rounds += 1
-        parser = HarmonyStreamParser(special_tokens=engine.special_tokens())
-        finish = None
-        for chunk in engine.generate(conv.tokens(engine), **gen_kw):
-            # parsed on ids; a stop chunk's token ends the output (finish() is told), its text is the rest
-            yield from parser.feed_token(None if chunk.finish_reason else chunk.token, chunk.text)
-            if chunk.finish_reason:
-                finish = chunk.finish_reason
-                reply.prompt_tokens += chunk.prompt_tokens
-                reply.cached_tokens += chunk.cached_tokens
-                reply.completion_tokens += chunk.generation_tokens
-        yield from parser.flush()
-        if finish != "cancelled" or engine.stats.generation_tokens:  # else the prefill never finished
-            reply.prompt_seconds += engine.stats.prompt_seconds
-        reply.generation_seconds += engine.stats.generation_seconds
-        parsed = parser.finish(ended_by=finish if finish in ("stop", "length") else None)
+        for item in run_turn(engine.generate(conv.tokens(engine), sampling), engine.special_tokens()):
+            if isinstance(item, TurnEnd):
+                end = item
+            else:
+                yield item
+        parsed, reply.usage = end.message, reply.usage + end.usage
         if parsed.error:
             reply.errors.append(parsed.error)
         if parsed.reasoning:
             reply.reasoning += ("\n" if reply.reasoning else "") + parsed.reasoning
-        is_call = finish == "stop" and parsed.tool_calls and parsed.stop_reason != "stop"
-        if finish == "cancelled" or not is_call:
+        reply.finish_reason = end.finish_reason
+        if end.finish_reason != "tool_calls":
             reply.content = parsed.content
-            reply.finish_reason = finish or "stop"
-            if parsed.content or (finish != "cancelled" and parsed.reasoning):
-                msg = {"role": "assistant", "content": parsed.content}
-                if parsed.reasoning and finish != "cancelled":
-                    msg["reasoning_content"] = parsed.reasoning
-                conv.messages.append(msg)
+            # a cancelled answer stays in the history without its reasoning
+            said = ParsedMessage(reasoning=parsed.reasoning if end.finish_reason != "cancelled" else "",
+                                 content=parsed.content)
+            if said.content or said.reasoning:
+                conv.messages.append(assistant_message(said))
             yield reply
             return
-        calls = [{"id": c.id, "type": "function",
-                  "function": {"name": c.name, "arguments": c.arguments, **c.header_fields()}}
-                 for c in parsed.tool_calls]
-        msg = {"role": "assistant", "content": parsed.content or None, "tool_calls": calls}
-        if parsed.reasoning:
-            msg["reasoning_content"] = parsed.reasoning
-        conv.messages.append(msg)
+        conv.messages.append(assistant_message(parsed, headers=True))
         if tool_runner is None or (cancel is not None and cancel.is_set()):
             reply.tool_calls += [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in parsed.tool_calls]
             reply.content = parsed.content
@@ -310,12 +261,11 @@ def respond(engine: Engine, conv: Conversation, sampling: Sampling = Sampling(),
             return
         if reply.rounds >= max_rounds:
             reply.errors.append(f"the model called tools in {max_rounds} rounds in a row; stopped there")
-            reply.finish_reason = "tool_calls"
             yield reply
             return
 
 
-def complete(engine: Engine, conv: Conversation, sampling: Sampling = Sampling(),
+def complete(engine: Engine, conv: Conversation, sampling: Sampling | None = None,
              tool_runner: ToolRunner | None = None, max_rounds: int = MAX_TOOL_ROUNDS) -> Reply:
     """`respond` without the stream: the final `Reply`."""
     reply = None

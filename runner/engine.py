@@ -1,7 +1,7 @@
 """Run a gpt-oss GGUF with llama-cpp-python, placed by the planner, as a streaming generator.
 
 In the mlx-lm style: `Engine.load(path, options)`, `engine.tokenize(text)`,
-`engine.generate(tokens or text, ...)` yields `GenerationChunk`s. The KV cache is kept between calls
+`engine.generate(tokens or text, sampling)` yields `GenerationChunk`s. The KV cache is kept between calls
 and the longest common prefix is reused (minus what the sliding-window layers no longer hold).
 Built on llama-cpp-python's low-level API, because its `Llama` class cannot pass tensor buffer
 overrides, `n_outputs_max` or sampling defaults that suit gpt-oss.
@@ -10,6 +10,7 @@ overrides, `n_outputs_max` or sampling defaults that suit gpt-oss.
 from __future__ import annotations
 
 import codecs
+import copy
 import ctypes
 import logging
 import os
@@ -21,13 +22,12 @@ from pathlib import Path
 
 from ossgguf.errors import OssggufError
 
+from .generation import Sampling, Usage
 from .llama_ctypes import LLAMA_LOG, BufferOverrides, llama_cpp_module, model_params
 from .plan import PlacementOptions, Plan, plan, read_model
 
 log = logging.getLogger(__name__)
 
-# OpenAI's recommendation for gpt-oss: sample the full distribution.
-DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_TOP_K, DEFAULT_MIN_P = 1.0, 1.0, 0, 0.0
 GGML_TYPE_F16 = 1
 FLASH_ATTN_ENABLED, FLASH_ATTN_DISABLED = 1, 0
 # llama_token_attr bits (llama.h) of tokens that are not text: harmony's <|start|>, <|end|>, ...
@@ -78,35 +78,7 @@ class GenerationChunk:
     text: str
     token: int | None
     finish_reason: str | None  # None while generating; "stop", "length" or "cancelled" at the end
-    prompt_tps: float
-    gen_tps: float
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens reused from the KV cache
-    generation_tokens: int = 0
-
-
-@dataclass
-class EngineStats:
-    load_seconds: float = 0.0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    prompt_seconds: float = 0.0
-    generation_tokens: int = 0
-    generation_seconds: float = 0.0
-
-    @property
-    def prompt_tps(self) -> float:
-        n = self.prompt_tokens - self.cached_tokens
-        return n / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
-
-    @property
-    def gen_tps(self) -> float:
-        return self.generation_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
-
-    def summary(self) -> str:
-        return (f"prompt: {self.prompt_tokens} tokens ({self.cached_tokens} cached), {self.prompt_tps:.1f} tok/s; "
-                f"generation: {self.generation_tokens} tokens, {self.gen_tps:.1f} tok/s; "
-                f"load {self.load_seconds:.1f} s")
+    usage: Usage  # the generation's so far
 
 
 def _default_threads() -> int:
@@ -129,7 +101,7 @@ class Engine:
     _model: int = field(repr=False)
     _ctx: int = field(repr=False)
     _overrides: BufferOverrides = field(repr=False)  # llama.cpp keeps pointers into it
-    stats: EngineStats = field(default_factory=EngineStats)
+    load_seconds: float = 0.0
     _tokens: list[int] = field(default_factory=list, repr=False)  # what the KV cache holds, in order
     _cancel: bool = field(default=False, repr=False)
     _abort_cb: object = field(default=None, repr=False)  # the C callback object must stay referenced
@@ -159,7 +131,7 @@ class Engine:
         LLAMA_LOG.install()
         LLAMA_LOG.verbose = opts.verbose
         lc.llama_backend_init()
-        overrides = BufferOverrides([o.rsplit("=", 1)[0] for o in p.overrides])
+        overrides = BufferOverrides([o.pattern for o in p.overrides])  # each to the CPU buffer type
         mp = model_params()  # OSSGGUF_NO_REPACK=1: repacking off
         mp.n_gpu_layers = p.gpu_layers if p.placement != "none" else info.n_layer + 1
         mp.load_mode = lc.LLAMA_LOAD_MODE_MMAP
@@ -192,7 +164,7 @@ class Engine:
         me = weakref.ref(eng)  # no cycle through the callback: close() also runs from __del__
         eng._abort_cb = lc.ggml_abort_callback(lambda _: bool((e := me()) and e._cancel))
         lc.llama_set_abort_callback(ctx, eng._abort_cb, None)
-        eng.stats.load_seconds = time.perf_counter() - t0
+        eng.load_seconds = time.perf_counter() - t0
         return eng
 
     def close(self) -> None:
@@ -363,33 +335,33 @@ class Engine:
         finally:
             lc.llama_batch_free(batch)
 
-    def _sampler(self, temperature: float, top_p: float, top_k: int, min_p: float, seed: int | None):
+    def _sampler(self, s: Sampling):
         lc = llama_cpp_module()
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        if temperature <= 0:
+        if s.temperature <= 0:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
             return chain
-        if top_k > 0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(top_k))
-        if top_p < 1.0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(top_p, 1))
-        if min_p > 0.0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(min_p, 1))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(temperature))
-        seed = lc.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF
+        if s.top_k > 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(s.top_k))
+        if s.top_p < 1.0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(s.top_p, 1))
+        if s.min_p > 0.0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(s.min_p, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(s.temperature))
+        seed = lc.LLAMA_DEFAULT_SEED if s.seed is None else s.seed & 0xFFFFFFFF
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
         return chain
 
-    def generate(self, prompt: str | Sequence[int], *, max_tokens: int | None = None,
-                 temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
-                 top_k: int = DEFAULT_TOP_K, min_p: float = DEFAULT_MIN_P, seed: int | None = None,
-                 stop_tokens: Sequence[int] | None = None) -> Iterator[GenerationChunk]:
+    def generate(self, prompt: str | Sequence[int], sampling: Sampling | None = None,
+                 **changes) -> Iterator[GenerationChunk]:
         """Stream the continuation of `prompt` (text is tokenized with special tokens: give a
         conversation as `tokenize_segments` ids, in which message text stays text).
 
+        `changes` are Sampling fields, e.g. `engine.generate(ids, temperature=0, max_tokens=8)`.
         Stops at an end-of-generation token (the last chunk carries it, with empty text), at
         `max_tokens`, at the end of the context, or after `cancel()`.
         """
+        sampling = replace(sampling or Sampling(), **changes)
         if not self._ctx:
             raise OssggufError("the engine is closed")
         lc = llama_cpp_module()
@@ -399,19 +371,15 @@ class Engine:
         if len(tokens) >= self.n_ctx:
             raise OssggufError(f"the prompt is {len(tokens)} tokens, the context holds {self.n_ctx}: "
                                "shorten it or load with a larger --ctx")
-        stops = set(stop_tokens or ())
         self._cancel = False
-        st = self.stats
         cached = self._reuse_prefix(tokens)
-        st.prompt_tokens, st.cached_tokens = len(tokens), cached
-        st.generation_tokens, st.generation_seconds = 0, 0.0
+        st = Usage(prompt_tokens=len(tokens), cached_tokens=cached)
         t0 = time.perf_counter()
-        sampler = self._sampler(temperature, top_p, top_k, min_p, seed)
+        sampler = self._sampler(sampling)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
         def chunk(text: str, tok: int | None, reason: str | None) -> GenerationChunk:
-            return GenerationChunk(text, tok, reason, st.prompt_tps, st.gen_tps,
-                                   st.prompt_tokens, st.cached_tokens, st.generation_tokens)
+            return GenerationChunk(text, tok, reason, copy.copy(st))
 
         try:
             try:
@@ -422,23 +390,23 @@ class Engine:
             t1 = time.perf_counter()
             st.prompt_seconds = t1 - t0
             limit = self.n_ctx - len(self._tokens)
-            if max_tokens is not None:
-                limit = min(limit, max_tokens)
+            if sampling.max_tokens is not None:
+                limit = min(limit, sampling.max_tokens)
             while True:
                 if self._cancel:
                     yield chunk(decoder.decode(b"", final=True), None, "cancelled")
                     return
-                if st.generation_tokens >= limit:
+                if st.completion_tokens >= limit:
                     yield chunk(decoder.decode(b"", final=True), None, "length")
                     return
                 tok = lc.llama_sampler_sample(sampler, self._ctx, -1)
-                st.generation_tokens += 1
-                if self.is_stop(tok) or tok in stops:
+                st.completion_tokens += 1
+                if self.is_stop(tok):
                     st.generation_seconds = time.perf_counter() - t1
                     yield chunk(decoder.decode(b"", final=True), tok, "stop")
                     return
                 text = decoder.decode(self.token_bytes(tok))
-                if st.generation_tokens < limit and not self._cancel:
+                if st.completion_tokens < limit and not self._cancel:
                     try:
                         self._decode([tok], want_logits=True)
                     except _Cancelled:

@@ -2,7 +2,9 @@
 
 - `llama_model_params.tensor_buft_overrides` is declared `c_void_p` there; llama.cpp reads it as a
   NULL-terminated array of `{const char *pattern; ggml_backend_buffer_type_t buft}`.
-- The backend device list and `ggml_backend_cpu_buffer_type()` live in the bundled libggml.
+- The bundled libggml (`ggml_lib`, the project's one loader) holds the backend device list,
+  `ggml_backend_cpu_buffer_type()`, the quantizers (quantize/kernels.py) and the reads of graph
+  tensors (the eval callback of runner/calibrate.py).
 - llama.cpp's log is global (`llama_log_set` also sets ggml's); `LlamaLog` routes it: through to
   stderr in verbose mode (debug lines included), into captures for measurements and tests, and
   otherwise into a short ring buffer that error messages quote.
@@ -18,6 +20,7 @@ import collections
 import contextlib
 import ctypes
 import functools
+import importlib.util
 import logging
 import os
 import re
@@ -26,6 +29,10 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+
+from ossgguf.errors import OssggufError
 
 log = logging.getLogger(__name__)
 
@@ -88,28 +95,81 @@ class BuftOverride(ctypes.Structure):
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
 
-@functools.lru_cache(maxsize=1)
-def ggml_lib() -> ctypes.CDLL:
-    """The libggml that llama-cpp-python ships (its dependencies resolve ggml-base and ggml-cpu)."""
-    lc = llama_cpp_module()
-    from llama_cpp._ctypes_extensions import load_shared_library
+def ggml_library_path(search_dirs: Sequence[Path] | None = None) -> Path:
+    """The libggml that llama-cpp-python ships, found without importing llama_cpp (no libllama load)."""
+    if search_dirs is None:
+        search_dirs = []
+        if override := os.environ.get("LLAMA_CPP_LIB_PATH"):  # llama_cpp honours it too
+            search_dirs.append(Path(override))
+        spec = importlib.util.find_spec("llama_cpp")
+        for loc in (spec.submodule_search_locations or []) if spec else []:
+            search_dirs.append(Path(loc) / "lib")
+    names = {"win32": ("ggml.dll", "libggml.dll"), "darwin": ("libggml.dylib", "libggml.so")}.get(
+        sys.platform, ("libggml.so",))
+    for d in search_dirs:
+        for name in names:
+            if (Path(d) / name).exists():
+                return Path(d) / name
+    where = ", ".join(str(d) for d in search_dirs) or "nowhere (llama_cpp is not installed)"
+    raise OssggufError(f"libggml not found (looked in {where}): install llama-cpp-python==0.3.36 in this "
+                       "environment, or set LLAMA_CPP_LIB_PATH to the folder holding its libggml")
 
-    lib = load_shared_library("ggml", Path(lc.__file__).parent / "lib")
-    vp, sz = ctypes.c_void_p, ctypes.c_size_t
-    protos = {
-        "ggml_backend_cpu_buffer_type": ([], vp),
-        "ggml_backend_buft_name": ([vp], ctypes.c_char_p),
-        "ggml_backend_dev_count": ([], sz),
-        "ggml_backend_dev_get": ([sz], vp),
-        "ggml_backend_dev_name": ([vp], ctypes.c_char_p),
-        "ggml_backend_dev_description": ([vp], ctypes.c_char_p),
-        "ggml_backend_dev_type": ([vp], ctypes.c_int),
-        "ggml_backend_dev_memory": ([vp, ctypes.POINTER(sz), ctypes.POINTER(sz)], None),
-    }
-    for name, (args, res) in protos.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, res
+
+_VP, _SZ, _I64 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64
+_PROTOTYPES = {  # ggml.h and ggml-backend.h of the pinned release
+    "ggml_quantize_chunk": ([ctypes.c_int, _VP, _VP, _I64, _I64, _I64, _VP], _SZ),
+    "ggml_quantize_init": ([ctypes.c_int], None),
+    "ggml_quantize_requires_imatrix": ([ctypes.c_int], ctypes.c_bool),
+    "ggml_row_size": ([ctypes.c_int, _I64], _SZ),
+    "ggml_blck_size": ([ctypes.c_int], _I64),
+    "ggml_type_size": ([ctypes.c_int], _SZ),
+    "ggml_nbytes": ([_VP], _SZ),
+    "ggml_backend_tensor_get": ([_VP, _VP, _SZ, _SZ], None),  # copies from any backend, GPU buffers too
+    "ggml_backend_cpu_buffer_type": ([], _VP),
+    "ggml_backend_buft_name": ([_VP], ctypes.c_char_p),
+    "ggml_backend_dev_count": ([], _SZ),
+    "ggml_backend_dev_get": ([_SZ], _VP),
+    "ggml_backend_dev_name": ([_VP], ctypes.c_char_p),
+    "ggml_backend_dev_description": ([_VP], ctypes.c_char_p),
+    "ggml_backend_dev_type": ([_VP], ctypes.c_int),
+    "ggml_backend_dev_memory": ([_VP, ctypes.POINTER(_SZ), ctypes.POINTER(_SZ)], None),
+}
+
+
+@functools.cache
+def ggml_lib() -> ctypes.CDLL:
+    """The bundled libggml (its dependencies bring ggml-base and ggml-cpu): the quantizers, the
+    backend devices and tensor reads, with their prototypes. The process's one copy: libllama links
+    the same file."""
+    path = ggml_library_path()
+    try:
+        lib = ctypes.CDLL(str(path))
+        for name, (args, res) in _PROTOTYPES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
+    except (OSError, AttributeError) as exc:
+        raise OssggufError(f"{path} is not a usable libggml ({exc}): reinstall llama-cpp-python==0.3.36") from None
+    log.debug("libggml: %s", path)
     return lib
+
+
+class GgmlTensor(ctypes.Structure):
+    """struct ggml_tensor of the ggml bundled with llama-cpp-python 0.3.36 (ggml/include/ggml.h)."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", _VP), ("ne", ctypes.c_int64 * 4),
+                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+                ("flags", ctypes.c_int32), ("src", _VP * 10), ("view_src", _VP),
+                ("view_offs", ctypes.c_size_t), ("data", _VP), ("name", ctypes.c_char * 64),
+                ("extra", _VP), ("padding", ctypes.c_char * 8)]
+
+
+def tensor_data(addr: int) -> tuple[GgmlTensor, np.ndarray]:
+    """A graph tensor's struct and its bytes, copied from whichever backend holds them."""
+    lib = ggml_lib()
+    n = lib.ggml_nbytes(addr)
+    buf = np.empty(n, np.uint8)
+    lib.ggml_backend_tensor_get(addr, buf.ctypes.data, 0, n)
+    return GgmlTensor.from_address(addr), buf
 
 
 def cpu_buffer_type() -> int:

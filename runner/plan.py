@@ -1,6 +1,6 @@
 """Memory planner: where each byte of a gpt-oss GGUF goes (GPU, system RAM) for a context size.
 
-Reads tensor infos only (gguf.GGUFReader memory-maps, so sparse files and 60 GB shards are cheap),
+Reads headers only (ossgguf.gguf.read: nothing mapped, so sparse files and 60 GB shards are cheap),
 models llama.cpp 0.3.36's buffers (weights per buffer type, the iSWA KV cache, the compute buffer by
 replaying the gpt-oss graph through ggml-alloc's allocator) and picks the placement: all on the GPU,
 the experts of the first N layers in RAM (`--n-cpu-moe N`), all experts in RAM, or CPU only.
@@ -18,7 +18,9 @@ from pathlib import Path
 from ossgguf import limits
 from ossgguf.errors import OssggufError
 from ossgguf.gguf.read import GgufSet, read_gguf
-from ossgguf.model import ARCH, TensorClass, expert_offload_pattern, layer_of, tensor_class
+from ossgguf.gguf.tensors import FLOAT_TYPES, Q, Tensor
+from ossgguf.limits import DEFAULT_CTX, UBATCH_DEFAULT, UBATCH_OFFLOAD
+from ossgguf.model import HParams, Offload, TensorClass, expert_offload, layer_of, read_hparams, tensor_class
 from ossgguf.sizes import parse_size as _parse_size
 
 from .plan_graph import _pad, compute_buffer_bytes
@@ -27,58 +29,37 @@ log = logging.getLogger(__name__)
 
 GiB = 1024**3
 MiB = 1024**2
-DEFAULT_CTX = 65536  # capped by the model's context; long enough for tool use, 2.4 GB of KV on 120b
-UBATCH_OFFLOAD = 2048  # large prompt batches amortise streaming RAM-resident experts to the GPU
-UBATCH_DEFAULT = 512
 CPU_ALIGN, GPU_ALIGN = 32, 128  # ggml CPU (TENSOR_ALIGNMENT) and CUDA buffer alignment
 
 
 # --- the model ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    type_name: str  # ggml type, e.g. MXFP4, Q8_0, F32
-    shape: tuple[int, ...]  # GGUF order (ne0 first)
-    nbytes: int
-    cls: TensorClass
-    layer: int | None
+# A name's class and layer, asked of ossgguf.model once per name: the search asks them thousands of times.
+_class = functools.cache(tensor_class)
+_layer = functools.cache(layer_of)
 
 
 @dataclass(frozen=True)
-class ModelInfo:
-    """What the planner needs from a gpt-oss GGUF (all shards)."""
+class ModelInfo(HParams):
+    """What the planner needs from a gpt-oss GGUF (all shards): its hyperparameters and tensors."""
 
     path: Path
     files: tuple[Path, ...]
     file_bytes: int
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    head_dim_k: int
-    head_dim_v: int
-    n_expert: int
-    n_expert_used: int
-    n_ff_exp: int
-    n_vocab: int
-    n_ctx_train: int
-    n_swa: int
-    swa_layers: tuple[bool, ...]
-    tensors: tuple[TensorInfo, ...] = field(repr=False)
+    tensors: tuple[Tensor, ...] = field(repr=False)
 
     def bytes_where(self, cls: TensorClass | None = None, layers: range | None = None,
                     align: int = 1) -> int:
         """Sum of tensor bytes (each padded to `align`, as a backend buffer lays them out)."""
         return sum(_pad(t.nbytes, align) for t in self.tensors
-                   if (cls is None or t.cls == cls) and (layers is None or t.layer in layers))
+                   if (cls is None or _class(t.name) == cls) and (layers is None or _layer(t.name) in layers))
 
-    def expert_weights(self, layer: int) -> list[TensorInfo]:
-        return [t for t in self.tensors if t.layer == layer and t.cls == TensorClass.EXPERT]
+    def expert_weights(self, layer: int) -> list[Tensor]:
+        return [t for t in self.tensors if _layer(t.name) == layer and _class(t.name) == TensorClass.EXPERT]
 
     def type_summary(self, cls: TensorClass) -> str:
-        return "/".join(sorted({t.type_name for t in self.tensors if t.cls == cls})) or "-"
+        return "/".join(sorted({t.qtype.name for t in self.tensors if _class(t.name) == cls})) or "-"
 
 
 def read_model(path: str | Path) -> ModelInfo:
@@ -88,43 +69,11 @@ def read_model(path: str | Path) -> ModelInfo:
 
 def model_info(g: GgufSet) -> ModelInfo:
     """ModelInfo of a GGUF whose headers are read already (one header reader: ossgguf.gguf.read)."""
-    files = [f.path for f in g.files]
-    arch = g.get("general.architecture")
-    if arch != ARCH:
-        raise OssggufError(f"{files[0].name} is a '{arch}' model, not gpt-oss: ossgguf runs only gpt-oss "
-                           f"GGUF files (general.architecture = {ARCH})")
-
-    def key(name: str, default=None):
-        v = g.get(f"{ARCH}.{name}", default)
-        if v is None:
-            raise OssggufError(f"{files[0].name} has no '{ARCH}.{name}' key: convert it again with ossgguf")
-        return v
-
-    tensors = [TensorInfo(t.name, t.qtype.name, tuple(reversed(t.shape)), t.nbytes, tensor_class(t.name),
-                          layer_of(t.name)) for t in g.tensors]
-    n_layer = int(key("block_count"))
-    n_head = int(key("attention.head_count"))
-    n_embd = int(key("embedding_length"))
-    head_k = int(key("attention.key_length", n_embd // n_head))
-    pattern = g.get(f"{ARCH}.attention.sliding_window_pattern")
-    if pattern is not None and not isinstance(pattern, int):  # an array: one flag per layer
-        swa = tuple(bool(x) for x in pattern)
-    else:  # llama.cpp's gpt-oss default: every other layer, starting with a sliding one
-        n_pat = int(pattern or 2)
-        swa = tuple(n_pat == 0 or i % n_pat < n_pat - 1 for i in range(n_layer))
-    embd = next((t for t in tensors if t.cls == TensorClass.EMBEDDING), None)
-    if embd is None:
-        raise OssggufError(f"{files[0].name} has no token_embd.weight tensor")
-    return ModelInfo(
-        path=files[0], files=tuple(files), file_bytes=g.size,
-        n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-        n_head_kv=int(key("attention.head_count_kv")),
-        head_dim_k=head_k, head_dim_v=int(key("attention.value_length", head_k)),
-        n_expert=int(key("expert_count")), n_expert_used=int(key("expert_used_count")),
-        n_ff_exp=int(key("expert_feed_forward_length")), n_vocab=embd.shape[1],
-        n_ctx_train=int(key("context_length")), n_swa=int(key("attention.sliding_window")),
-        swa_layers=swa, tensors=tuple(tensors),
-    )
+    hp = read_hparams(g)
+    for t in g.tensors:
+        _class(t.name)  # OssggufError for a tensor gpt-oss does not have
+    files = tuple(f.path for f in g.files)
+    return ModelInfo(**vars(hp), path=files[0], files=files, file_bytes=g.size, tensors=tuple(g.tensors))
 
 
 # --- devices -----------------------------------------------------------------------------------------
@@ -247,7 +196,7 @@ class Plan:
     cpu_bytes: int
     kv_bytes: int
     compute_bytes: int
-    overrides: list[str]
+    overrides: list[Offload]  # experts kept in RAM
     buffers: list[Buffer]
     devices: Devices
     model: ModelInfo = field(repr=False)
@@ -263,7 +212,7 @@ class Plan:
         return {
             "fits": self.fits, "n_cpu_moe": self.n_cpu_moe, "gpu_bytes": self.gpu_bytes,
             "cpu_bytes": self.cpu_bytes, "kv_bytes": self.kv_bytes, "compute_bytes": self.compute_bytes,
-            "overrides": self.overrides, "notes": self.notes, "placement": self.placement,
+            "overrides": [str(o) for o in self.overrides], "notes": self.notes, "placement": self.placement,
             "n_ctx": self.n_ctx, "n_ubatch": self.n_ubatch, "flash_attn": self.flash_attn,
             "gpu_budget": self.devices.gpu_budget, "ram_budget": self.devices.ram_budget,
             "unified": self.devices.unified,
@@ -300,8 +249,8 @@ def estimate(model: ModelInfo, devices: Devices, n_ctx: int, n_cpu_moe: int, *, 
     embd = model.bytes_where(TensorClass.EMBEDDING, align=CPU_ALIGN)
     if use_gpu:
         cpu_exp = model.bytes_where(TensorClass.EXPERT, cpu_layers, CPU_ALIGN)
-        gpu_w = sum(_pad(t.nbytes, g_align) for t in model.tensors if t.cls != TensorClass.EMBEDDING
-                    and not (t.cls == TensorClass.EXPERT and t.layer in cpu_layers))
+        gpu_w = sum(_pad(t.nbytes, g_align) for t in model.tensors if _class(t.name) != TensorClass.EMBEDDING
+                    and not (_class(t.name) == TensorClass.EXPERT and _layer(t.name) in cpu_layers))
         bufs.append(Buffer("cpu", "model", embd, "token embeddings (llama.cpp keeps the input layer in RAM)"))
         if cpu_exp:
             bufs.append(Buffer("cpu", "model", cpu_exp, f"experts of layers 0-{n_cpu_moe - 1}"))
@@ -327,8 +276,7 @@ def estimate(model: ModelInfo, devices: Devices, n_ctx: int, n_cpu_moe: int, *, 
     else:
         bufs.append(Buffer("cpu", "compute", comp + out_buf, f"graph for {ub}-token batches, logits"))
     # overrides follow the request even without a GPU: llama.cpp then logs them, placing nothing elsewhere
-    overrides = [f"{expert_offload_pattern(None if n_cpu_moe == model.n_layer else range(n_cpu_moe))}=CPU"
-                 ] if gpu and n_cpu_moe > 0 else []
+    overrides = [expert_offload(None if n_cpu_moe == model.n_layer else range(n_cpu_moe))] if gpu and n_cpu_moe > 0 else []
     placement = "cpu" if not use_gpu else "gpu" if n_cpu_moe == 0 else "hybrid"
     gpu_bytes = sum(b.bytes for b in bufs if b.device == "gpu")
     cpu_bytes = sum(b.bytes for b in bufs if b.device == "cpu")
@@ -431,14 +379,14 @@ def alternatives(m: ModelInfo, d: Devices, n_ctx: int, kw: dict) -> list[str]:
     # RAM short by this much with every expert in RAM (the placement needing the least GPU)
     least = estimate(m, d, n_ctx, m.n_layer, gpu=d.has_gpu, **kw)
     short = least.cpu_bytes + (least.gpu_bytes if d.unified else 0) - d.ram_budget
-    wide = sum(t.nbytes for t in m.tensors if t.type_name in ("BF16", "F16", "F32")
-               and t.cls in (TensorClass.ATTENTION, TensorClass.EMBEDDING, TensorClass.OUTPUT))
+    wide = sum(t.nbytes for t in m.tensors if t.qtype in FLOAT_TYPES
+               and _class(t.name) in (TensorClass.ATTENTION, TensorClass.EMBEDDING, TensorClass.OUTPUT))
     if wide:
         saving = wide - wide * 34 // 64  # Q8_0: 34 bytes per 32 values
         out.append(f"the mxfp4-q8 recipe (Q8_0 attention, embeddings and head) saves {_gb(saving)}"
                    + (" and would fit" if 0 < short <= saving else ""))
     exp = m.bytes_where(TensorClass.EXPERT)
-    if any(t.type_name != "MXFP4" for t in m.tensors if t.cls == TensorClass.EXPERT):
+    if any(t.qtype != Q.MXFP4 for t in m.tensors if _class(t.name) == TensorClass.EXPERT):
         out.append(f"the mxfp4 recipe keeps the experts at 4.25 bits per weight ({_gb(exp)} now)")
     if short > 0 and exp:
         keep = int(m.n_expert * (1 - short / exp))

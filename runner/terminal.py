@@ -1,4 +1,5 @@
-"""The terminal front-ends of `ossgguf run` and `ossgguf chat`, over `chat.respond`.
+"""The terminal front-ends of `ossgguf run` and `ossgguf chat`, over `chat.respond`: `open_chat` sets
+one up from the commands' options, `run_once` answers one turn, `chat_loop` is the REPL.
 
 This is the edge: it writes to the streams it is given. The answer goes to `out` (stdout); reasoning
 (when shown), tool activity, stats and notices go to `err` (stderr), dimmed on a terminal, so the
@@ -8,6 +9,7 @@ answer alone can be piped.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -16,11 +18,12 @@ from pathlib import Path
 from typing import TextIO
 
 from ossgguf.errors import OssggufError
-from ossgguf.harmony.render import REASONING_EFFORTS, Event
+from ossgguf.harmony import DEFAULT_REASONING, REASONING_EFFORTS, Event
 
-from .chat import Conversation, Reply, Sampling, ToolResult, ToolRunner, respond
+from .chat import TOOL_TIMEOUT, Conversation, Reply, ToolResult, ToolRunner, load_conversation, respond
 from .engine import Engine
-from .plan import Plan
+from .generation import Sampling
+from .plan import PlacementOptions, Plan
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 HELP = """commands:
@@ -46,27 +49,66 @@ def placement_text(p: Plan) -> str:
 
 def load_line(engine: Engine) -> str:
     p = engine.plan
-    return (f"loaded {engine.path.name} in {engine.stats.load_seconds:.1f} s: {placement_text(p)}"
+    return (f"loaded {engine.path.name} in {engine.load_seconds:.1f} s: {placement_text(p)}"
             f"{' (' + p.reason + ')' if p.reason else ''}; context {p.n_ctx} tokens")
 
 
 def stats_line(reply: Reply, plan: Plan) -> str:
-    calls = len(reply.tool_calls)
-    return (f"[{reply.completion_tokens} tokens; prompt {reply.prompt_tokens - reply.cached_tokens} tokens "
-            f"at {reply.prompt_tps:.1f} tok/s ({reply.cached_tokens} cached); generation {reply.gen_tps:.1f} tok/s"
+    calls, u = len(reply.tool_calls), reply.usage
+    return (f"[{u.completion_tokens} tokens; prompt {u.prompt_tokens - u.cached_tokens} tokens "
+            f"at {u.prompt_tps:.1f} tok/s ({u.cached_tokens} cached); generation {u.gen_tps:.1f} tok/s"
             + (f"; {calls} tool call{'s' * (calls != 1)}" if calls else "")
             + f"; {placement_text(plan)}]")
 
 
 def result_json(reply: Reply, plan: Plan) -> dict:
     """`ossgguf run --json`."""
+    u = reply.usage
     return {
         "content": reply.content, "reasoning": reply.reasoning, "tool_calls": reply.calls_json(),
         "finish_reason": reply.finish_reason, "errors": reply.errors, "rounds": reply.rounds,
-        "usage": reply.usage(), "timings": reply.timings(),
+        "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                  "total_tokens": u.total_tokens, "cached_tokens": u.cached_tokens},
+        "timings": {"prompt_seconds": round(u.prompt_seconds, 4), "generation_seconds": round(u.generation_seconds, 4),
+                    "prompt_tps": round(u.prompt_tps, 2), "generation_tps": round(u.gen_tps, 2)},
         "placement": {"placement": plan.placement, "n_cpu_moe": plan.n_cpu_moe, "n_ctx": plan.n_ctx,
                       "gpu_bytes": plan.gpu_bytes, "cpu_bytes": plan.cpu_bytes, "fits": plan.fits},
     }
+
+
+@dataclass
+class ChatSetup:
+    """What `run` and `chat` work with: the loaded engine (close it, or use `with`), the conversation,
+    how to sample and what runs tool calls."""
+
+    engine: Engine
+    conv: Conversation
+    sampling: Sampling
+    tool_runner: ToolRunner | None
+
+    def __enter__(self) -> ChatSetup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.engine.close()
+
+
+def open_chat(model: str | Path, options: PlacementOptions | None = None, sampling: Sampling | None = None, *,
+              messages_path: str | Path | None = None, tools_path: str | Path | None = None,
+              system: str | None = None, reasoning_effort: str = DEFAULT_REASONING, date: str | None = None,
+              tool_cmd: str | None = None, tool_timeout: float = TOOL_TIMEOUT, err: TextIO | None = None) -> ChatSetup:
+    """The conversation (from --messages/--tools files and a system prompt), the tool runner and the
+    engine, loaded last so that bad input fails fast; the load line goes to `err`."""
+    conv = load_conversation(messages_path, tools_path, system, reasoning_effort, date)
+    runner = ToolRunner.from_command(tool_cmd, tool_timeout) if tool_cmd else None
+    options = options or PlacementOptions()
+    if not options.verbose:  # run/chat report malformed model output themselves, once
+        logging.getLogger("ossgguf.harmony.parse").setLevel(logging.ERROR)
+    engine = Engine.load(model, options)
+    if err is not None:
+        err.write(load_line(engine) + "\n")
+        err.flush()
+    return ChatSetup(engine, conv, sampling or Sampling(), runner)
 
 
 @dataclass
@@ -141,13 +183,13 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
-def run_once(engine: Engine, conv: Conversation, sampling: Sampling, tool_runner: ToolRunner | None,
-             out: TextIO, err: TextIO, show_reasoning: bool = False, as_json: bool = False) -> Reply:
+def run_once(chat: ChatSetup, out: TextIO, err: TextIO, show_reasoning: bool = False, as_json: bool = False) -> Reply:
     """One turn: stream the answer (or print `result_json` at the end with `as_json`)."""
+    engine, tool_runner = chat.engine, chat.tool_runner
     printer = Printer(out, err, show_reasoning)
     reply = None
     with _Interrupt(engine) as intr:
-        for ev in respond(engine, conv, sampling, tool_runner, cancel=intr.cancel):
+        for ev in respond(engine, chat.conv, chat.sampling, tool_runner, cancel=intr.cancel):
             if isinstance(ev, Reply):
                 reply = ev
             if not as_json:
@@ -191,13 +233,13 @@ def _lines(stdin: TextIO, interactive: bool, prompt: str) -> Iterator[str]:
             return
 
 
-def chat_loop(engine: Engine, conv: Conversation, sampling: Sampling, tool_runner: ToolRunner | None,
-              stdin: TextIO, out: TextIO, err: TextIO, show_reasoning: bool = False) -> int:
+def chat_loop(chat: ChatSetup, stdin: TextIO, out: TextIO, err: TextIO, show_reasoning: bool = False) -> int:
     """The REPL. Piped stdin: one message per line, no prompt. A conversation that ends with a
     user (or tool) message, from --messages, is answered first.
 
     An error is shown and the chat goes on; returns how many messages or commands failed, so that a
     piped run can report failure in its exit status."""
+    engine, conv, tool_runner = chat.engine, chat.conv, chat.tool_runner
     interactive = stdin.isatty()
     failed = 0
     printer = Printer(out, err, show_reasoning)
@@ -226,7 +268,7 @@ def chat_loop(engine: Engine, conv: Conversation, sampling: Sampling, tool_runne
             conv.add_user(line)
         try:
             with _Interrupt(engine) as intr:
-                for ev in respond(engine, conv, sampling, tool_runner, cancel=intr.cancel):
+                for ev in respond(engine, conv, chat.sampling, tool_runner, cancel=intr.cancel):
                     printer.event(ev)
                     if isinstance(ev, Reply):
                         _after(ev, printer, tool_runner, engine.plan)

@@ -43,3 +43,19 @@ def make_gguf(tmp_path_factory, make_ckpt):
         return cache[key]
 
     return make
+
+
+@pytest.fixture
+def fixed_date(monkeypatch):
+    """The official template's `strftime_now` (transformers calls datetime.now() in its own module at
+    render time) fixed at 2025-03-14, the date the tests render with."""
+    import datetime as dt
+
+    ctu = pytest.importorskip("transformers.utils.chat_template_utils")
+
+    class FixedDatetime(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2025, 3, 14, 12, 0, 0)
+
+    monkeypatch.setattr(ctu, "datetime", FixedDatetime)

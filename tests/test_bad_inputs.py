@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from gguf import GGUFValueType
 
-from ossgguf.gguf.read import SPLIT_ID, read_gguf
+from ossgguf.gguf.read import read_gguf
+from ossgguf.gguf.split import SPLIT_ID
 
 SPLIT = 60_000  # bytes per shard: the tiny model in 4 shards
 
@@ -222,7 +223,7 @@ def test_the_valid_files_pass(files, tmp_path):
     """The control: the unpatched files go through the same commands."""
     for path in (files["_good"], files["_split"][1]):
         assert _cli("inspect", path, cwd=tmp_path).returncode == 0
-        proc = _cli("publish", path, "me/repo", "--dry-run", cwd=tmp_path)
+        proc = _cli("publish", "me/repo", path, "--dry-run", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
     ids = {read_gguf(files["_split"][0]).files[i].get(SPLIT_ID) for i in range(len(files["_split"]))}
     assert len(ids) == 1 and None not in ids  # the writer's id, in every shard
@@ -246,7 +247,7 @@ def _command(cmd: str, path: Path, files: dict, out: Path) -> list:
         "plan": ["plan", path, "--ram", "8GiB", "--gpu-mem", "0"],
         "quantize": ["quantize", path, "-o", out, "--recipe", "mxfp4-q8"],
         "prune": ["prune", path, "-o", out, "--keep", "2", "--dry-run"],
-        "publish": ["publish", path, "me/repo", "--dry-run"],
+        "publish": ["publish", "me/repo", path, "--dry-run"],
         "compare": ["compare", files["_good"], path, "--ctx", "16"],
         "run": ["run", path, "-p", "hi", "--max-tokens", "1"],
         "render": ["render", path, "--messages", msgs],
@@ -277,8 +278,8 @@ def test_publish_checks_split_sets_with_the_reader(files, tmp_path):
     a folder, the set is checked as one by the reader."""
     counted, names = files["split-tensors-count"]
     mixed, mixed_names = files["split-other-run"]
-    procs = _cli_many([["publish", counted, "me/repo", "--dry-run"], ["publish", counted.parent, "me/repo", "--dry-run"],
-                       ["publish", mixed.parent, "me/repo", "--dry-run"]], tmp_path)
+    procs = _cli_many([["publish", "me/repo", counted, "--dry-run"], ["publish", "me/repo", counted.parent, "--dry-run"],
+                       ["publish", "me/repo", mixed.parent, "--dry-run"]], tmp_path)
     _refused(procs[0], *names)
     _refused(procs[1], *names)
     _refused(procs[2], *mixed_names)

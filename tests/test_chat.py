@@ -11,7 +11,6 @@ chat template rendered by transformers.
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import json
 import os
 import re
@@ -28,9 +27,10 @@ import pytest
 from scripted_model import Episode, Script, scripted_gguf
 
 from ossgguf.errors import OssggufError
-from ossgguf.harmony.render import Event
-from ossgguf.runner.chat import Conversation, Reply, Sampling, ToolResult, ToolRunner, complete, respond
+from ossgguf.harmony import Event
+from ossgguf.runner.chat import Conversation, Reply, ToolResult, ToolRunner, complete, respond
 from ossgguf.runner.engine import Engine
+from ossgguf.runner.generation import Sampling
 from ossgguf.runner.plan import GiB, PlacementOptions
 
 # one thread: a model this small runs faster without the threads waiting on each other (and on other jobs)
@@ -118,7 +118,7 @@ def test_tool_loop_runs_the_command_and_answers(engine, tool):
     reply = events[-1]
     assert isinstance(reply, Reply) and kinds.index("tool_result") < kinds.index("content")
     assert (reply.content, reply.reasoning, reply.finish_reason, reply.rounds) == (ANSWER, REASONING, "stop", 2)
-    assert reply.completion_tokens > 0 and reply.cached_tokens > 0  # round 2 reused round 1's prefix
+    assert reply.usage.completion_tokens > 0 and reply.usage.cached_tokens > 0  # round 2 reused round 1's prefix
     call_id = results[0].id
     assert conv.messages[1:] == [
         {"role": "assistant", "content": None, "tool_calls": [
@@ -131,16 +131,9 @@ def test_tool_loop_runs_the_command_and_answers(engine, tool):
 ctu = pytest.importorskip("transformers.utils.chat_template_utils")
 
 
-class _FixedDatetime(dt.datetime):
-    @classmethod
-    def now(cls, tz=None):
-        return cls(2025, 3, 14, 12, 0, 0)
-
-
-def test_history_renders_as_the_official_template_and_reuses_the_cache(engine, tool, monkeypatch):
+def test_history_renders_as_the_official_template_and_reuses_the_cache(engine, tool, fixed_date):
     """The answer is stored with <|end|> and its reasoning dropped, as the template renders history;
     the next turn prefills only what follows the cached prefix."""
-    monkeypatch.setattr(ctu, "datetime", _FixedDatetime)
     conv = conversation()
     first = complete(engine, conv, tool_runner=tool)
     round2 = engine.tokenize(Conversation(conv.messages[:3], TOOLS, date=DATE).render())
@@ -160,7 +153,7 @@ def test_history_renders_as_the_official_template_and_reuses_the_cache(engine, t
     assert f"<|channel|>final<|message|>{ANSWER}<|end|>" in ref[0] and REASONING not in ref[0]
     second = complete(engine, conv, tool_runner=tool)
     assert second.content == ANSWER and second.rounds == 1  # the call is in history: no new call
-    assert second.cached_tokens >= len(round2)  # everything up to the dropped reasoning was reused
+    assert second.usage.cached_tokens >= len(round2)  # everything up to the dropped reasoning was reused
     assert first.finish_reason == second.finish_reason == "stop"
 
 
@@ -241,14 +234,22 @@ def test_tool_runner_uses_no_shell(tmp_path):
         ToolRunner.from_command("python3 'unclosed")
 
 
-def test_sampling_defaults_follow_openai():
-    s = Sampling()  # OpenAI's gpt-oss model card: temperature 1.0, top_p 1.0; no repetition penalty exists
-    assert (s.temperature, s.top_p, s.top_k, s.min_p) == (1.0, 1.0, 0, 0.0)
-    from ossgguf.cli import cli as group
-
-    for command in ("run", "chat"):
-        params = {p.name: p.default for p in group.commands[command].params}
-        assert (params["temp"], params["top_p"], params["top_k"], params["min_p"]) == (1.0, 1.0, 0, 0.0)
+def test_run_samples_as_the_library_does(make_gguf):
+    """`ossgguf run` without sampling options samples as `Sampling()` does (that this is the whole
+    distribution, OpenAI's setting, is test_engine's check): a random model, one seed, one answer."""
+    model = make_gguf(num_hidden_layers=3, seed=5)
+    proc = cli("run", model, "-p", "Hi", "--seed", 11, "--max-tokens", 12, "--date", DATE, "--ctx", 512, "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    with Engine.load(model, CPU, ctx=512) as e:
+        conv = Conversation(date=DATE)
+        conv.add_user("Hi")
+        reply = complete(e, conv, Sampling(seed=11, max_tokens=12))
+    assert (out["content"], out["reasoning"], out["usage"]["completion_tokens"]) == (
+        reply.content, reply.reasoning, reply.usage.completion_tokens)
+    other = cli("run", model, "-p", "Hi", "--seed", 11, "--max-tokens", 12, "--date", DATE, "--ctx", 512, "--json",
+                "--temp", 0.5)
+    assert json.loads(other.stdout)["content"] != out["content"]  # the seed alone does not fix the answer
 
 
 # --- the command line ----------------------------------------------------------------------------

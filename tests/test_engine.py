@@ -4,9 +4,9 @@ Hugging Face tokenizers."""
 
 from __future__ import annotations
 
-import inspect
 import re
 
+import numpy as np
 import pytest
 from gguf import GGUFReader
 from gptoss_shapes import GPT_OSS_20B, write_sparse_gguf
@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from ossgguf.errors import OssggufError
 from ossgguf.model import TensorClass, tensor_class
 from ossgguf.runner.engine import Engine
-from ossgguf.runner.llama_ctypes import LLAMA_LOG
+from ossgguf.runner.llama_ctypes import LLAMA_LOG, open_llama
 from ossgguf.runner.plan import GiB, PlacementOptions
 
 OVERRIDDEN = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (CPU\S*)")
@@ -90,7 +90,7 @@ def test_prefix_reuse_gives_the_same_tokens(engine):
     follow = prompt + first[:5] + engine.tokenize("<|end|><|start|>user<|message|>and tomorrow?<|end|>")
     chunks = list(engine.generate(follow, max_tokens=8, temperature=0))
     # len(prompt) + 5 unless the model stopped within 5 tokens (what it writes depends on the CPU)
-    assert chunks[-1].cached_tokens == cached_after(prompt + first, follow) >= len(prompt)
+    assert chunks[-1].usage.cached_tokens == cached_after(prompt + first, follow) >= len(prompt)
     reused = [c.token for c in chunks if c.token is not None]
     engine.reset()
     assert greedy(engine, follow, 8) == reused
@@ -103,13 +103,13 @@ def test_rewind_past_the_sliding_window_prefills_again(model):
         long = (e.tokenize(PROMPT) * 40)[:700]
         greedy(e, long, 4)
         chunks = list(e.generate(long[:100], max_tokens=6, temperature=0))
-        assert chunks[-1].cached_tokens == 0
+        assert chunks[-1].usage.cached_tokens == 0
         rewound = [c.token for c in chunks if c.token is not None]
         e.reset()
         assert greedy(e, long[:100], 6) == rewound
         kept = list(e.generate(long[:100] + rewound[:2], max_tokens=3, temperature=0))
         # a short rewind keeps the window: 101 unless the model stopped at its first token
-        assert kept[-1].cached_tokens == cached_after(long[:100] + rewound, long[:100] + rewound[:2]) >= 100
+        assert kept[-1].usage.cached_tokens == cached_after(long[:100] + rewound, long[:100] + rewound[:2]) >= 100
 
 
 def test_stream_text_and_stats(engine):
@@ -117,8 +117,12 @@ def test_stream_text_and_stats(engine):
     assert chunks[-1].finish_reason in ("length", "stop") and all(c.finish_reason is None for c in chunks[:-1])
     tokens = [c.token for c in chunks if c.token is not None and not engine.is_stop(c.token)]
     assert "".join(c.text for c in chunks) == engine.detokenize(tokens)
-    assert chunks[-1].generation_tokens == len(tokens) + (chunks[-1].finish_reason == "stop")
-    assert "tok/s" in engine.stats.summary()
+    usage = [c.usage for c in chunks]
+    assert usage[-1].completion_tokens == len(tokens) + (chunks[-1].finish_reason == "stop")
+    assert [u.completion_tokens for u, c in zip(usage, chunks) if c.token is not None] == list(
+        range(1, len(tokens) + 1 + (chunks[-1].finish_reason == "stop")))
+    assert usage[-1].prompt_tokens == len(engine.tokenize(PROMPT)) and usage[-1].prompt_seconds > 0
+    assert usage[-1].generation_seconds >= usage[0].generation_seconds > 0
 
 
 def test_cancel_between_tokens(endless):
@@ -131,13 +135,31 @@ def test_cancel_between_tokens(endless):
     assert (" la" * 4).startswith("".join(c.text for c in got + rest))  # the script, cut short
 
 
-def test_seeded_sampling_is_reproducible_and_defaults_follow_openai(engine):
+def test_seeded_sampling_is_reproducible(engine):
     a = [c.token for c in engine.generate(PROMPT, max_tokens=8, seed=7)]
     b = [c.token for c in engine.generate(PROMPT, max_tokens=8, seed=7)]
     assert a == b
-    sig = inspect.signature(Engine.generate).parameters
-    assert (sig["temperature"].default, sig["top_p"].default, sig["top_k"].default, sig["min_p"].default) == (
-        1.0, 1.0, 0, 0.0)
+
+
+def test_default_sampling_draws_from_the_whole_distribution(model, engine):
+    """OpenAI's settings for gpt-oss (temperature 1, no truncation): at the defaults the first token is
+    drawn from softmax(logits) itself, the logits read from llama-cpp-python's own `Llama`. The statistic,
+    the mean log-probability of the drawn tokens, rises under a temperature below 1 or any cut."""
+    ids = engine.tokenize(PROMPT)
+    llm = open_llama(model, n_ctx=512, logits_all=True, n_threads=1, verbose=False)
+    llm.eval(ids)
+    logits = np.array(llm.scores[len(ids) - 1], dtype=np.float64)
+    logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    p = np.exp(logp)
+    want, n = float((p * logp).sum()), 400
+    sd = float(np.sqrt((p * (logp - want) ** 2).sum() / n))
+
+    def mean_logp(**sampling) -> float:
+        return float(np.mean([logp[next(iter(engine.generate(ids, max_tokens=1, seed=s, **sampling))).token]
+                              for s in range(n)]))
+
+    assert abs(mean_logp() - want) < 4 * sd
+    assert mean_logp(temperature=0.7) - want > 4 * sd and mean_logp(top_k=40) - want > 4 * sd
 
 
 def test_tokens_match_hugging_face_tokenizers(make_ckpt, engine):

@@ -10,15 +10,16 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, GGUFValueType
 
 from ossgguf.errors import OssggufError
+from ossgguf.gguf.stream import stream_write
+from ossgguf.gguf.tensors import Tensor
 from ossgguf.gguf.values import kv_array, kv_bool, kv_f32, kv_str, kv_u32
-from ossgguf.gguf.write import (
-    GGUFFileWriter,
-    TensorInfo,
-    parse_size,
-    partial_path,
-    plan_layout,
-    write_tensors,
-)
+from ossgguf.gguf.write import GGUFFileWriter, partial_path, plan_layout
+from ossgguf.sizes import parse_size
+
+
+def write_tensors(shards, chunks):
+    """The write loop with one task per chunk."""
+    stream_write(shards, [lambda c=c: [c] for c in chunks])
 
 
 def _kvs():
@@ -38,9 +39,9 @@ def _tensors(rng):
              ("d.weight", Q.F32, (2, 2, 8))]
     data = {}
     for name, q, shape in specs:
-        nbytes = TensorInfo(name, q, shape).nbytes
+        nbytes = Tensor(name, q, shape).nbytes
         data[name] = rng.integers(0, 255, nbytes, dtype=np.uint8)
-    return [TensorInfo(n, q, s) for n, q, s in specs], data
+    return [Tensor(n, q, s) for n, q, s in specs], data
 
 
 @pytest.mark.parametrize("split", [None, 600])
@@ -94,7 +95,7 @@ def test_refuses_existing_output_and_cleans_up_on_error(tmp_path):
 
 
 def test_no_holes(tmp_path):
-    infos = [TensorInfo("big.weight", Q.F32, (1024, 1024))]
+    infos = [Tensor("big.weight", Q.F32, (1024, 1024))]
     shards = plan_layout(_kvs(), infos, tmp_path / "m.gguf")
     write_tensors(shards, [("big.weight", 0, np.ones((1024, 1024), np.float32))])
     st = os.stat(shards[0].path)

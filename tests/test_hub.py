@@ -25,6 +25,7 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import filter_repo_objects
 
 from ossgguf.errors import OssggufError
+from ossgguf.gguf.read import read_gguf, read_gguf_file
 from ossgguf.hub import download as dl
 from ossgguf.hub import publish as pub
 from ossgguf.hub.card import llama_cpp_tag
@@ -240,20 +241,23 @@ def test_allow_patterns_keep_only_the_checkpoint():
                     "tokenizer.json", "tokenizer_config.json"}
 
 
-def test_resolve_source(tmp_path, hf_cache, hf_configs, monkeypatch):
+def test_resolve_source(tmp_path, hf_cache, hf_configs, monkeypatch, no_network):
+    """A path that exists is the checkpoint, whatever it lacks (the converter's reader names it); a path
+    that does not exist must be a repo id, found in the cache."""
     folder = tmp_path / "local"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    assert dl.resolve_source(str(folder)) == folder
-    with pytest.raises(OssggufError, match="no config.json"):
-        dl.resolve_source(str(tmp_path))
-    with pytest.raises(OssggufError, match="is a file"):
-        dl.resolve_source(str(folder / "config.json"))
+    assert dl.resolve_source(str(folder)) == (folder, None)
+    assert dl.resolve_source(folder / "config.json") == (folder / "config.json", None)
     with pytest.raises(OssggufError, match="neither a folder nor"):
         dl.resolve_source("no/such/folder")
     snap = populate_cache(hf_cache, REPO, checkpoint_files(hf_configs["gpt_oss"]))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert dl.resolve_source(REPO) == snap
+    assert dl.resolve_source(REPO) == (snap, REPO)
+    (tmp_path / REPO).mkdir(parents=True)  # a folder named like the repo wins: nothing is downloaded
+    monkeypatch.chdir(tmp_path)
+    assert dl.resolve_source(REPO) == (Path(REPO), None)
+    assert no_network == []
 
 
 def test_cli_convert_repo_id_records_the_source(hf_cache, make_ckpt, tmp_path, monkeypatch, no_network):
@@ -275,7 +279,7 @@ def test_cli_convert_repo_id_records_the_source(hf_cache, make_ckpt, tmp_path, m
     assert fields["general.source.repo_url"] == f"https://huggingface.co/{REPO}"
     assert fields["general.name"] == "gpt-oss-20b"
     assert fields["general.license"] == "apache-2.0"
-    assert pub.base_model_of(pub.read_gguf_header(out).metadata) == REPO  # what publish reads back
+    assert pub.base_model_of(read_gguf(out)) == REPO  # what publish reads back
     assert no_network == []
 
 
@@ -285,12 +289,12 @@ def test_header_matches_gguf_reader(tmp_path):
     paths = write_gguf(tmp_path / "m.gguf", split_max_size=12_000, meta={"ossgguf.recipe": "mxfp4"})
     assert len(paths) > 1
     for p in paths:
-        ours, ref = pub.read_gguf_header(p), gguf.GGUFReader(p)
-        assert [(t.name, t.qtype, t.n_elements, t.n_bytes, ours.data_offset + t.offset) for t in ours.tensors] == [
+        ours, ref = read_gguf_file(p), gguf.GGUFReader(p)
+        assert [(t.name, t.qtype, t.n_params, t.nbytes, t.offset) for t in ours.tensors] == [
             (t.name, t.tensor_type, int(t.n_elements), int(t.n_bytes), int(t.data_offset)) for t in ref.tensors]
         for key, field in ref.fields.items():
-            if key in ours.metadata and field.types[0] != gguf.GGUFValueType.ARRAY:
-                assert ours.metadata[key] == field.contents()
+            if key in ours.kvs and field.types[0] != gguf.GGUFValueType.ARRAY:
+                assert ours.get(key) == field.contents()
 
 
 @pytest.mark.parametrize("experts,other,recipe", [
@@ -299,7 +303,7 @@ def test_header_matches_gguf_reader(tmp_path):
 ])
 def test_recipe_inferred_from_tensor_types(tmp_path, experts, other, recipe):
     (p,) = write_gguf(tmp_path / "m.gguf", experts=experts, other=other)
-    assert pub.infer_recipe(pub.read_gguf_header(p).tensors) == recipe
+    assert pub.infer_recipe(read_gguf(p).tensors) == recipe
 
 
 # --- publish --------------------------------------------------------------------------------------
@@ -343,9 +347,17 @@ def test_cli_publish_dry_run(tmp_path, monkeypatch, no_network):
     models = {"gpt-oss-20b-mxfp4": ("mxfp4", single), "gpt-oss-20b-mxfp4-q8": ("mxfp4-q8", shards)}
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     boom = _block_hfapi(monkeypatch)
-    res = CliRunner().invoke(cli, ["publish", str(out), "me/gpt-oss-20b-GGUF", "--dry-run"])
+    res = CliRunner().invoke(cli, ["publish", "me/gpt-oss-20b-GGUF", str(out), "--dry-run"])
     assert res.exit_code == 0, (res.output, res.exception)
     text = res.stdout
+    assert "deprecated" not in res.stderr
+    # ossgguf 0.1's order, PATH REPO_ID, gives the same plan, with a note on stderr
+    old = CliRunner().invoke(cli, ["publish", str(out), "me/gpt-oss-20b-GGUF", "--dry-run"])
+    assert old.exit_code == 0 and old.stdout == text, (old.output, old.exception)
+    assert "`ossgguf publish PATH REPO_ID` is deprecated: write `ossgguf publish REPO_ID PATH`" in old.stderr
+    for args in (["me/gpt-oss-20b-GGUF", str(out / "nope.gguf")], [str(out / "nope.gguf"), "me/gpt-oss-20b-GGUF"]):
+        bad = CliRunner().invoke(cli, ["publish", *args, "--dry-run"])
+        assert bad.exit_code == 2 and f"Invalid value for 'PATH': Path '{out / 'nope.gguf'}' does not exist" in bad.stderr
     assert text.startswith("would upload to me/gpt-oss-20b-GGUF (public)")
     listing, card_text = text.split("--- README.md ---\n", 1)
     for recipe, paths in models.values():
@@ -374,7 +386,7 @@ def test_cli_publish_dry_run(tmp_path, monkeypatch, no_network):
                                         hashlib.sha256(p.read_bytes()).hexdigest()]
     assert rows == {}
 
-    res = CliRunner().invoke(cli, ["publish", str(out), "me/gpt-oss-20b-GGUF", "--dry-run", "--json"])
+    res = CliRunner().invoke(cli, ["publish", "me/gpt-oss-20b-GGUF", str(out), "--dry-run", "--json"])
     assert res.exit_code == 0, (res.output, res.exception)
     got = json.loads(res.stdout)
     assert got["dry_run"] is True and got["repo_id"] == "me/gpt-oss-20b-GGUF"
@@ -408,7 +420,7 @@ def test_publish_warns_when_the_name_lacks_the_recipe(tmp_path, monkeypatch, no_
     assert f"note: {note}" in pub.publish_plan_text(plan)
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    res = CliRunner().invoke(cli, ["publish", str(paths[0]), "me/repo", "--dry-run"])
+    res = CliRunner().invoke(cli, ["publish", "me/repo", str(paths[0]), "--dry-run"])
     assert res.exit_code == 0, (res.output, res.exception)
     assert f"note: {note}" in res.stdout
     assert not boom.called and no_network == []
@@ -416,7 +428,7 @@ def test_publish_warns_when_the_name_lacks_the_recipe(tmp_path, monkeypatch, no_
         import subprocess
         import sys
 
-        proc = subprocess.run([sys.executable, "-m", "ossgguf.cli", "publish", str(paths[0]), "me/repo", "--dry-run"],
+        proc = subprocess.run([sys.executable, "-m", "ossgguf.cli", "publish", "me/repo", str(paths[0]), "--dry-run"],
                               capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert proc.returncode == 0, proc.stderr
         assert f"WARNING ossgguf.hub.publish: {note}" in proc.stderr and f"note: {note}" in proc.stdout

@@ -11,7 +11,9 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ossgguf.errors import OssggufError
+from ossgguf.gguf import tensors as T
 from ossgguf.quantize import kernels as K
+from ossgguf.runner.llama_ctypes import ggml_lib, ggml_library_path
 
 Q = GGMLQuantizationType
 GPT_OSS_ROW = 2880  # gpt-oss hidden and expert width: not a multiple of 256
@@ -42,7 +44,7 @@ def _rows(q: Q, n_rows: int = 8, seed: int = 0) -> np.ndarray:
 def _ggml_quantize(x: np.ndarray, q: Q) -> np.ndarray:
     """Bytes straight from libggml's ggml_quantize_chunk (for MXFP4: quantize_row_mxfp4_ref)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    lib = K.ggml_library()
+    lib = ggml_lib()
     out = np.empty((x.shape[0], lib.ggml_row_size(int(q), x.shape[1])), dtype=np.uint8)
     lib.ggml_quantize_chunk(int(q), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1], None)
     return out
@@ -54,40 +56,40 @@ def _block_sse(data: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def _supported_params():
-    return [pytest.param(q, marks=pytest.mark.slow) if q in SLOW_INIT else q for q in K.SUPPORTED_TYPES]
+    return [pytest.param(q, marks=pytest.mark.slow) if q in SLOW_INIT else q for q in T.SUPPORTED_TYPES]
 
 
 # ---------------------------------------------------------------- sizes and type rules
 
 
 def test_sizes_match_gguf_py_and_ggml():
-    lib = K.ggml_library()
-    for q in K.SUPPORTED_TYPES:
+    lib = ggml_lib()
+    for q in T.SUPPORTED_TYPES:
         n = _width(q)
-        assert K.row_bytes(q, n) == gq.quant_shape_to_byte_shape((3, n), q)[-1] == lib.ggml_row_size(int(q), n)
+        assert T.row_bytes(q, n) == gq.quant_shape_to_byte_shape((3, n), q)[-1] == lib.ggml_row_size(int(q), n)
         assert (lib.ggml_blck_size(int(q)), lib.ggml_type_size(int(q))) == GGML_QUANT_SIZES[q]
-        assert K.tensor_bytes(q, (4, 3, n)) == 12 * K.row_bytes(q, n)
+        assert T.tensor_bytes(q, (4, 3, n)) == 12 * T.row_bytes(q, n)
 
 
 def test_imatrix_types_are_ggmls():
-    lib = K.ggml_library()
+    lib = ggml_lib()
     asked = {q for q in Q if q.value < 64 and lib.ggml_quantize_requires_imatrix(int(q))}
-    assert asked == set(K.IMATRIX_TYPES)
-    for q in K.IMATRIX_TYPES:
+    assert asked == set(T.IMATRIX_TYPES)
+    for q in T.IMATRIX_TYPES:
         with pytest.raises(OssggufError, match="imatrix"):
             K.quantize_rows(np.zeros((1, 256), np.float32), q)
 
 
 def test_unknown_or_unsupported_types():
-    assert K.qtype_from_name("mxfp4") is Q.MXFP4 and K.qtype_from_name(" q8_0") is Q.Q8_0
+    assert T.parse_type("mxfp4") is Q.MXFP4 and T.parse_type(" q8_0") is Q.Q8_0
     with pytest.raises(OssggufError, match="unknown tensor type 'q9_9'"):
-        K.qtype_from_name("q9_9")
+        T.parse_type("q9_9")
     with pytest.raises(OssggufError, match="supported types"):
         K.quantize_rows(np.zeros((1, 256), np.float32), Q.Q8_K)
 
 
 def test_row_width_2880_refuses_k_quants_and_3072_takes_them():
-    ok = K.valid_types_for_row(GPT_OSS_ROW)
+    ok = T.types_for_row(GPT_OSS_ROW)
     assert {Q.MXFP4, Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.IQ4_NL, Q.BF16} <= set(ok)
     assert not {Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS, Q.IQ3_S, Q.TQ2_0} & set(ok)
     x = np.random.default_rng(1).standard_normal((2, GPT_OSS_ROW)).astype(np.float32)
@@ -96,8 +98,8 @@ def test_row_width_2880_refuses_k_quants_and_3072_takes_them():
     msg = str(err.value)
     assert "Q4_K" in msg and "2880" in msg and "256" in msg and "MXFP4" in msg and "Q8_0" in msg
     with pytest.raises(OssggufError, match="Q6_K"):
-        K.row_bytes(Q.Q6_K, GPT_OSS_ROW)
-    assert {Q.Q4_K, Q.Q6_K, Q.IQ4_XS} <= set(K.valid_types_for_row(3072))
+        T.row_bytes(Q.Q6_K, GPT_OSS_ROW)
+    assert {Q.Q4_K, Q.Q6_K, Q.IQ4_XS} <= set(T.types_for_row(3072))
     y = np.random.default_rng(1).standard_normal((2, 3072)).astype(np.float32)
     back = gq.dequantize(K.quantize_rows(y, Q.Q4_K), Q.Q4_K)
     assert np.sqrt(np.mean((back - y) ** 2)) < REL_RMS[Q.Q4_K]
@@ -110,7 +112,7 @@ def test_row_width_2880_refuses_k_quants_and_3072_takes_them():
 def test_dequantized_by_gguf_py_within_type_error(q):
     x = _rows(q)
     got = K.quantize_rows(x, q)
-    assert got.shape == (x.shape[0], K.row_bytes(q, x.shape[1])) and got.dtype == np.uint8
+    assert got.shape == (x.shape[0], T.row_bytes(q, x.shape[1])) and got.dtype == np.uint8
     back = gq.dequantize(got, q)
     rel = np.sqrt(np.mean((back - x) ** 2) / np.mean(x**2))
     assert rel <= (0.002 if q in TERNARY else REL_RMS[q]), rel
@@ -264,6 +266,6 @@ def test_bf16_conversion_matches_torch():
 
 def test_missing_library_is_a_clear_error(tmp_path):
     with pytest.raises(OssggufError, match="LLAMA_CPP_LIB_PATH"):
-        K.find_ggml_library([tmp_path])
-    assert K.find_ggml_library().name.startswith(("libggml", "ggml"))
-    assert isinstance(K.ggml_library(), ctypes.CDLL)
+        ggml_library_path([tmp_path])
+    assert ggml_library_path().name.startswith(("libggml", "ggml"))
+    assert isinstance(ggml_lib(), ctypes.CDLL)

@@ -18,8 +18,9 @@ from gguf import GGUFReader
 from gptoss_shapes import GPT_OSS_120B, write_sparse_gguf
 
 from ossgguf.cli import cli
+from ossgguf.model import EXPERT_AXIS
 from ossgguf.quantize.compare import DEFAULT_TEXT, compare
-from ossgguf.quantize.prune import EXPERT_AXIS, KEY_KEPT, plan_prune, run_prune
+from ossgguf.quantize.prune import KEY_KEPT, plan_prune
 from ossgguf.runner.calibrate import ExpertStats, calibrate
 from ossgguf.runner.plan import GiB, PlacementOptions, format_plan, plan
 
@@ -82,14 +83,14 @@ KL_P99_UNCHANGED = 1e-2
 def test_pruning_never_selected_experts_leaves_logits_unchanged(biased, tmp_path):
     src, st = biased
     p = plan_prune(src, tmp_path / "p6.gguf", keep=6, stats=st)
-    assert [sorted(set(range(8)) - set(r)) for r in p.kept] == BLOCKED
-    run_prune(p)
-    assert_kept_bytes(src, tmp_path / "p6.gguf", p.kept)  # exact; the KL checks that llama.cpp runs it alike
+    assert [sorted(set(range(8)) - set(r)) for r in p.facts["kept"]] == BLOCKED
+    p.run()
+    assert_kept_bytes(src, tmp_path / "p6.gguf", p.facts["kept"])  # exact; the KL checks that llama.cpp runs it alike
     r = compare(src, tmp_path / "p6.gguf", text=DEFAULT_TEXT)
     assert r["kl_p99"] < KL_P99_UNCHANGED and r["top1_agreement"] >= 0.99, (r["kl_p99"], r["kl_max"])
     # ... while pruning selected experts does move them (the check can fail)
     other = plan_prune(src, tmp_path / "o6.gguf", keep=6, stats=st, kept=[[0, 1, 2, 4, 5, 6], [0, 1, 2, 3, 5, 6]])
-    run_prune(other)
+    other.run()
     moved = compare(src, tmp_path / "o6.gguf", text=DEFAULT_TEXT)
     assert moved["kl_p99"] > 10 * KL_P99_UNCHANGED and moved["kl_mean"] > 1e-3, moved["kl_p99"]
 
@@ -97,23 +98,23 @@ def test_pruning_never_selected_experts_leaves_logits_unchanged(biased, tmp_path
 def test_kept_expert_bytes_identical_and_metadata(biased, tmp_path):
     src, st = biased
     p = plan_prune(src, tmp_path / "p.gguf", keep=5, stats=st)
-    run_prune(p)
-    b = assert_kept_bytes(src, tmp_path / "p.gguf", p.kept)
-    assert all(len(row) == 5 for row in p.kept)
+    p.run()
+    b = assert_kept_bytes(src, tmp_path / "p.gguf", p.facts["kept"])
+    assert all(len(row) == 5 for row in p.facts["kept"])
     assert b.get_field("gpt-oss.expert_count").contents() == 5
-    assert b.get_field(KEY_KEPT).contents() == [e for row in p.kept for e in row]
+    assert b.get_field(KEY_KEPT).contents() == [e for row in p.facts["kept"] for e in row]
     assert b.get_field("ossgguf.prune.stats_sha256").contents() == st.sha256
 
 
 def test_pruning_a_pruned_file_records_original_ids(biased, tmp_path, text):
     src, st = biased
-    run_prune(plan_prune(src, tmp_path / "p6.gguf", keep=6, stats=st))
+    plan_prune(src, tmp_path / "p6.gguf", keep=6, stats=st).run()
     st6 = calibrate(tmp_path / "p6.gguf", [text], chunk=256).stats
     p = plan_prune(tmp_path / "p6.gguf", tmp_path / "p4.gguf", keep=4, stats=st6)
-    run_prune(p)
+    p.run()
     six = [[e for e in range(8) if e not in row] for row in BLOCKED]
     kept = GGUFReader(tmp_path / "p4.gguf").get_field(KEY_KEPT).contents()
-    assert kept == [six[i][j] for i, row in enumerate(p.kept) for j in row]
+    assert kept == [six[i][j] for i, row in enumerate(p.facts["kept"]) for j in row]
     assert GGUFReader(tmp_path / "p4.gguf").get_field("ossgguf.prune.expert_count_original").contents() == 8
 
 
@@ -164,7 +165,7 @@ def test_reap_beats_random_pruning(make_gguf, text, tmp_path):
     assert st.never_selected() == [[], []]
 
     def kl(name: str, kept=None) -> float:
-        run_prune(plan_prune(src, tmp_path / name, keep=8, stats=st, kept=kept))
+        plan_prune(src, tmp_path / name, keep=8, stats=st, kept=kept).run()
         return compare(src, tmp_path / name, text=DEFAULT_TEXT)["kl_mean"]
 
     reap = kl("reap.gguf")

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from ossgguf.fixtures.tokenizer import read_tiktoken, tokenizer_json_from_ranks
-from ossgguf.harmony.render import parse_tokens, render, render_segments
+from ossgguf.harmony import parse_tokens, render, render_segments
+from ossgguf.harmony.tokens import IDS
 from ossgguf.runner.engine import Engine, detokenize
 from ossgguf.runner.llama_ctypes import llama_cpp_module
 from ossgguf.runner.plan import GiB, PlacementOptions
@@ -122,10 +123,16 @@ def test_tokenizer_json_is_transformers_tiktoken_conversion(o200k, monkeypatch):
 
 
 def test_special_tokens_sit_where_gpt_oss_has_them(engine, enc):
+    """The one table of harmony tokens (ossgguf.harmony.tokens) against openai-harmony's encoding and
+    the converted vocabulary."""
     specials = engine.special_tokens()
+    assert {i: specials[i] for i in IDS.values()} == {i: t for t, i in IDS.items()}
     for text in SPECIAL_STRINGS[:-1]:  # 200018: gpt-oss's tokenizer.json has <|endofprompt|>, harmony a reserved one
         (tid,) = enc.encode(text, allowed_special="all")
         assert specials[tid] == text
+    for text, tid in IDS.items():
+        if text != "<|endofprompt|>":
+            assert enc.encode(text, allowed_special="all") == [tid], text
     assert llama_cpp_module().llama_vocab_n_tokens(engine._vocab) == 201088
 
 

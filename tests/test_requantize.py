@@ -17,7 +17,7 @@ from gguf import GGUFReader, GGUFWriter, LlamaFileType
 
 from ossgguf.convert.convert import convert, plan_conversion
 from ossgguf.errors import OssggufError
-from ossgguf.quantize.requantize import plan_requantize, requantize, run_requantize
+from ossgguf.quantize.requantize import plan_requantize, requantize
 
 RECIPES = ["mxfp4", "mxfp4-q8", "q8_0", "bf16", "f16"]
 STORED = "as stored"
@@ -115,7 +115,7 @@ def test_dry_run_json_equals_real_write(make_gguf, make_ckpt, tmp_path, src_spli
     # the converter's dry-run JSON shape
     conv = plan_conversion(make_ckpt(), tmp_path / "c.gguf", "mxfp4-q8").to_json()
     assert set(conv) <= set(js) and set(conv["tensors"][0]) == set(js["tensors"][0])
-    run_requantize(plan)
+    plan.run()
     files = sorted(tmp_path.glob("*.gguf"))
     assert [str(f) for f in files] == sorted(f["path"] for f in js["files"])
     assert js["total_bytes"] == sum(f.stat().st_size for f in files)
@@ -322,7 +322,7 @@ def test_source_damaged_during_run_leaves_nothing(make_gguf, tmp_path):
     plan = plan_requantize(src, out_dir / "x.gguf", "q8_0")
     _truncate(src, src.stat().st_size // 2)
     with pytest.raises(OssggufError, match="truncated"):
-        run_requantize(plan)
+        plan.run()
     no_output(out_dir)
 
 

@@ -9,7 +9,6 @@ harmony output through `create_app(generate=...)`.
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import json
 import os
 import re
@@ -26,10 +25,11 @@ import httpx
 import pytest
 from tokenizers import Tokenizer
 
-from ossgguf.harmony.render import parse_tokens
+from ossgguf.harmony import parse_tokens
 from ossgguf.runner.engine import Engine, GenerationChunk
+from ossgguf.runner.generation import Usage
 from ossgguf.runner.plan import GiB, PlacementOptions
-from ossgguf.runner.server.app import ServerThread, create_app
+from ossgguf.runner.server.app import create_app
 
 openai = pytest.importorskip("openai")
 ctu = pytest.importorskip("transformers.utils.chat_template_utils")
@@ -48,16 +48,6 @@ CALL_TEXT = ("<|channel|>analysis<|message|>Need the weather tool.<|end|><|start
              'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}')  # llama.cpp drops <|call|>
 FINAL_TEXT = "<|channel|>analysis<|message|>It answered.<|end|><|start|>assistant<|channel|>final<|message|>Sunny, 21 C."
 
-
-class _FixedDatetime(dt.datetime):
-    @classmethod
-    def now(cls, tz=None):
-        return cls(2025, 3, 14, 12, 0, 0)
-
-
-@pytest.fixture
-def fixed_date(monkeypatch):
-    monkeypatch.setattr(ctu, "datetime", _FixedDatetime)  # transformers' strftime_now
 
 
 def reference(messages, tools=None, **kwargs) -> str:
@@ -93,13 +83,50 @@ class Script:
                 time.sleep(self.delay)
                 piece = "la " if text is None else text[n * 3:n * 3 + 3]
                 n += 1
-                yield GenerationChunk(piece, 1, None, 0.0, 0.0, 42, 0, n)
+                yield GenerationChunk(piece, 1, None, Usage(42, 0, n))
             done = True
-            yield GenerationChunk("", 200012, self.finish, 0.0, 0.0, 42, 0, n + 1)
+            yield GenerationChunk("", 200012, self.finish, Usage(42, 0, n + 1))
         finally:
             with self._lock:
                 self.active -= 1
                 self.stopped += not done
+
+
+class ServerThread:
+    """Run an app under uvicorn on a background thread, on a free port of 127.0.0.1.
+
+    `with ServerThread(app) as srv: OpenAI(base_url=srv.base_url, ...)`.
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets (else Nagle adds ~40 ms a request)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.host, self.port = self._sock.getsockname()[:2]
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server thread did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=30)
+        self._sock.close()
 
 
 def _serve(script: Script, **kw) -> ServerThread:
@@ -177,7 +204,7 @@ def test_chat_on_the_tiny_model_is_what_llama_cpp_generates(real, engine, make_c
     assert getattr(msg, "reasoning_content", None) == getattr(msg, "reasoning", None) == (expected.reasoning or None)
     tok = Tokenizer.from_file(str(make_ckpt(**SPEC) / "tokenizer.json"))
     assert r.usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=False).ids)
-    assert r.usage.completion_tokens == direct[-1].generation_tokens
+    assert r.usage.completion_tokens == direct[-1].usage.completion_tokens
 
     engine.reset()
     stream = client.chat.completions.create(model="tiny", messages=messages, reasoning_effort="low", max_tokens=24,

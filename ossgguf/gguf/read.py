@@ -11,52 +11,27 @@ the key or tensor, before anything is loaded or written.
 
 from __future__ import annotations
 
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGUFValueType
 
 from ossgguf.errors import OssggufError
-from ossgguf.gguf.values import KV
+from ossgguf.gguf.split import MIXED, check_split_set, shard_paths
+from ossgguf.gguf.tensors import Q, Tensor
+from ossgguf.gguf.values import DTYPES, KV
 from ossgguf.model import ARCH, TensorClass, layer_of, tensor_class
 
-Q = GGMLQuantizationType
 MAGIC = b"GGUF"
 ALIGNMENT_KEY = "general.alignment"
 DEFAULT_ALIGNMENT = 32
-# The writer records one random id in every shard of one output (ossgguf/gguf/write.py): shards of
-# two runs with the same layout cannot be told apart by llama.cpp's split keys alone.
-SPLIT_ID = "ossgguf.split.id"
-SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count", SPLIT_ID)
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME = 64  # GGML_MAX_NAME: names must be shorter
 INT64_MAX = 2**63 - 1
-_SHARD = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<n>\d{5})\.gguf$")
-_SCALAR = {
-    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
-    GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
-    GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "<u8",
-    GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
-}
 _READ = 1 << 20
-
-
-@dataclass(frozen=True)
-class GgufTensor:
-    name: str
-    qtype: Q
-    shape: tuple[int, ...]  # numpy order: GGUF's ne reversed, the row (ne0) last
-    file: Path
-    offset: int  # absolute offset of the data in `file`
-    nbytes: int
-
-    @property
-    def n_params(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
 
 
 @dataclass
@@ -64,7 +39,7 @@ class GgufFile:
     path: Path
     size: int
     kvs: dict[str, KV]
-    tensors: list[GgufTensor]
+    tensors: list[Tensor]
     data_offset: int  # header bytes (aligned); tensor data follows
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -87,7 +62,7 @@ class GgufSet:
         return self.files[0].kvs
 
     @property
-    def tensors(self) -> list[GgufTensor]:
+    def tensors(self) -> list[Tensor]:
         return [t for f in self.files for t in f.tensors]
 
     @property
@@ -140,9 +115,9 @@ class _Cursor:
                 return KV(vtype, [self.string() for _ in range(count)], sub)
             if sub == GGUFValueType.ARRAY:
                 raise ValueError("nested arrays are not supported")
-            dt = np.dtype(_SCALAR[sub])
+            dt = np.dtype(DTYPES[sub])
             return KV(vtype, np.frombuffer(self.take(dt.itemsize * count), dtype=dt).copy(), sub)
-        dt = np.dtype(_SCALAR[vtype])
+        dt = np.dtype(DTYPES[vtype])
         return KV(vtype, np.frombuffer(self.take(dt.itemsize), dtype=dt)[0].item())
 
     def tell(self) -> int:
@@ -174,14 +149,14 @@ def _alignment(path: Path, kvs: dict[str, KV]) -> int:
     return int(v)
 
 
-def _tensor(path: Path, name: str, ne: list[int], qtype: int, rel: int, data_offset: int) -> GgufTensor:
+def _tensor(path: Path, name: str, ne: list[int], qtype: int, offset: int) -> Tensor:
     """One tensor info checked as llama.cpp's loader checks it (gguf.cpp, gguf_init_from_reader)."""
     def bad(what: str) -> OssggufError:
         return OssggufError(f"{path}: tensor '{name}' {what}: the file is corrupt (llama.cpp cannot load it either)")
 
     try:
         q = Q(qtype)
-        block, type_size = GGML_QUANT_SIZES[q]
+        block = GGML_QUANT_SIZES[q][0]
     except (ValueError, KeyError):
         raise bad(f"has unknown type {qtype}") from None
     if any(d > INT64_MAX for d in ne):  # llama.cpp reads ne as int64: these are negative
@@ -191,9 +166,9 @@ def _tensor(path: Path, name: str, ne: list[int], qtype: int, rel: int, data_off
         n *= d
     if n >= INT64_MAX:
         raise bad(f"has {' x '.join(map(str, ne))} = {n:,} elements, more than a GGUF tensor can hold (2^63)")
-    if ne and ne[0] % block:
-        raise bad(f"has rows of {ne[0]} values, not a multiple of {q.name}'s block of {block}")
-    return GgufTensor(name, q, tuple(reversed(ne)), path, data_offset + rel, n // block * type_size)
+    if (ne[0] if ne else 1) % block:
+        raise bad(f"has rows of {ne[0] if ne else 1} values, not a multiple of {q.name}'s block of {block}")
+    return Tensor(name, q, tuple(reversed(ne)), path, offset)
 
 
 def read_gguf_file(path: str | Path) -> GgufFile:
@@ -261,7 +236,7 @@ def read_gguf_file(path: str | Path) -> GgufFile:
     tensors = []
     expect = 0  # llama.cpp requires the tensors' data in header order, each padded to the alignment
     for name, ne, qtype, rel in raw:
-        t = _tensor(path, name, ne, qtype, rel, data_offset)
+        t = _tensor(path, name, ne, qtype, data_offset + rel)
         if rel != expect:
             raise OssggufError(f"{path}: tensor '{name}' has data offset {rel:,}, expected {expect:,} (data in "
                                f"header order, aligned to {align}): the file is corrupt (llama.cpp cannot load it "
@@ -277,71 +252,6 @@ def read_gguf_file(path: str | Path) -> GgufFile:
     return GgufFile(path, size, kvs, tensors, data_offset)
 
 
-def split_parts(path: Path) -> tuple[str, int, int] | None:
-    """(stem, shard number from 1, shard count) of a gguf-split name, else None."""
-    m = _SHARD.match(path.name)
-    return (m["stem"], int(m["no"]), int(m["n"])) if m else None
-
-
-def shard_paths(path: str | Path) -> list[Path]:
-    """Every file of the set `path` belongs to (any shard may be given); OssggufError if one is missing."""
-    path = Path(path)
-    parts = split_parts(path)
-    if parts is None or parts[2] == 1:
-        if not path.is_file():
-            raise OssggufError(f"{path} does not exist: pass a .gguf file (the first shard of a split set)")
-        return [path]
-    stem, _, n = parts
-    files = [path.with_name(f"{stem}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise OssggufError(f"split set {stem} is incomplete: {', '.join(missing)} missing in {path.parent}; "
-                           "keep all shards in one folder")
-    return files
-
-
-_MIXED = "shards of different models or runs mixed in one folder? Keep the shards that one run wrote together"
-
-
-def check_split_set(files: list[GgufFile]) -> None:
-    """The shards of one split set as llama.cpp's loader checks them (split.no and split.count in
-    each, no tensor twice, split.tensors.count the sum), plus the writer's id where recorded."""
-    n = len(files)
-    first = files[0]
-    if n == 1:
-        count = first.get("split.count")
-        if (count or 1) > 1:
-            raise OssggufError(f"{first.path} is shard {(first.get('split.no') or 0) + 1} of {count} but its name "
-                               "lacks -0000N-of-0000M.gguf: keep the names gguf-split wrote")
-    for i, f in enumerate(files if n > 1 else []):
-        no, count = f.get("split.no"), f.get("split.count")
-        if no is None or count is None:
-            raise OssggufError(f"{f.path} has no split.no/split.count keys: it is not a shard of a gguf-split set "
-                               "(a renamed file?); keep the names gguf-split wrote")
-        if count != n:
-            raise OssggufError(f"{f.path}: split.count is {count}, but the set has {n} files: {_MIXED}")
-        if no != i:
-            raise OssggufError(f"{f.path}: split metadata (split.no {no}, split.count {count}) does not match "
-                               "its name: keep the names gguf-split wrote")
-        sid, first_id = f.get(SPLIT_ID), first.get(SPLIT_ID)
-        if sid is not None and first_id is not None and sid != first_id:
-            raise OssggufError(f"{f.path} belongs to another output than {first.path.name} ({SPLIT_ID} {sid} and "
-                               f"{first_id}): {_MIXED}")
-    total = sum(len(f.tensors) for f in files)
-    for f in files:
-        declared = f.get("split.tensors.count")
-        if declared is not None and declared != total:
-            raise OssggufError(f"{f.path}: split.tensors.count is {declared}, but the set's {n} file(s) hold {total} "
-                               f"tensors" + (f": {_MIXED}" if n > 1 else ": the file is corrupt"))
-    where: dict[str, Path] = {}
-    for f in files:
-        for t in f.tensors:
-            if t.name in where:
-                raise OssggufError(f"{f.path}: tensor '{t.name}' is also in {where[t.name].name}: {_MIXED}")
-            where[t.name] = f.path
-    _check_gpt_oss_shapes(files)
-
-
 def _check_gpt_oss_shapes(files: list[GgufFile]) -> None:
     """A gpt-oss set's tensors must fit its first shard's block and expert counts: shards of a 20b and a
     120b model (24 and 36 layers, 32 and 128 experts) mixed in one set break this."""
@@ -349,7 +259,7 @@ def _check_gpt_oss_shapes(files: list[GgufFile]) -> None:
     if first.get("general.architecture") != ARCH:
         return
     n_layer, n_expert = first.get(f"{ARCH}.block_count"), first.get(f"{ARCH}.expert_count")
-    todo = _MIXED if len(files) > 1 else "the metadata does not match the tensors; write the file again"
+    todo = MIXED if len(files) > 1 else "the metadata does not match the tensors; write the file again"
     for f in files:
         for t in f.tensors:
             layer = layer_of(t.name)
@@ -372,4 +282,5 @@ def read_gguf(path: str | Path) -> GgufSet:
     """A GGUF model (all shards of a split set: pass any of them), every file and the set checked."""
     files = [read_gguf_file(p) for p in shard_paths(path)]
     check_split_set(files)
+    _check_gpt_oss_shapes(files)
     return GgufSet(files)

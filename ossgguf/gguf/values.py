@@ -7,6 +7,14 @@ from typing import Any
 
 from gguf import GGUFValueType
 
+# Each fixed-size value type as a little-endian numpy dtype (the reader's and the writer's table).
+DTYPES = {
+    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
+    GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
+    GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "<u8",
+    GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
+}
+
 
 @dataclass(frozen=True)
 class KV:

@@ -1,10 +1,10 @@
 """A streaming GGUF (v3) writer whose layout is computed before a byte is written.
 
 The layout (headers, tensor offsets, shard boundaries, file sizes) is a pure function of the
-metadata and the tensor infos, so `--dry-run` reports exactly what a real run writes. A real run
-writes each shard under a temporary name, preallocated to its final size (a full disk fails at
-once, and the file has no holes), fills tensor data with pwrite at known offsets, writes the GGUF
-magic last, then renames: an interrupted run never leaves a file that looks valid.
+metadata and the tensors, so `--dry-run` reports exactly what a real run writes. A real run writes
+each shard under a temporary name, preallocated to its final size (a full disk fails at once, and
+the file has no holes), fills tensor data with pwrite at known offsets, writes the GGUF magic last,
+then renames: an interrupted run never leaves a file that looks valid.
 """
 
 from __future__ import annotations
@@ -20,73 +20,37 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGUFValueType
 
 from ossgguf.errors import OssggufError
-from ossgguf.gguf.read import SPLIT_ID
-from ossgguf.gguf.values import KV, kv_i32, kv_str
+from ossgguf.gguf.split import SPLIT_COUNT, SPLIT_ID, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSORS, shard_names
+from ossgguf.gguf.tensors import Tensor
+from ossgguf.gguf.values import DTYPES, KV, kv_i32, kv_str
 from ossgguf.limits import FILE_SIZE
 from ossgguf.sizes import human_size
-from ossgguf.sizes import parse_size as _parse_size
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
 ALIGNMENT = 32
-SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = "split.no", "split.count", "split.tensors.count"
-
-
-def tensor_nbytes(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
-    """Bytes of a tensor of numpy shape `shape` (last dim = row) stored as `qtype`."""
-    block, type_size = GGML_QUANT_SIZES[qtype]
-    if shape[-1] % block:
-        raise OssggufError(f"rows of {shape[-1]} values cannot be stored as {qtype.name} (blocks of {block})")
-    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * type_size
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    qtype: GGMLQuantizationType
-    shape: tuple[int, ...]  # numpy order; GGUF stores it reversed (ne[0] = row length)
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_nbytes(self.qtype, self.shape)
+ALIGNMENT_KEY = "general.alignment"
 
 
 @dataclass
 class Shard:
     path: Path
-    tensors: list[TensorInfo]
+    tensors: list[Tensor]
     header: bytes = b""
     offsets: dict[str, int] = field(default_factory=dict)  # absolute file offset of each tensor's data
     size: int = 0
 
 
-class ShardedOutput:
-    """What every writer's plan (convert, quantize, prune) shares: its shards, sized exactly."""
-
-    shards: list[Shard]
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(s.size for s in self.shards)
-
-    @property
-    def data_bytes(self) -> int:
-        return sum(t.nbytes for s in self.shards for t in s.tensors)
-
-    def layout_json(self) -> dict:
-        """The `--dry-run --json` fields of DESIGN.md: exact total bytes, files, and each tensor
-        with its GGUF type, GGUF-order shape, bytes and tensor class."""
-        from ossgguf.model import tensor_class
-
-        return {
-            "total_bytes": self.total_bytes,
-            "files": [{"path": str(s.path), "bytes": s.size, "tensors": len(s.tensors)} for s in self.shards],
-            "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(reversed(t.shape)), "bytes": t.nbytes,
-                         "class": tensor_class(t.name).value} for s in self.shards for t in s.tensors],
-        }
+def carried_metadata(kvs: dict[str, KV]) -> dict[str, KV]:
+    """A source GGUF's metadata to write again: without the keys the writer sets itself (the split
+    keys, an alignment other than its own 32, GGUF's default)."""
+    out = {k: v for k, v in kvs.items() if k not in SPLIT_KEYS}
+    if ALIGNMENT_KEY in out and int(out[ALIGNMENT_KEY].value) != ALIGNMENT:
+        del out[ALIGNMENT_KEY]
+    return out
 
 
 def refuse_inputs(shards: list[Shard], inputs: Iterable[Path], what: str) -> None:
@@ -106,14 +70,6 @@ def _pack_str(s: str) -> bytes:
     return struct.pack("<Q", len(b)) + b
 
 
-_SCALAR = {
-    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
-    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
-}
-
-
 def _pack_value(t: GGUFValueType, v: Any, sub: GGUFValueType | None) -> bytes:
     if t == GGUFValueType.STRING:
         return _pack_str(v)
@@ -122,11 +78,11 @@ def _pack_value(t: GGUFValueType, v: Any, sub: GGUFValueType | None) -> bytes:
         head = struct.pack("<IQ", sub, len(v))
         if sub == GGUFValueType.STRING:
             return head + b"".join(_pack_str(s) for s in v)
-        return head + np.asarray(v, dtype=np.dtype(_SCALAR[sub])).tobytes()
-    return struct.pack(_SCALAR[t], v)
+        return head + np.asarray(v, dtype=DTYPES[sub]).tobytes()
+    return np.asarray(v, dtype=DTYPES[t]).tobytes()
 
 
-def _header(kvs: dict[str, KV], tensors: list[TensorInfo], magic: bytes = GGUF_MAGIC) -> tuple[bytes, dict[str, int]]:
+def _header(kvs: dict[str, KV], tensors: list[Tensor], magic: bytes = GGUF_MAGIC) -> tuple[bytes, dict[str, int]]:
     parts = [magic, struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(kvs))]
     for key, kv in kvs.items():
         parts += [_pack_str(key), struct.pack("<I", kv.type), _pack_value(kv.type, kv.value, kv.sub)]
@@ -140,15 +96,7 @@ def _header(kvs: dict[str, KV], tensors: list[TensorInfo], magic: bytes = GGUF_M
     return head + b"\0" * (_align(len(head)) - len(head)), offsets
 
 
-def shard_paths(out: Path, n: int) -> list[Path]:
-    """gguf-split names: OUT.gguf -> OUT-00001-of-0000N.gguf (llama.cpp finds the rest from the first)."""
-    if n == 1:
-        return [out]
-    stem = out.name[:-5] if out.name.endswith(".gguf") else out.name
-    return [out.with_name(f"{stem}-{i + 1:05d}-of-{n:05d}.gguf") for i in range(n)]
-
-
-def plan_layout(kvs: dict[str, KV], tensors: list[TensorInfo], out: Path, split_max_size: int | None = None) -> list[Shard]:
+def plan_layout(kvs: dict[str, KV], tensors: list[Tensor], out: Path, split_max_size: int | None = None) -> list[Shard]:
     """Assign tensors to shards (each shard file at most split_max_size bytes when possible) and
     compute every header, offset and file size exactly."""
     names = [t.name for t in tensors]
@@ -156,7 +104,7 @@ def plan_layout(kvs: dict[str, KV], tensors: list[TensorInfo], out: Path, split_
         dup = sorted({n for n in names if names.count(n) > 1})
         raise OssggufError(f"duplicate tensor names in output: {', '.join(dup)}")
     FILE_SIZE.check("split_max_size", split_max_size)
-    groups: list[list[TensorInfo]] = [[]]
+    groups: list[list[Tensor]] = [[]]
     # One random id in every shard of this output (the reader refuses a set whose shards disagree):
     # llama.cpp's split keys cannot tell apart shards of two runs with the same layout. Fixed length,
     # so a dry run's sizes are exact; single files do not get it (byte-identical to llama.cpp's).
@@ -175,7 +123,7 @@ def plan_layout(kvs: dict[str, KV], tensors: list[TensorInfo], out: Path, split_
             size += need
     else:
         groups[0] = list(tensors)
-    paths = shard_paths(out, len(groups))
+    paths = shard_names(out, len(groups))
     shards = []
     for i, (path, group) in enumerate(zip(paths, groups)):
         meta = dict(kvs) if i == 0 else {}
@@ -186,11 +134,6 @@ def plan_layout(kvs: dict[str, KV], tensors: list[TensorInfo], out: Path, split_
         size = len(header) + sum(_align(t.nbytes) for t in group)
         shards.append(Shard(path, group, header, {k: len(header) + v for k, v in rel.items()}, size))
     return shards
-
-
-def parse_size(text: str) -> int:
-    """A file size: '48G' and '48GB' are decimal (as llama.cpp's gguf-split), '45GiB' binary."""
-    return _parse_size(text, bare_unit_base=1000)
 
 
 def partial_path(path: Path) -> Path:
@@ -292,10 +235,3 @@ class GGUFFileWriter:
     def __exit__(self, *exc) -> None:
         self._cleanup()
 
-
-def write_tensors(shards: list[Shard], chunks: Iterable[tuple[str, int, np.ndarray]], force: bool = False) -> None:
-    """Convenience: write (name, offset, data) chunks into a new file set and commit."""
-    with GGUFFileWriter(shards, force=force) as w:
-        for name, off, data in chunks:
-            w.write(name, data, off)
-        w.commit()

@@ -23,12 +23,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .tokens import CALL, CHANNEL, CONSTRAIN, END, ENDOFTEXT, MESSAGE, PARSED_TOKENS, RETURN, START
+
 log = logging.getLogger(__name__)
 
-START, END, MESSAGE, CHANNEL = "<|start|>", "<|end|>", "<|message|>", "<|channel|>"
-CONSTRAIN, RETURN, CALL = "<|constrain|>", "<|return|>", "<|call|>"
-ENDOFTEXT, STARTOFTEXT = "<|endoftext|>", "<|startoftext|>"
-SPECIAL_TOKENS = (START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL, ENDOFTEXT, STARTOFTEXT)
 
 # A header longer than this without `<|message|>` means the model is not writing harmony.
 MAX_HEADER_CHARS = 512
@@ -84,7 +82,7 @@ class _Header:
 def _drop_partial_token(text: str) -> str:
     """`text` without a trailing start of a special token (a stream cut inside one)."""
     cut = text.rfind("<")
-    if cut >= 0 and any(t.startswith(text[cut:]) for t in SPECIAL_TOKENS):
+    if cut >= 0 and any(t.startswith(text[cut:]) for t in PARSED_TOKENS):
         return text[:cut]
     return text
 
@@ -127,7 +125,7 @@ class HarmonyStreamParser:
     def __init__(self, id_factory: Callable[[], str] | None = None,
                  special_tokens: Mapping[int, str] | None = None) -> None:
         self._new_id = id_factory or default_call_id
-        self._control = {i: t for i, t in (special_tokens or {}).items() if t in SPECIAL_TOKENS}
+        self._control = {i: t for i, t in (special_tokens or {}).items() if t in PARSED_TOKENS}
         self._buf = ""  # text held back because it may be the start of a special token
         self._state = "header"  # header | body | between | done
         self._header: list[tuple[str, str]] = []  # ("text", s) and ("special", marker) pieces
@@ -239,13 +237,13 @@ class HarmonyStreamParser:
             if j < 0:
                 break
             rest = buf[j:]
-            tok = next((t for t in SPECIAL_TOKENS if rest.startswith(t)), None)
+            tok = next((t for t in PARSED_TOKENS if rest.startswith(t)), None)
             if tok is not None:
                 if j > plain:
                     out.append(("text", buf[plain:j]))
                 out.append(("special", tok))
                 i = plain = j + len(tok)
-            elif not final and any(t.startswith(rest) for t in SPECIAL_TOKENS):
+            elif not final and any(t.startswith(rest) for t in PARSED_TOKENS):
                 if j > plain:
                     out.append(("text", buf[plain:j]))
                 self._buf = rest

@@ -1,11 +1,12 @@
 """Tool definitions in the harmony developer message, as the official gpt-oss template renders
 them: JSON-schema function parameters as a TypeScript-like `namespace functions { ... }`, and the
-texts of the built-in browser and python tools."""
+texts of the built-in browser and python tools (kept as data in ossgguf/data/)."""
 
 from __future__ import annotations
 
 import json
 import re
+from importlib.resources import files
 from typing import Any
 
 from ossgguf.errors import OssggufError
@@ -16,7 +17,7 @@ def tojson(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-# -- normalisation -------------------------------------------------------------------------------
+# -- the template's render_typescript_type / render_tool_namespace, on JSON data --------------------
 _UNDEF = object()
 
 
@@ -123,61 +124,11 @@ def tool_namespace(tools: list[dict]) -> str:
     return "".join(out)
 
 
-BROWSER_TOOL = """## browser
+def builtin_tool_text(name: str) -> str:
+    """The system message's section for gpt-oss's own `browser` or `python` tool, as the template writes it
+    (ossgguf/data/harmony_NAME.txt)."""
+    return (files("ossgguf") / "data" / f"harmony_{name}.txt").read_text(encoding="utf-8")
 
-// Tool for browsing.
-// The `cursor` appears in brackets before each browsing display: `[{cursor}]`.
-// Cite information from the tool using the following format:
-// `【{cursor}†L{line_start}(-L{line_end})?】`, for example: `【6†L9-L11】` or `【8†L3】`.
-// Do not quote more than 10 words directly from the tool output.
-// sources=web (default: web)
-namespace browser {
-
-// Searches for information related to `query` and displays `topn` results.
-type search = (_: {
-query: string,
-topn?: number, // default: 10
-source?: string,
-}) => any;
-
-// Opens the link `id` from the page indicated by `cursor` starting at line number `loc`, showing `num_lines` lines.
-// Valid link ids are displayed with the formatting: `【{id}†.*】`.
-// If `cursor` is not provided, the most recent page is implied.
-// If `id` is a string, it is treated as a fully qualified URL associated with `source`.
-// If `loc` is not provided, the viewport will be positioned at the beginning of the document or centered on the most relevant passage, if available.
-// Use this function without `id` to scroll to a new location of an opened page.
-type open = (_: {
-id?: number | string, // default: -1
-cursor?: number, // default: -1
-loc?: number, // default: -1
-num_lines?: number, // default: -1
-view_source?: boolean, // default: false
-source?: string,
-}) => any;
-
-// Finds exact matches of `pattern` in the current page, or the page given by `cursor`.
-type find = (_: {
-pattern: string,
-cursor?: number, // default: -1
-}) => any;
-
-} // namespace browser
-
-"""
-
-PYTHON_TOOL = (
-    "## python\n\n"
-    "Use this tool to execute Python code in your chain of thought. The code will not be shown to the user. "
-    "This tool should be used for internal reasoning, but not for code that is intended to be visible to the "
-    "user (e.g. when creating plots, tables, or files).\n\n"
-    "When you send a message containing Python code to python, it will be executed in a stateful Jupyter "
-    "notebook environment. python will respond with the output of the execution or time out after 120.0 "
-    "seconds. The drive at '/mnt/data' can be used to save and persist user files. Internet access for this "
-    "session is UNKNOWN. Depends on the cluster.\n\n"
-)
-
-
-# -- rendering -----------------------------------------------------------------------------------
 
 # -- checks: what the renderer reads must have the right JSON types ---------------------------------
 # OpenAI's rule for function names; it also keeps the harmony recipient `functions.NAME` one word.

@@ -2,10 +2,12 @@
 
 `create_app(engine_or_path, model_name)` builds the FastAPI app around one loaded model; `serve(path)`
 loads the model through the planner and runs it under uvicorn (127.0.0.1 unless told otherwise).
-Requests are rendered to harmony prompts here (deterministically: the date is fixed when the server
-starts, so a conversation's next request starts with the same tokens and reuses the KV cache), then
-queued and generated one at a time (worker.py). Endpoint details live in chat.py and
-responses.py, request checks in params.py, error shapes in errors.py.
+A request goes: its endpoint reads it into a `Turn` (chat.py, responses.py; the fields both share and
+their checks: params.py); `ServerState.prepare` renders it to a harmony prompt (deterministically: the
+date is fixed when the server starts, so a conversation's next request starts with the same tokens and
+reuses the KV cache) and tokenizes it; the worker generates and parses turns one at a time
+(worker.py, over `turn.run_turn`); the endpoint turns the events into its JSON or SSE. Errors keep
+OpenAI's shape (errors.py).
 """
 
 from __future__ import annotations
@@ -14,11 +16,7 @@ import asyncio
 import datetime as _dt
 import hmac
 import ipaddress
-import json
 import logging
-import re
-import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -30,9 +28,10 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ossgguf.errors import OssggufError
-from ossgguf.harmony.render import markup_segments, render_segments
+from ossgguf.gguf.split import split_name
+from ossgguf.harmony import DEFAULT_REASONING, markup_segments
 from ossgguf.runner.plan import PlacementOptions
-from ossgguf.runner.server.chat import Turn, completion, include_usage, new_id, parse_chat, stream_chunks
+from ossgguf.runner.server.chat import completion, include_usage, parse_chat, stream_chunks
 from ossgguf.runner.server.errors import (
     APIError,
     context_exceeded,
@@ -41,27 +40,19 @@ from ossgguf.runner.server.errors import (
     install_handlers,
     read_json_object,
 )
-from ossgguf.runner.server.responses import OutputBuilder, ResponseStore, parse_responses, prefixed_id, sse
-from ossgguf.runner.server.worker import (
-    Backend,
-    ClientGone,
-    GenerateFn,
-    GenerationRequest,
-    Job,
-    TurnEnd,
-    Worker,
-    run_turn,
-)
+from ossgguf.runner.server.params import Turn, new_id, sse
+from ossgguf.runner.server.responses import OutputBuilder, ResponseStore, parse_responses
+from ossgguf.runner.server.worker import Backend, ClientGone, GenerateFn, GenerationRequest, Job, Worker
+from ossgguf.runner.turn import TurnEnd
 
 log = logging.getLogger(__name__)
 
-_SPLIT_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def default_model_name(path: str | Path) -> str:
     """The GGUF's file name without `.gguf` and without a split suffix (`-00001-of-00003`)."""
-    return _SPLIT_SUFFIX.sub("", Path(path).name.removesuffix(".gguf"))
+    return split_name(Path(path).name)[0]
 
 
 @dataclass
@@ -84,13 +75,12 @@ class ServerState:
                            404, "model", "model_not_found")
         return self.model_name
 
-    async def prepare(self, turn) -> GenerationRequest:
+    async def prepare(self, turn: Turn) -> GenerationRequest:
         """Render and tokenize off the event loop; refuse a prompt the context cannot hold."""
 
         def work() -> GenerationRequest:
             try:
-                segments = render_segments(turn.messages, turn.tools, turn.reasoning_effort,
-                                           date=turn.date or self.date, model_identity=turn.model_identity)
+                segments = turn.segments(self.date)
             except OssggufError as exc:
                 raise turn.invalid(str(exc)) from None
             segments += markup_segments(turn.prefill)
@@ -99,7 +89,8 @@ class ServerState:
             tokens = self.backend.tokenize(segments) if self.backend.tokenize else None
             if tokens is not None and self.backend.n_ctx and len(tokens) >= self.backend.n_ctx:
                 raise self._too_long(turn, len(tokens), self.backend.n_ctx)
-            return GenerationRequest(prompt, tokens, turn.params)
+            return GenerationRequest(prompt, tokens, turn.params, turn.prefill, tuple(turn.stop),
+                                     tuple(turn.tool_names))
 
         return await asyncio.to_thread(work)
 
@@ -112,9 +103,7 @@ class ServerState:
             if not isinstance(msg, dict) or msg.get("role") not in ("system", "developer"):
                 break
             fixed.append(msg)
-        segments = render_segments(fixed or [{"role": "system", "content": ""}], turn.tools, turn.reasoning_effort,
-                                   date=turn.date or self.date, add_generation_prompt=False,
-                                   model_identity=turn.model_identity)
+        segments = turn.segments(self.date, fixed or [{"role": "system", "content": ""}], add_generation_prompt=False)
         n_fixed = len(self.backend.tokenize(segments))
         if n_ctx - n_fixed < conversation_room(n_ctx):
             return context_too_small(n_fixed, n_ctx)
@@ -124,15 +113,15 @@ class ServerState:
 class _JobStream(StreamingResponse):
     """An SSE response whose job is cancelled however the response ends (done, error, client gone)."""
 
-    def __init__(self, worker: Worker, job: Job, content: AsyncIterator[str]) -> None:
+    def __init__(self, job: Job, content: AsyncIterator[str]) -> None:
         super().__init__(content, media_type="text/event-stream", headers=_SSE_HEADERS)
-        self._worker, self._job = worker, job
+        self._job = job
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._worker.cancel(self._job)
+            self._job.cancel()
 
 
 async def _guard(events: AsyncIterator[str], on_error: Callable[[str], str]) -> AsyncIterator[str]:
@@ -150,7 +139,7 @@ async def _guard(events: AsyncIterator[str], on_error: Callable[[str], str]) -> 
 async def _last(events: AsyncIterator, on_event: Callable[[Any], Any] | None = None) -> TurnEnd:
     """The TurnEnd of a turn's events; `on_event` sees the others."""
     end = None
-    async for item in events:  # to the end, so that run_turn's cleanup runs now
+    async for item in events:  # to the end, so that the job is over now
         if isinstance(item, TurnEnd):
             end = item
         elif on_event is not None:
@@ -162,7 +151,7 @@ async def _last(events: AsyncIterator, on_event: Callable[[Any], Any] | None = N
 
 def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str | None = None, *,
                options: PlacementOptions | None = None, generate: GenerateFn | None = None,
-               date: str | None = None, reasoning_effort: str = "medium", stored_responses: int = 100) -> FastAPI:
+               date: str | None = None, reasoning_effort: str = DEFAULT_REASONING, stored_responses: int = 100) -> FastAPI:
     """The FastAPI app serving one model.
 
     `engine_or_path`: a loaded `Engine` (the caller closes it), a GGUF path (loaded now with `options`,
@@ -237,17 +226,17 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
         model_name = state.check_model(body)
         turn = parse_chat(body, state.default_effort)
         job = state.worker.submit(await state.prepare(turn))
-        events = run_turn(state.worker, job, request.is_disconnected, turn.prefill, turn.stop, turn.tool_names)
+        events = job.events(request.is_disconnected)
         if turn.stream:
             def error(msg: str) -> str:
-                return "data: " + json.dumps(APIError(msg, 500).body()) + "\n\ndata: [DONE]\n\n"
+                return sse(APIError(msg, 500).body()) + "data: [DONE]\n\n"
             chunks = stream_chunks(events, model_name, include_usage(body))
-            return _JobStream(state.worker, job, _guard(chunks, error))
+            return _JobStream(job, _guard(chunks, error))
         try:
             end = await _last(events)
         except ClientGone:
             return Response(status_code=499)
-        return JSONResponse(completion(end, new_id(), model_name, int(time.time())))
+        return JSONResponse(completion(end, model_name))
 
     @api.post("/v1/responses")
     @api.post("/responses")
@@ -256,9 +245,8 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
         model_name = state.check_model(body)
         req = parse_responses(body, state.default_effort, state.store)
         job = state.worker.submit(await state.prepare(req.turn))
-        events = run_turn(state.worker, job, request.is_disconnected, req.turn.prefill,
-                          tool_names=req.turn.tool_names)
-        out = OutputBuilder(prefixed_id("resp"), model_name, {**req.echo, "store": req.store})
+        events = job.events(request.is_disconnected)
+        out = OutputBuilder(new_id("resp"), model_name, {**req.echo, "store": req.store})
 
         def remember(resp: dict) -> None:
             if req.store:  # every output item, malformed calls too (harmony.tool_call_problem)
@@ -267,18 +255,18 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
         if req.turn.stream:
             async def stream() -> AsyncIterator[str]:
                 for ev in out.start():
-                    yield sse(ev)
+                    yield sse(ev, ev["type"])
                 async for item in events:
                     if isinstance(item, TurnEnd):
                         final, resp = out.finish(item)
                         remember(resp)
                         for ev in final:
-                            yield sse(ev)
+                            yield sse(ev, ev["type"])
                         return
                     for ev in out.feed(item):
-                        yield sse(ev)
+                        yield sse(ev, ev["type"])
 
-            return _JobStream(state.worker, job, _guard(stream(), lambda msg: "".join(sse(e) for e in out.fail(msg))))
+            return _JobStream(job, _guard(stream(), lambda msg: "".join(sse(e, e["type"]) for e in out.fail(msg))))
         try:
             _, resp = out.finish(await _last(events, out.feed))
         except ClientGone:
@@ -299,7 +287,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8080, options: PlacementOptions | None = None,
-          api_key: str | None = None, model_name: str | None = None, reasoning_effort: str = "medium",
+          api_key: str | None = None, model_name: str | None = None, reasoning_effort: str = DEFAULT_REASONING,
           log_level: str = "info", on_ready: Callable[[str], None] | None = None) -> None:
     """Load the model through the planner and serve it until interrupted (Ctrl-C).
 
@@ -320,40 +308,3 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8080, options: 
         line = f"{load_line(engine)}; serving {name!r} at http://{host}:{port}/v1 (Ctrl-C stops)"
         (on_ready or log.info)(line)
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
-
-
-class ServerThread:
-    """Run an app under uvicorn on a background thread, on a free port of 127.0.0.1 (tests, benchmarks).
-
-    `with ServerThread(app) as srv: OpenAI(base_url=srv.base_url, ...)`.
-    """
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
-        import uvicorn
-
-        # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets (else Nagle adds ~40 ms a request)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
-        self.host, self.port = self._sock.getsockname()[:2]
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
-
-    def __enter__(self) -> ServerThread:
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise OssggufError("the server thread did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self._thread.join(timeout=30)
-        self._sock.close()

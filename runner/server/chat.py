@@ -6,79 +6,18 @@ Reasoning goes out under both `reasoning_content` (vLLM, DeepSeek, Open WebUI) a
 
 from __future__ import annotations
 
-import json
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
-from ossgguf.harmony.parse import Event
-from ossgguf.harmony.render import assistant_history_message
-from ossgguf.runner.chat import Sampling
+from ossgguf.harmony import Event, assistant_message
+from ossgguf.runner.generation import Usage
 from ossgguf.runner.server import params as P
-from ossgguf.runner.server.errors import APIError, invalid
-from ossgguf.runner.server.worker import TurnEnd, Usage
+from ossgguf.runner.server.errors import invalid
+from ossgguf.runner.turn import TurnEnd
 
 
-@dataclass
-class Turn:
-    """One request, ready to render: a conversation in chat form and how to answer it."""
-
-    messages: list[dict]
-    tools: list[dict]
-    reasoning_effort: str
-    params: Sampling
-    prefill: str = ""  # the start of the answer the prompt holds (a forced tool call)
-    stop: list[str] = field(default_factory=list)
-    stream: bool = False
-    date: str | None = None  # None: the server's date (fixed when it started, so prompts repeat)
-    model_identity: str | None = None
-    source: str = "messages"  # the request field the conversation came from, for errors
-    # Responses: per message, where its parts are in the request ("" -> "input[3]", ".content" -> ...)
-    paths: list[dict[str, str]] | None = None
-
-    @property
-    def tool_names(self) -> list[str]:
-        return [t["function"]["name"] for t in self.tools]
-
-    def invalid(self, message: str) -> APIError:
-        """A 400 for harmony's complaint about `messages[i]...`, naming the field the client sent."""
-        match = _MESSAGE_PATH.search(message)
-        if match is None:
-            return invalid(message, self.source)
-        if self.paths is None:
-            return invalid(message, match.group(0))
-        where, rest = self.paths[int(match.group(1))], match.group(2)
-        key = max((k for k in where if rest.startswith(k) and rest[len(k):len(k) + 1] in ("", ".", "[")),
-                  key=len)  # "" is always there
-        param = where[key] + rest[len(key):]
-        message = message[:match.start()] + param + message[match.end():]
-        return invalid(message.replace("tool_call_id", "call_id"), param)
-
-
-_MESSAGE_PATH = re.compile(r"messages\[(\d+)\]((?:\.\w+|\[\d+\])*)")
-
-
-def template_kwargs(body: dict) -> dict:
-    """`chat_template_kwargs` (vLLM, llama.cpp's server), the channel some clients use for the effort."""
-    kw = body.get("chat_template_kwargs")
-    if kw is None:
-        return {}
-    if not isinstance(kw, dict):
-        raise invalid("'chat_template_kwargs' must be an object.", "chat_template_kwargs")
-    return kw
-
-
-def date_field(body: dict) -> str | None:
-    date = body.get("date")
-    if date is not None and not isinstance(date, str):
-        raise invalid("'date' must be a YYYY-MM-DD string.", "date")
-    return date
-
-
-def parse_chat(body: dict, default_effort: str) -> Turn:
+def parse_chat(body: dict, default_effort: str) -> P.Turn:
     messages = body.get("messages")
     if messages is None:
         raise invalid("Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
@@ -86,21 +25,16 @@ def parse_chat(body: dict, default_effort: str) -> Turn:
         raise invalid("'messages' must be a non-empty list of messages.", "messages")
     P.unsupported(body)
     fns = P.tools(body.get("tools"))
-    fns, prefill = P.tool_choice(body.get("tool_choice"), fns)
-    kw = template_kwargs(body)
+    kw = P.template_kwargs(body)
     reasoning = body.get("reasoning")  # OpenRouter's {"effort": ...}
     effort = body.get("reasoning_effort") or kw.get("reasoning_effort") or (
         reasoning.get("effort") if isinstance(reasoning, dict) else None)
     identity = kw.get("model_identity")
     if identity is not None and not isinstance(identity, str):
         raise invalid("'chat_template_kwargs.model_identity' must be a string.", "chat_template_kwargs")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise invalid("'stream' must be true or false.", "stream")
-    return Turn(messages=messages, tools=fns, reasoning_effort=P.effort(effort, "reasoning_effort", default_effort),
-                params=P.sampling(body, ("max_completion_tokens", "max_tokens")), prefill=prefill,
-                stop=P.stop_strings(body.get("stop")), stream=stream, date=date_field(body),
-                model_identity=identity)
+    return P.read_turn(body, messages, fns, effort, "reasoning_effort", default_effort,
+                       ("max_completion_tokens", "max_tokens"), stop=P.stop_strings(body.get("stop")),
+                       model_identity=identity)
 
 
 def include_usage(body: dict) -> bool:
@@ -114,21 +48,13 @@ def usage_json(u: Usage) -> dict[str, Any]:
             "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
 
 
-def new_id() -> str:
-    return "chatcmpl-" + uuid.uuid4().hex[:24]
-
-
-def completion(end: TurnEnd, cid: str, model: str, created: int) -> dict[str, Any]:
-    out = assistant_history_message(end.message)
+def completion(end: TurnEnd, model: str) -> dict[str, Any]:
+    out = assistant_message(end.message)
     if "reasoning_content" in out:  # servers disagree on the field: both
         out["reasoning"] = out["reasoning_content"]
-    return {"id": cid, "object": "chat.completion", "created": created, "model": model,
+    return {"id": P.new_id("chatcmpl", "-"), "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": out, "logprobs": None, "finish_reason": end.finish_reason}],
             "usage": usage_json(end.usage), "system_fingerprint": None}
-
-
-def _sse(data: dict) -> str:
-    return "data: " + json.dumps(data, ensure_ascii=False) + "\n\n"
 
 
 def _delta(ev: Event) -> dict[str, Any]:
@@ -144,23 +70,22 @@ def _delta(ev: Event) -> dict[str, Any]:
 
 async def stream_chunks(turn_events: AsyncIterator, model: str, with_usage: bool) -> AsyncIterator[str]:
     """SSE `chat.completion.chunk`s, as OpenAI sends them: role first, deltas, finish, usage, [DONE]."""
-    cid, created = new_id(), int(time.time())
+    cid, created = P.new_id("chatcmpl", "-"), int(time.time())
 
-    def chunk(delta: dict, finish: str | None = None) -> str:
-        data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-        if with_usage:
-            data["usage"] = None
-        return _sse(data)
+    def chunk(choices: list[dict], **extra) -> str:
+        return P.sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                      "system_fingerprint": None, "choices": choices, **extra})
 
-    yield chunk({"role": "assistant", "content": ""})
+    def delta(delta: dict, finish: str | None = None) -> str:
+        usage = {"usage": None} if with_usage else {}
+        return chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **usage)
+
+    yield delta({"role": "assistant", "content": ""})
     async for item in turn_events:
         if isinstance(item, TurnEnd):
-            yield chunk({}, item.finish_reason)
+            yield delta({}, item.finish_reason)
             if with_usage:
-                yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                            "system_fingerprint": None, "choices": [], "usage": usage_json(item.usage)})
+                yield chunk([], usage=usage_json(item.usage))
             break
-        yield chunk(_delta(item))
+        yield delta(_delta(item))
     yield "data: [DONE]\n\n"

@@ -1,24 +1,103 @@
-"""Request fields shared by the Chat Completions and Responses endpoints, checked as OpenAI checks them.
+"""What the Chat Completions and Responses endpoints share: the `Turn` a request is read into, its
+fields checked as OpenAI checks them, ids and SSE framing.
 
 Every problem becomes a 400 that names the field (`param`), so a client sees what to fix.
 """
 
 from __future__ import annotations
 
-import logging
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 from ossgguf import limits
 from ossgguf.errors import OssggufError
-from ossgguf.harmony.render import REASONING_EFFORTS, normalize_tools
+from ossgguf.harmony import REASONING_EFFORTS, Segment, forced_call_start, normalize_tools, render_segments
 from ossgguf.harmony.tools import tool_namespace
-from ossgguf.runner.chat import Sampling
-from ossgguf.runner.server.errors import invalid
-
-log = logging.getLogger(__name__)
+from ossgguf.runner.generation import Sampling
+from ossgguf.runner.server.errors import APIError, invalid
 
 # Efforts of newer OpenAI models, mapped to the nearest of gpt-oss's three (Codex sends them).
 _EFFORT_ALIASES = {"none": "low", "minimal": "low", "xhigh": "high", "max": "high"}
+
+
+@dataclass
+class Turn:
+    """One request, ready to render: a conversation in chat form and how to answer it."""
+
+    messages: list[dict]
+    tools: list[dict]
+    reasoning_effort: str
+    params: Sampling
+    prefill: str = ""  # the start of the answer the prompt holds (a forced tool call)
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    date: str | None = None  # None: the server's date (fixed when it started, so prompts repeat)
+    model_identity: str | None = None
+    source: str = "messages"  # the request field the conversation came from, for errors
+    # Responses: per message, where its parts are in the request ("" -> "input[3]", ".content" -> ...)
+    paths: list[dict[str, str]] | None = None
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [t["function"]["name"] for t in self.tools]
+
+    def segments(self, server_date: str, messages: list[dict] | None = None, **options: Any) -> list[Segment]:
+        """The turn's prompt (or `messages`' with the turn's tools and settings), before any prefill."""
+        return render_segments(self.messages if messages is None else messages, self.tools, self.reasoning_effort,
+                               date=self.date or server_date, model_identity=self.model_identity, **options)
+
+    def invalid(self, message: str) -> APIError:
+        """A 400 for harmony's complaint about `messages[i]...`, naming the field the client sent."""
+        match = _MESSAGE_PATH.search(message)
+        if match is None:
+            return invalid(message, self.source)
+        if self.paths is None:
+            return invalid(message, match.group(0))
+        where, rest = self.paths[int(match.group(1))], match.group(2)
+        key = max((k for k in where if rest.startswith(k) and rest[len(k):len(k) + 1] in ("", ".", "[")),
+                  key=len)  # "" is always there
+        param = where[key] + rest[len(key):]
+        message = message[:match.start()] + param + message[match.end():]
+        return invalid(message.replace("tool_call_id", "call_id"), param)
+
+
+_MESSAGE_PATH = re.compile(r"messages\[(\d+)\]((?:\.\w+|\[\d+\])*)")
+
+
+def read_turn(body: dict, messages: list[dict], fns: list[dict], effort_value: Any, effort_param: str,
+              default_effort: str, max_keys: tuple[str, ...], **fields: Any) -> Turn:
+    """A `Turn` from what both endpoints read alike: tool_choice, the effort, sampling, stream, date."""
+    fns, prefill = tool_choice(body.get("tool_choice"), fns)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise invalid("'stream' must be true or false.", "stream")
+    date = body.get("date")
+    if date is not None and not isinstance(date, str):
+        raise invalid("'date' must be a YYYY-MM-DD string.", "date")
+    return Turn(messages, fns, effort(effort_value, effort_param, default_effort), sampling(body, max_keys),
+                prefill=prefill, stream=stream, date=date, **fields)
+
+
+def template_kwargs(body: dict) -> dict:
+    """`chat_template_kwargs` (vLLM, llama.cpp's server), the channel some clients use for the effort."""
+    kw = body.get("chat_template_kwargs")
+    if kw is None:
+        return {}
+    if not isinstance(kw, dict):
+        raise invalid("'chat_template_kwargs' must be an object.", "chat_template_kwargs")
+    return kw
+
+
+def new_id(prefix: str, sep: str = "_") -> str:
+    return f"{prefix}{sep}{uuid.uuid4().hex[:24]}"
+
+
+def sse(data: dict, event: str | None = None) -> str:
+    """One server-sent event; the Responses API names each event, Chat Completions does not."""
+    return (f"event: {event}\n" if event else "") + "data: " + json.dumps(data, ensure_ascii=False) + "\n\n"
 
 
 def number(body: dict, key: str, lo: float, hi: float, integer: bool = False) -> Any:
@@ -77,7 +156,7 @@ def tools(value: Any, param: str = "tools") -> list[dict]:
     if not isinstance(value, list):
         raise invalid(f"'{param}' must be a list of function tools.", param)
     try:
-        out = normalize_tools(value)  # checks names and schemas too (harmony_tools.check_tools)
+        out = normalize_tools(value)  # checks names and schemas too (harmony.tools.check_tools)
     except OssggufError as exc:
         raise invalid(str(exc), getattr(exc, "param", None) or param) from None
     if out:
@@ -102,7 +181,7 @@ def tool_choice(value: Any, fns: list[dict], param: str = "tool_choice") -> tupl
     if value == "required":
         if not fns:
             raise invalid("'tool_choice' is 'required' but no tools were given.", param)
-        return fns, "<|channel|>commentary to=functions."
+        return fns, forced_call_start()
     name = None
     if isinstance(value, dict) and value.get("type") == "function":
         fn = value.get("function")
@@ -113,7 +192,7 @@ def tool_choice(value: Any, fns: list[dict], param: str = "tool_choice") -> tupl
     if name not in names:
         raise invalid(f"'tool_choice' names {name!r}, which is not among the tools ({', '.join(names) or 'none'}).",
                       param)
-    return fns, f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>"
+    return fns, forced_call_start(name)
 
 
 def _one_choice(body: dict) -> None:

@@ -12,22 +12,17 @@ import json
 import logging
 import re
 import time
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ossgguf.harmony.parse import Event
+from ossgguf.harmony import Event
+from ossgguf.runner.generation import Usage
 from ossgguf.runner.server import params as P
-from ossgguf.runner.server.chat import Turn, date_field, template_kwargs
 from ossgguf.runner.server.errors import APIError, invalid
-from ossgguf.runner.server.worker import TurnEnd, Usage
+from ossgguf.runner.turn import TurnEnd
 
 log = logging.getLogger(__name__)
-
-
-def prefixed_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
 class ResponseStore:
@@ -149,7 +144,7 @@ def input_messages(items: list, where: str = "input", skip: int = 0) -> tuple[li
 
 @dataclass
 class ResponsesRequest:
-    turn: Turn
+    turn: P.Turn
     items: list[dict]  # the whole conversation as input items (previous response included)
     store: bool
     echo: dict[str, Any] = field(default_factory=dict)  # request fields repeated in the response object
@@ -176,21 +171,15 @@ def parse_responses(body: dict, default_effort: str, store: ResponseStore) -> Re
     if not messages:
         raise invalid("'input' holds no messages.", "input")
     fns = _chat_tools(body.get("tools"))
-    fns, prefill = P.tool_choice(body.get("tool_choice"), fns)
     reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
-    effort_in = reasoning.get("effort") or template_kwargs(body).get("reasoning_effort")
-    effort = P.effort(effort_in, "reasoning.effort", default_effort)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise invalid("'stream' must be true or false.", "stream")
-    turn = Turn(messages=messages, tools=fns, reasoning_effort=effort,
-                params=P.sampling(body, ("max_output_tokens",)), prefill=prefill, stream=stream,
-                date=date_field(body), source="input", paths=paths)
+    effort = reasoning.get("effort") or P.template_kwargs(body).get("reasoning_effort")
+    turn = P.read_turn(body, messages, fns, effort, "reasoning.effort", default_effort, ("max_output_tokens",),
+                       source="input", paths=paths)
     echo = {"instructions": instructions, "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice", "auto"),
             "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
             "max_output_tokens": body.get("max_output_tokens"), "previous_response_id": prev,
             "parallel_tool_calls": body.get("parallel_tool_calls", True), "metadata": body.get("metadata") or {},
-            "reasoning": {"effort": effort, "summary": None}, "text": {"format": {"type": "text"}},
+            "reasoning": {"effort": turn.reasoning_effort, "summary": None}, "text": {"format": {"type": "text"}},
             "truncation": body.get("truncation") or "disabled", "user": body.get("user")}
     return ResponsesRequest(turn, items, body.get("store", True) is not False, echo)
 
@@ -249,7 +238,7 @@ class OutputBuilder:
     def feed(self, ev: Event) -> list[dict]:
         item, out = self._open, []
         if ev.kind == "tool_call":
-            return self._begin({"id": prefixed_id("fc"), "type": "function_call", "status": "in_progress",
+            return self._begin({"id": P.new_id("fc"), "type": "function_call", "status": "in_progress",
                                 "call_id": ev.id, "name": ev.name, "arguments": ""})
         if ev.kind == "tool_args":
             item["arguments"] += ev.text
@@ -257,10 +246,10 @@ class OutputBuilder:
         kind = "reasoning" if ev.kind == "reasoning" else "message"
         if item is None or item["type"] != kind:
             if kind == "reasoning":
-                new = {"id": prefixed_id("rs"), "type": "reasoning", "status": "in_progress", "summary": [],
+                new = {"id": P.new_id("rs"), "type": "reasoning", "status": "in_progress", "summary": [],
                        "content": [{"type": "reasoning_text", "text": ""}]}
             else:
-                new = {"id": prefixed_id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
+                new = {"id": P.new_id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
                        "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
             out, item = self._begin(new), new
         item["content"][0]["text"] += ev.text
@@ -307,4 +296,4 @@ class OutputBuilder:
 
 
 def sse(event: dict) -> str:
-    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+    return P.sse(event, event["type"])
