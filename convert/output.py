@@ -52,7 +52,7 @@ class WritePlan:
         return sum(t.nbytes for t in self.tensors)
 
     def to_json(self) -> dict[str, Any]:
-        """DESIGN.md's `--dry-run --json`: exact total bytes, the files, each tensor with its GGUF type,
+        """`--dry-run --json` (docs/converting.md): exact total bytes, the files, each tensor with its GGUF type,
         GGUF-order shape, bytes and class; then the fallbacks taken and the command's own fields."""
         out = {
             "total_bytes": self.total_bytes,

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ossgguf.gguf.split import split_name
 from ossgguf.sizes import human_size
 
-_SPLIT = re.compile(r"^(?P<base>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
 REPO_PLACEHOLDER = "USER/REPO"
 # What each recipe (quantize/policy.py) does, for people; norms, sinks, biases and router are F32 in all.
 RECIPE_NOTES = {
@@ -39,25 +39,17 @@ class FileEntry:
 
     @property
     def model(self) -> str:
-        return split_parts(self.name)[0]
+        return split_name(self.name)[0]
 
     @property
     def bits_per_weight(self) -> float:
         return self.tensor_bytes * 8 / self.n_elements if self.n_elements else 0.0
 
 
-def split_parts(name: str) -> tuple[str, int, int]:
-    """("gpt-oss-120b-mxfp4-q8", 1, 2) for "gpt-oss-120b-mxfp4-q8-00001-of-00002.gguf" (llama.cpp's naming)."""
-    m = _SPLIT.match(name)
-    if m:
-        return m["base"], int(m["no"]), int(m["count"])
-    return (name[:-5] if name.lower().endswith(".gguf") else name), 1, 1
-
-
 def group_models(files: list[FileEntry]) -> dict[str, list[FileEntry]]:
     """Files by model, shards in order."""
     out: dict[str, list[FileEntry]] = defaultdict(list)
-    for f in sorted(files, key=lambda f: (f.model, split_parts(f.name)[1])):
+    for f in sorted(files, key=lambda f: split_name(f.name)[:2]):
         out[f.model].append(f)
     return dict(out)
 

@@ -47,11 +47,7 @@ def infer_recipe(tensors: list[Tensor]) -> str:
 
     types: dict[TensorClass, set[Q]] = {}
     for t in tensors:
-        try:
-            cls = tensor_class(t.name)
-        except OssggufError:
-            continue
-        if cls in _WEIGHTS:
+        if (cls := tensor_class(t.name, None)) in _WEIGHTS:
             types.setdefault(cls, set()).add(t.qtype)
     if TensorClass.EXPERT not in types:
         return "unknown"

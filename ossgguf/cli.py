@@ -81,6 +81,42 @@ class Size(click.ParamType):
 FILE_SIZE = Size(limits.FILE_SIZE)
 
 
+def _options(*opts):
+    """A decorator adding click options in the order given (for option groups several commands share)."""
+    def deco(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return deco
+
+
+def write_options(f):
+    """The output flags of the commands that write a GGUF (convert, quantize, prune: convert.output.WritePlan)."""
+    return _options(
+        click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+                     help="Output GGUF path (with --split-max-size: the name shards are derived from)."),
+        click.option("--split-max-size", type=FILE_SIZE, metavar="SIZE",
+                     help="Split into gguf-split shards of at most SIZE (e.g. 48G)."),
+        click.option("--dry-run", is_flag=True, help="Plan only: print what would be written, write nothing."),
+        click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable plan on stdout."),
+        click.option("--force", is_flag=True, help="Overwrite an existing output."),
+    )(f)
+
+
+def type_options(required: bool):
+    """--recipe, --tensor-type and --allow-fallback of convert and quantize (quantize.policy)."""
+    from .quantize.policy import DEFAULT_RECIPE, RECIPES
+
+    return _options(
+        click.option("--recipe", required=required, default=None if required else DEFAULT_RECIPE,
+                     show_default=not required, help=f"Types per tensor class: {', '.join(RECIPES)}."),
+        click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
+                     help="Override the type of matching tensors (repeatable), e.g. 'attn_.*=q8_0'."),
+        click.option("--allow-fallback", is_flag=True,
+                     help="Use the nearest valid type when rows cannot take the one asked."),
+    )
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ossgguf")
 @click.option("-v", "--verbose", is_flag=True, help=VERBOSE_HELP + " Also accepted after the command.")
@@ -171,18 +207,8 @@ def download(repo_id: str, revision: str | None, local_dir: Path | None, token: 
 
 @cli.command()
 @click.argument("src")
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Output GGUF path (with --split-max-size: the name shards are derived from).")
-@click.option("--recipe", default="mxfp4", show_default=True,
-              help="Types per tensor class: mxfp4, mxfp4-q8, q8_0, bf16, f16.")
-@click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
-              help="Override the type of matching tensors (repeatable), e.g. 'attn_.*=q8_0'.")
-@click.option("--split-max-size", type=FILE_SIZE, metavar="SIZE",
-              help="Split into gguf-split shards of at most SIZE (e.g. 48G).")
-@click.option("--allow-fallback", is_flag=True, help="Use the nearest valid type when rows cannot take the one asked.")
-@click.option("--dry-run", is_flag=True, help="Plan only: print what would be written, write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable plan on stdout.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@write_options
+@type_options(required=False)
 def convert(src: str, out: Path, recipe: str, tensor_types: tuple[str, ...], split_max_size: int | None,
             allow_fallback: bool, dry_run: bool, as_json: bool, force: bool) -> None:
     """Convert a Hugging Face gpt-oss checkpoint (folder or repo id) to GGUF.
@@ -206,17 +232,8 @@ def convert(src: str, out: Path, recipe: str, tensor_types: tuple[str, ...], spl
 
 @cli.command()
 @click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Output GGUF path (with --split-max-size: the name shards are derived from).")
-@click.option("--recipe", required=True, help="Types per tensor class: mxfp4, mxfp4-q8, q8_0, bf16, f16.")
-@click.option("--tensor-type", "tensor_types", multiple=True, metavar="REGEX=TYPE",
-              help="Override the type of matching tensors (repeatable), e.g. 'attn_.*=q8_0'.")
-@click.option("--split-max-size", type=FILE_SIZE, metavar="SIZE",
-              help="Split into gguf-split shards of at most SIZE (e.g. 48G).")
-@click.option("--allow-fallback", is_flag=True, help="Use the nearest valid type when rows cannot take the one asked.")
-@click.option("--dry-run", is_flag=True, help="Plan only: print what would be written, write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable plan on stdout.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@write_options
+@type_options(required=True)
 def quantize(src: Path, out: Path, recipe: str, tensor_types: tuple[str, ...], split_max_size: int | None,
              allow_fallback: bool, dry_run: bool, as_json: bool, force: bool) -> None:
     """Re-quantize a gpt-oss GGUF (single or split: pass any shard) with another recipe.
@@ -292,9 +309,7 @@ def placement_options(f):
                      f"{limits.UBATCH_OFFLOAD} with experts in RAM, else {limits.UBATCH_DEFAULT})."),
         click.option("--threads", type=_number(limits.THREADS), help="CPU threads (default: the physical cores)."),
     ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    return _options(*opts)(f)
 
 
 def _placement(kw: dict, verbose: bool = False):
@@ -365,9 +380,7 @@ def chat_options(f):
         click.option("--max-tokens", type=_number(limits.MAX_TOKENS),
                      help="Tokens per generation round (default: until the context is full)."),
     ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    return _options(*opts)(f)
 
 
 def _open_chat(context: click.Context, model: Path, kw: dict):
@@ -507,26 +520,30 @@ def calibrate(context: click.Context, model: Path, more_texts: tuple[Path, ...],
     click.echo(str(r.out))
 
 
+def prune_options(f):
+    """How prune chooses K and the experts, with quantize.prune's defaults."""
+    from .quantize.prune import DEVICE_CTX
+    from .quantize.stats import SCORES
+
+    return _options(
+        click.option("--keep", type=_number(limits.COUNT), help="Experts to keep in every layer."),
+        click.option("--target-size", type=FILE_SIZE, metavar="SIZE",
+                     help="Keep the most experts whose file fits SIZE (e.g. 50GiB)."),
+        click.option("--target-device", metavar="SPEC", help="Keep the most experts the planner fits on: "
+                     "unified:64GiB, gpu:80GiB, gpu:24GiB,ram:64GiB, ram:64GiB."),
+        click.option("--ctx", type=_number(limits.CTX), default=DEVICE_CTX, show_default=True,
+                     help="Context the --target-device plan holds."),
+        click.option("--stats", "stats_path", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Statistics from `ossgguf calibrate` of this model (needed to write)."),
+        click.option("--score", type=click.Choice(SCORES), default=SCORES[0], show_default=True,
+                     help="Rank experts by REAP (gate weight x output norm) or by how often they are selected."),
+    )(f)
+
+
 @cli.command()
 @click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Output GGUF path (with --split-max-size: the name shards are derived from).")
-@click.option("--keep", type=_number(limits.COUNT), help="Experts to keep in every layer.")
-@click.option("--target-size", type=FILE_SIZE, metavar="SIZE",
-              help="Keep the most experts whose file fits SIZE (e.g. 50GiB).")
-@click.option("--target-device", metavar="SPEC",
-              help="Keep the most experts the planner fits on: unified:64GiB, gpu:80GiB, gpu:24GiB,ram:64GiB, ram:64GiB.")
-@click.option("--ctx", type=_number(limits.CTX), default=32768, show_default=True,
-              help="Context the --target-device plan holds.")
-@click.option("--stats", "stats_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Statistics from `ossgguf calibrate` of this model (needed to write).")
-@click.option("--score", type=click.Choice(["reap", "frequency"]), default="reap", show_default=True,
-              help="Rank experts by REAP (gate weight x output norm) or by how often they are selected.")
-@click.option("--split-max-size", type=FILE_SIZE, metavar="SIZE",
-              help="Split into gguf-split shards of at most SIZE (e.g. 48G).")
-@click.option("--dry-run", is_flag=True, help="Plan only: print what would be written, write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable plan on stdout.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@write_options
+@prune_options
 def prune(src: Path, out: Path, keep: int | None, target_size: int | None, target_device: str | None, ctx: int,
           stats_path: Path | None, score: str, split_max_size: int | None, dry_run: bool, as_json: bool,
           force: bool) -> None:

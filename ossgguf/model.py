@@ -15,7 +15,6 @@ import numpy as np
 from gguf import GGUFValueType
 
 from ossgguf.gguf.values import KV, kv_array, kv_f32, kv_str, kv_u32
-from ossgguf.harmony.tokens import SPECIAL_TOKENS as HARMONY_SPECIAL_TOKENS  # noqa: F401 - for vocabularies
 
 from .errors import OssggufError
 
@@ -197,8 +196,9 @@ def router_names(n_layer: int) -> list[str]:
     return [f"blk.{i}.{ROUTER}.{w}" for i in range(n_layer) for w in ("weight", "bias")]
 
 
-def tensor_class(gguf_name: str) -> TensorClass:
-    """The class of any gpt-oss GGUF tensor name (also for names read back from a GGUF file)."""
+def tensor_class(gguf_name: str, other: Any = ...) -> TensorClass:
+    """The class of any gpt-oss GGUF tensor name (also for names read back from a GGUF file); for a
+    name gpt-oss does not have, `other` when given, else OssggufError."""
     if _EXPERT_WEIGHT.search(gguf_name):
         return TensorClass.EXPERT
     if gguf_name.endswith(".bias"):
@@ -207,6 +207,8 @@ def tensor_class(gguf_name: str) -> TensorClass:
     for name, cls in list(GLOBAL_TENSORS.values()) + list(LAYER_TENSORS.values()):
         if name == base:
             return cls
+    if other is not ...:
+        return other
     raise OssggufError(f"'{gguf_name}' is not a gpt-oss tensor name")
 
 
@@ -239,11 +241,16 @@ def arch_key(name: str) -> str:
     return f"{ARCH}.{name}"
 
 
+def is_gpt_oss(gguf: Any) -> bool:
+    """Whether a GGUF's metadata (anything with .get(key)) says gpt-oss."""
+    return gguf.get("general.architecture") == ARCH
+
+
 def check_gpt_oss(gguf: Any) -> None:
     """The one "is this gpt-oss" check of every command that reads a GGUF (`gguf`: an
     ossgguf.gguf.read.GgufSet, or anything with .get(key) and .path)."""
-    arch = gguf.get("general.architecture")
-    if arch != ARCH:
+    if not is_gpt_oss(gguf):
+        arch = gguf.get("general.architecture")
         raise OssggufError(f"{gguf.path} holds a '{arch}' model, not {ARCH}: ossgguf works only with gpt-oss "
                            f"GGUF files (general.architecture = {ARCH})")
 
@@ -306,7 +313,6 @@ O200K_PATTERN = (
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 LLAMA_PRE_TOKENIZER = "gpt-4o"
-
 # The harmony special tokens (names, gpt-oss's ids) are defined once, in ossgguf/harmony/tokens.py.
 
 

@@ -11,7 +11,6 @@ from gguf import GGUFValueType, LlamaFileType
 
 from ossgguf.gguf.read import GgufSet, read_gguf
 
-from ..errors import OssggufError
 from ..model import TensorClass, tensor_class
 
 MAX_ARRAY = 16  # longer arrays (tokens, merges, token types) are shown as their element type and count
@@ -26,13 +25,6 @@ def _value(kv) -> Any:
     if len(kv.value) > MAX_ARRAY:
         return {"array": kv.sub.name, "count": len(kv.value)}
     return kv.value.tolist() if isinstance(kv.value, np.ndarray) else list(kv.value)
-
-
-def _class(name: str) -> str:
-    try:
-        return tensor_class(name).value
-    except OssggufError:
-        return OTHER
 
 
 def _group(rows: list[tuple[str, str, int, int]]) -> dict[str, dict[str, Any]]:
@@ -51,7 +43,7 @@ def _group(rows: list[tuple[str, str, int, int]]) -> dict[str, dict[str, Any]]:
 def inspect_gguf(path: str | Path) -> dict[str, Any]:
     """Types, sizes and metadata of a GGUF file (all shards of a split set: pass any of them)."""
     src: GgufSet = read_gguf(path)
-    rows = [(_class(t.name), t.qtype.name, t.n_params, t.nbytes) for t in src.tensors]
+    rows = [(tensor_class(t.name, OTHER), t.qtype.name, t.n_params, t.nbytes) for t in src.tensors]
     by_class = _group(rows)
     order = [c.value for c in TensorClass] + [OTHER]
     ftype = src.get("general.file_type")

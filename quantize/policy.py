@@ -20,22 +20,19 @@ from .kernels import check_encodable
 
 AS_STORED = None  # keep the source's type (BF16 for gpt-oss's attention, embeddings and head)
 
-# recipe -> class -> type. Norms, sinks, biases and the router stay F32 in every recipe, as in
-# llama.cpp's own gpt-oss files.
+
+def _recipe(experts: Q, others: Q | None) -> dict[TensorClass, Q | None]:
+    """Experts in one type, attention, embeddings and head in another; norms, sinks, biases and the
+    router stay F32 in every recipe, as in llama.cpp's own gpt-oss files."""
+    return {TensorClass.EXPERT: experts, TensorClass.ATTENTION: others, TensorClass.EMBEDDING: others,
+            TensorClass.OUTPUT: others, TensorClass.ROUTER: Q.F32, TensorClass.NORM: Q.F32}
+
+
+# recipe -> class -> type
 RECIPES: dict[str, dict[TensorClass, Q | None]] = {
-    "mxfp4": {TensorClass.EXPERT: Q.MXFP4, TensorClass.ATTENTION: AS_STORED, TensorClass.EMBEDDING: AS_STORED,
-              TensorClass.OUTPUT: AS_STORED},
-    "mxfp4-q8": {TensorClass.EXPERT: Q.MXFP4, TensorClass.ATTENTION: Q.Q8_0, TensorClass.EMBEDDING: Q.Q8_0,
-                 TensorClass.OUTPUT: Q.Q8_0},
-    "q8_0": {TensorClass.EXPERT: Q.Q8_0, TensorClass.ATTENTION: Q.Q8_0, TensorClass.EMBEDDING: Q.Q8_0,
-             TensorClass.OUTPUT: Q.Q8_0},
-    "bf16": {TensorClass.EXPERT: Q.BF16, TensorClass.ATTENTION: Q.BF16, TensorClass.EMBEDDING: Q.BF16,
-             TensorClass.OUTPUT: Q.BF16},
-    "f16": {TensorClass.EXPERT: Q.F16, TensorClass.ATTENTION: Q.F16, TensorClass.EMBEDDING: Q.F16,
-            TensorClass.OUTPUT: Q.F16},
+    "mxfp4": _recipe(Q.MXFP4, AS_STORED), "mxfp4-q8": _recipe(Q.MXFP4, Q.Q8_0), "q8_0": _recipe(Q.Q8_0, Q.Q8_0),
+    "bf16": _recipe(Q.BF16, Q.BF16), "f16": _recipe(Q.F16, Q.F16),
 }
-for _r in RECIPES.values():
-    _r.update({TensorClass.ROUTER: Q.F32, TensorClass.NORM: Q.F32})
 DEFAULT_RECIPE = "mxfp4"
 
 # What llama-quantize falls back to when rows are not a multiple of 256 (tensor_type_fallback in
@@ -45,6 +42,8 @@ _FALLBACK = {
     Q.IQ2_XXS: Q.IQ4_NL, Q.IQ2_XS: Q.IQ4_NL, Q.IQ2_S: Q.IQ4_NL, Q.IQ3_XXS: Q.IQ4_NL, Q.IQ3_S: Q.IQ4_NL,
     Q.IQ1_S: Q.IQ4_NL, Q.IQ1_M: Q.IQ4_NL, Q.IQ4_XS: Q.IQ4_NL,
 }
+
+
 def parse_recipe(name: str) -> str:
     if name not in RECIPES:
         raise OssggufError(f"unknown recipe '{name}': use one of {', '.join(RECIPES)}")

@@ -1,8 +1,8 @@
 """Expert pruning: keep the K best experts of every layer (the `prune` command).
 
 llama.cpp needs the same expert count in every layer, so K is global and each layer keeps its own
-K experts, ranked by calibration statistics (runner.calibrate: REAP's router-weighted activation
-or selection frequency). Every tensor with an expert axis (dim 0 in numpy order, ne[last] in GGUF:
+K experts, ranked by calibration statistics (quantize/stats.py, recorded by `calibrate`: REAP's
+router-weighted activation or selection frequency). Every tensor with an expert axis (dim 0 in numpy order, ne[last] in GGUF:
 the three expert matrices, their biases, the router's rows and bias) is sliced expert by expert as
 raw bytes (each expert is one contiguous block, so quantized data is never decoded); the rest is
 copied. A WritePlan as convert's and quantize's: exact from the headers (this is --dry-run), written
@@ -30,7 +30,7 @@ from .. import limits
 from ..convert.output import WritePlan
 from ..errors import OssggufError
 from ..model import arch_key, has_expert_axis, layer_of, read_hparams
-from ..runner.calibrate import SCORES, ExpertStats, model_identity
+from .stats import SCORES, ExpertStats, model_identity
 
 COPY_BYTES = 16 * 1024 * 1024
 DEVICE_CTX = 32768  # --target-device plans for this context unless told

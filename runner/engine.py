@@ -83,12 +83,9 @@ class GenerationChunk:
 
 def _default_threads() -> int:
     """Physical cores where psutil can tell (hyper-threads slow memory-bound decoding), else all."""
-    try:
-        import psutil
+    import psutil  # a dependency (pyproject.toml)
 
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 @dataclass

@@ -18,12 +18,12 @@ from pathlib import Path
 from ossgguf import limits
 from ossgguf.errors import OssggufError
 from ossgguf.gguf.read import GgufSet, read_gguf
-from ossgguf.gguf.tensors import FLOAT_TYPES, Q, Tensor
+from ossgguf.gguf.tensors import FLOAT_TYPES, Q, Tensor, pad, tensor_bytes
 from ossgguf.limits import DEFAULT_CTX, UBATCH_DEFAULT, UBATCH_OFFLOAD
 from ossgguf.model import HParams, Offload, TensorClass, expert_offload, layer_of, read_hparams, tensor_class
 from ossgguf.sizes import parse_size as _parse_size
 
-from .plan_graph import _pad, compute_buffer_bytes
+from .plan_graph import compute_buffer_bytes
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class ModelInfo(HParams):
     def bytes_where(self, cls: TensorClass | None = None, layers: range | None = None,
                     align: int = 1) -> int:
         """Sum of tensor bytes (each padded to `align`, as a backend buffer lays them out)."""
-        return sum(_pad(t.nbytes, align) for t in self.tensors
+        return sum(pad(t.nbytes, align) for t in self.tensors
                    if (cls is None or _class(t.name) == cls) and (layers is None or _layer(t.name) in layers))
 
     def expert_weights(self, layer: int) -> list[Tensor]:
@@ -223,8 +223,8 @@ class Plan:
 
 def kv_cells(model: ModelInfo, n_ctx: int, n_ubatch: int) -> tuple[int, int]:
     """(full-attention cells, sliding-window cells) as llama.cpp 0.3.36 sizes them (swa_full=False)."""
-    full = _pad(n_ctx, 256)
-    swa = min(full, _pad(model.n_swa + min(n_ubatch, full), 256))
+    full = pad(n_ctx, 256)
+    swa = min(full, pad(model.n_swa + min(n_ubatch, full), 256))
     return full, swa
 
 
@@ -249,7 +249,7 @@ def estimate(model: ModelInfo, devices: Devices, n_ctx: int, n_cpu_moe: int, *, 
     embd = model.bytes_where(TensorClass.EMBEDDING, align=CPU_ALIGN)
     if use_gpu:
         cpu_exp = model.bytes_where(TensorClass.EXPERT, cpu_layers, CPU_ALIGN)
-        gpu_w = sum(_pad(t.nbytes, g_align) for t in model.tensors if _class(t.name) != TensorClass.EMBEDDING
+        gpu_w = sum(pad(t.nbytes, g_align) for t in model.tensors if _class(t.name) != TensorClass.EMBEDDING
                     and not (_class(t.name) == TensorClass.EXPERT and _layer(t.name) in cpu_layers))
         bufs.append(Buffer("cpu", "model", embd, "token embeddings (llama.cpp keeps the input layer in RAM)"))
         if cpu_exp:
@@ -379,10 +379,10 @@ def alternatives(m: ModelInfo, d: Devices, n_ctx: int, kw: dict) -> list[str]:
     # RAM short by this much with every expert in RAM (the placement needing the least GPU)
     least = estimate(m, d, n_ctx, m.n_layer, gpu=d.has_gpu, **kw)
     short = least.cpu_bytes + (least.gpu_bytes if d.unified else 0) - d.ram_budget
-    wide = sum(t.nbytes for t in m.tensors if t.qtype in FLOAT_TYPES
-               and _class(t.name) in (TensorClass.ATTENTION, TensorClass.EMBEDDING, TensorClass.OUTPUT))
+    wide = [t for t in m.tensors if t.qtype in FLOAT_TYPES
+            and _class(t.name) in (TensorClass.ATTENTION, TensorClass.EMBEDDING, TensorClass.OUTPUT)]
     if wide:
-        saving = wide - wide * 34 // 64  # Q8_0: 34 bytes per 32 values
+        saving = sum(t.nbytes - tensor_bytes(Q.Q8_0, t.shape) for t in wide)
         out.append(f"the mxfp4-q8 recipe (Q8_0 attention, embeddings and head) saves {_gb(saving)}"
                    + (" and would fit" if 0 < short <= saving else ""))
     exp = m.bytes_where(TensorClass.EXPERT)

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ossgguf.gguf.tensors import pad
+
 if TYPE_CHECKING:
     from .plan import ModelInfo
-
-
-def _pad(n: int, align: int) -> int:
-    return (n + align - 1) // align * align
 
 
 class _Allocator:
@@ -25,7 +23,7 @@ class _Allocator:
         self.align, self.blocks, self.tail, self.max = align, [], 0, 0  # inner free blocks (offset, size)
 
     def alloc(self, size: int) -> int:
-        size = _pad(size, self.align)
+        size = pad(size, self.align)
         fit = [i for i, (_, s) in enumerate(self.blocks) if s >= size]
         if fit:
             i = min(reversed(fit), key=lambda j: self.blocks[j][1])
@@ -37,7 +35,7 @@ class _Allocator:
         return off
 
     def free(self, off: int, size: int) -> None:
-        blocks = sorted([*self.blocks, (off, _pad(size, self.align))])
+        blocks = sorted([*self.blocks, (off, pad(size, self.align))])
         merged: list[tuple[int, int]] = []
         for o, s in blocks:
             if merged and sum(merged[-1]) == o:

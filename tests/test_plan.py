@@ -183,8 +183,16 @@ def test_json_is_complete_also_when_it_does_not_fit(g120):
     p = plan(g120, PlacementOptions(gpu_mem=8 * GiB, ram=64 * GiB, ctx=131072))
     doc = json.loads(json.dumps(p.to_json()))
     assert doc["fits"] is False
-    for k in ("n_cpu_moe", "gpu_bytes", "cpu_bytes", "kv_bytes", "compute_bytes"):
-        assert isinstance(doc[k], int) and doc[k] >= 0
+    by = lambda device=None, kind=None: sum(b["bytes"] for b in doc["buffers"]  # noqa: E731
+                                            if device in (None, b["device"]) and kind in (None, b["kind"]))
+    assert (doc["gpu_bytes"], doc["cpu_bytes"]) == (by("gpu"), by("cpu")) and doc["gpu_bytes"] > doc["gpu_budget"]
+    assert (doc["kv_bytes"], doc["compute_bytes"]) == (by(kind="kv"), by(kind="compute"))
+    # llama.cpp's iSWA cache (swa_full off): f16 K and V of 8 heads x 64 per cell; 18 full layers hold
+    # the whole context, 18 sliding ones the 128-token window plus a batch, in cells of 256
+    assert doc["kv_bytes"] == 8 * (64 + 64) * 2 * (18 * 131072 + 18 * -(-(128 + doc["n_ubatch"]) // 256) * 256)
+    # the least GPU a plan can ask for: every layer's expert weights in RAM, one override for all
+    assert doc["placement"] == "none" and doc["n_cpu_moe"] == 36
+    assert doc["overrides"] == [r"\.ffn_(up|down|gate)_exps\.weight=CPU"]
     assert isinstance(doc["overrides"], list) and isinstance(doc["notes"], list)
     assert "fits with --ctx 65536" in doc["notes"]
 

@@ -17,17 +17,15 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFValueType
+from gguf import GGUFValueType
 
 from ossgguf.errors import OssggufError
 from ossgguf.gguf.split import MIXED, check_split_set, shard_paths
-from ossgguf.gguf.tensors import Q, Tensor
+from ossgguf.gguf.tensors import Q, Tensor, block_size, pad
 from ossgguf.gguf.values import DTYPES, KV
-from ossgguf.model import ARCH, TensorClass, layer_of, tensor_class
+from ossgguf.gguf.write import ALIGNMENT, ALIGNMENT_KEY, GGUF_MAGIC
+from ossgguf.model import TensorClass, arch_key, is_gpt_oss, layer_of, tensor_class
 
-MAGIC = b"GGUF"
-ALIGNMENT_KEY = "general.alignment"
-DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME = 64  # GGML_MAX_NAME: names must be shorter
 INT64_MAX = 2**63 - 1
@@ -131,15 +129,11 @@ def _value_type(n: int) -> GGUFValueType:
         raise ValueError(f"unknown value type {n}") from None
 
 
-def _pad(n: int, align: int) -> int:
-    return -(-n // align) * align
-
-
 def _alignment(path: Path, kvs: dict[str, KV]) -> int:
     """general.alignment as llama.cpp's loader takes it: a UINT32 power of two, or absent (32)."""
     kv = kvs.get(ALIGNMENT_KEY)
     if kv is None:
-        return DEFAULT_ALIGNMENT
+        return ALIGNMENT
     v = kv.value
     if kv.type != GGUFValueType.UINT32 or v <= 0 or v & (v - 1):
         shown = f"{v!r}" if kv.type != GGUFValueType.ARRAY else "an array"
@@ -156,7 +150,7 @@ def _tensor(path: Path, name: str, ne: list[int], qtype: int, offset: int) -> Te
 
     try:
         q = Q(qtype)
-        block = GGML_QUANT_SIZES[q][0]
+        block = block_size(q)
     except (ValueError, KeyError):
         raise bad(f"has unknown type {qtype}") from None
     if any(d > INT64_MAX for d in ne):  # llama.cpp reads ne as int64: these are negative
@@ -183,7 +177,7 @@ def read_gguf_file(path: str | Path) -> GgufFile:
     with f:
         c = _Cursor(f, size)
         try:
-            if bytes(c.take(4)) != MAGIC:
+            if bytes(c.take(4)) != GGUF_MAGIC:
                 raise OssggufError(f"{path} is not a GGUF file (no GGUF magic): pass a .gguf that "
                                    "`ossgguf convert` or llama.cpp wrote")
             version = c.u32()
@@ -232,7 +226,7 @@ def read_gguf_file(path: str | Path) -> GgufFile:
         except (ValueError, OverflowError, MemoryError) as e:
             raise OssggufError(f"{path} has a corrupt or unsupported GGUF header ({e})") from None
     align = _alignment(path, kvs)
-    data_offset = _pad(consumed, align)
+    data_offset = pad(consumed, align)
     tensors = []
     expect = 0  # llama.cpp requires the tensors' data in header order, each padded to the alignment
     for name, ne, qtype, rel in raw:
@@ -247,7 +241,7 @@ def read_gguf_file(path: str | Path) -> GgufFile:
         if t.offset + t.nbytes > size:
             raise OssggufError(f"{path} is truncated: tensor '{name}' ends at byte {t.offset + t.nbytes:,} of a "
                                f"{size:,}-byte file (an interrupted write or download?): write or fetch it again")
-        expect += _pad(t.nbytes, align)
+        expect += pad(t.nbytes, align)
         tensors.append(t)
     return GgufFile(path, size, kvs, tensors, data_offset)
 
@@ -256,26 +250,19 @@ def _check_gpt_oss_shapes(files: list[GgufFile]) -> None:
     """A gpt-oss set's tensors must fit its first shard's block and expert counts: shards of a 20b and a
     120b model (24 and 36 layers, 32 and 128 experts) mixed in one set break this."""
     first = files[0]
-    if first.get("general.architecture") != ARCH:
+    if not is_gpt_oss(first):
         return
-    n_layer, n_expert = first.get(f"{ARCH}.block_count"), first.get(f"{ARCH}.expert_count")
+    n_layer, n_expert = first.get(arch_key("block_count")), first.get(arch_key("expert_count"))
     todo = MIXED if len(files) > 1 else "the metadata does not match the tensors; write the file again"
     for f in files:
         for t in f.tensors:
             layer = layer_of(t.name)
             if n_layer is not None and layer is not None and layer >= n_layer:
                 raise OssggufError(f"{f.path}: tensor '{t.name}' is in layer {layer}, but {first.path.name} has "
-                                   f"{ARCH}.block_count {n_layer}: {todo}")
-            if n_expert is not None and len(t.shape) == 3 and t.shape[0] != n_expert and _is_expert(t.name):
+                                   f"{arch_key('block_count')} {n_layer}: {todo}")
+            if n_expert is not None and len(t.shape) == 3 and t.shape[0] != n_expert and tensor_class(t.name, None) == TensorClass.EXPERT:
                 raise OssggufError(f"{f.path}: tensor '{t.name}' holds {t.shape[0]} experts, but {first.path.name} "
-                                   f"has {ARCH}.expert_count {n_expert}: {todo}")
-
-
-def _is_expert(name: str) -> bool:
-    try:
-        return tensor_class(name) == TensorClass.EXPERT
-    except OssggufError:
-        return False
+                                   f"has {arch_key('expert_count')} {n_expert}: {todo}")
 
 
 def read_gguf(path: str | Path) -> GgufSet:

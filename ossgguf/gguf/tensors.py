@@ -31,6 +31,11 @@ SUPPORTED_TYPES = FLOAT_TYPES + (Q.MXFP4,) + (
 IMATRIX_TYPES = (Q.IQ2_XXS, Q.IQ2_XS, Q.IQ1_S)
 
 
+def pad(n: int, align: int) -> int:
+    """`n` rounded up to a multiple of `align` (GGUF data, ggml buffers)."""
+    return -(-n // align) * align
+
+
 def block_size(qtype: Q) -> int:
     return GGML_QUANT_SIZES[qtype][0]
 

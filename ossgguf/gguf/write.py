@@ -24,7 +24,7 @@ from gguf import GGUFValueType
 
 from ossgguf.errors import OssggufError
 from ossgguf.gguf.split import SPLIT_COUNT, SPLIT_ID, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSORS, shard_names
-from ossgguf.gguf.tensors import Tensor
+from ossgguf.gguf.tensors import Tensor, pad
 from ossgguf.gguf.values import DTYPES, KV, kv_i32, kv_str
 from ossgguf.limits import FILE_SIZE
 from ossgguf.sizes import human_size
@@ -61,10 +61,6 @@ def refuse_inputs(shards: list[Shard], inputs: Iterable[Path], what: str) -> Non
         raise OssggufError(f"the output {clash[0]} is {what}: write to another path with -o")
 
 
-def _align(n: int) -> int:
-    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
-
-
 def _pack_str(s: str) -> bytes:
     b = s.encode("utf-8")
     return struct.pack("<Q", len(b)) + b
@@ -91,9 +87,9 @@ def _header(kvs: dict[str, KV], tensors: list[Tensor], magic: bytes = GGUF_MAGIC
         dims = tuple(reversed(t.shape))
         parts += [_pack_str(t.name), struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, t.qtype, rel)]
         offsets[t.name] = rel
-        rel += _align(t.nbytes)
+        rel += pad(t.nbytes, ALIGNMENT)
     head = b"".join(parts)
-    return head + b"\0" * (_align(len(head)) - len(head)), offsets
+    return head + b"\0" * (pad(len(head), ALIGNMENT) - len(head)), offsets
 
 
 def plan_layout(kvs: dict[str, KV], tensors: list[Tensor], out: Path, split_max_size: int | None = None) -> list[Shard]:
@@ -115,7 +111,7 @@ def plan_layout(kvs: dict[str, KV], tensors: list[Tensor], out: Path, split_max_
         size = len(_header({**kvs, **split_kv}, [])[0])
         for t in tensors:
             ti = len(_pack_str(t.name)) + 4 + 8 * len(t.shape) + 12
-            need = ti + _align(t.nbytes) + ALIGNMENT
+            need = ti + pad(t.nbytes, ALIGNMENT) + ALIGNMENT
             if groups[-1] and size + need > split_max_size:
                 groups.append([])
                 size = len(_header(split_kv, [])[0])
@@ -131,7 +127,7 @@ def plan_layout(kvs: dict[str, KV], tensors: list[Tensor], out: Path, split_max_
             meta.update({SPLIT_NO: KV(GGUFValueType.UINT16, i), SPLIT_COUNT: KV(GGUFValueType.UINT16, len(groups)),
                          SPLIT_TENSORS: kv_i32(len(tensors)), SPLIT_ID: split_id})
         header, rel = _header(meta, group)
-        size = len(header) + sum(_align(t.nbytes) for t in group)
+        size = len(header) + sum(pad(t.nbytes, ALIGNMENT) for t in group)
         shards.append(Shard(path, group, header, {k: len(header) + v for k, v in rel.items()}, size))
     return shards
 
