@@ -1,5 +1,8 @@
 # Each target sets itself up: a fresh clone needs only `make demo` or `make test`.
 PY ?= python3
+# llama.cpp backend: auto picks CUDA when a GPU and nvcc are found, Metal on macOS, else the CPU
+# (ossgguf/build.py); `make setup GPU=cuda|metal|vulkan|rocm|cpu` forces one and rebuilds.
+GPU ?= auto
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -7,12 +10,15 @@ STAMP := $(VENV)/.installed
 .PHONY: setup test demo bench lint clean
 
 setup: $(STAMP)
+	@$(BIN)/python ossgguf/build.py --gpu $(GPU) --venv $(VENV)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml ossgguf/build.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# llama-cpp-python compiles llama.cpp (~5 min on 2 cores the first time; pip caches the wheel).
-	$(BIN)/pip install -e '.[dev,server]'
+	# llama.cpp for this machine's backend, RPC included (~5 min on 2 cores the first time; the
+	# wheel is kept in ~/.cache/ossgguf/wheels, keyed by its build flags).
+	$(BIN)/python ossgguf/build.py --gpu $(GPU) --venv $(VENV)
+	$(BIN)/pip install -e '.[dev,server,tools]'
 	$(MAKE) --no-print-directory $(REFCONV) || echo "note: llama.cpp's converter not fetched; the tests that compare with it fetch it (tests/llama_source.py) or fail"
 	touch $(STAMP)
 

@@ -19,7 +19,7 @@ from ossgguf.gguf.write import plan_layout, refuse_inputs
 
 from ..model import OutTensor, conversion_table, gguf_metadata
 from ..quantize import mxfp4
-from ..quantize.encode import encode, transcode
+from ..quantize.encode import decode, encode, transcode
 from ..quantize.policy import DEFAULT_RECIPE, choose_types, file_type, parse_overrides
 from .checkpoint import Checkpoint, checkpoint_license, load_checkpoint
 from .output import WritePlan, WriteReport
@@ -38,10 +38,17 @@ def _stored_type(ckpt: Checkpoint, t: OutTensor) -> Q:
 
 def plan_conversion(src: str | Path, out: str | Path, recipe: str = DEFAULT_RECIPE, tensor_types: tuple[str, ...] = (),
                     split_max_size: int | None = None, allow_fallback: bool = False,
-                    source_repo: str | None = None, name: str | None = None) -> WritePlan:
-    """Everything a conversion will do, decided from headers alone (this is --dry-run)."""
+                    source_repo: str | None = None, name: str | None = None,
+                    merge_lora: str | Path | None = None) -> WritePlan:
+    """Everything a conversion will do, decided from headers alone (this is --dry-run). `merge_lora`: a PEFT
+    LoRA adapter folder added into the weights (convert/merge.py)."""
     ckpt = load_checkpoint(src)
     cfg = ckpt.config
+    merge = None
+    if merge_lora is not None:
+        from .merge import plan_merge
+
+        merge = plan_merge(merge_lora, cfg, ckpt.path)
     table = conversion_table(cfg, ckpt.layout)
     choices = choose_types([(t.name, t.cls, t.shape, _stored_type(ckpt, t)) for t in table], recipe,
                            parse_overrides(tensor_types), allow_fallback)
@@ -56,13 +63,20 @@ def plan_conversion(src: str | Path, out: str | Path, recipe: str = DEFAULT_RECI
                          split_max_size)
     refuse_inputs(shards, [*ckpt.files, *(f for f in ckpt.path.iterdir() if f.is_file())], "a file of the checkpoint")
     types = {n: c.qtype for n, c in by_name.items()}
-    return WritePlan("convert", shards, ckpt.files, functools.partial(_tasks, ckpt, table, types), by_name,
-                     {"recipe": recipe})
+    plan = WritePlan("convert", shards, ckpt.files, functools.partial(_tasks, ckpt, table, types, merge=merge),
+                     by_name, {"recipe": recipe})
+    if merge is not None:
+        refuse_inputs(shards, merge.files, "a file of the adapter")
+        plan.sources = [*ckpt.files, *merge.files]
+        plan.facts["merge_lora"] = {"adapter": str(merge.adapter.path), "tensors": sorted(merge.pairs)}
+        plan.notes.append(f"merging the LoRA adapter {merge.adapter.path} into {len(merge.pairs)} tensor(s)")
+        plan.after_run = merge.stats.lines
+    return plan
 
 
 # --- producers: tasks that each read one slice and return (output name, byte offset, bytes) ------
 
-def _copy(reader: TensorReader, t: OutTensor, qtype: Q) -> Iterator[Task]:
+def _copy(reader: TensorReader, t: OutTensor, qtype: Q, merge=None) -> Iterator[Task]:
     e = reader.entries[t.source]
     if len(e.shape) == 1:  # small 1-D tensors: one slice
         yield lambda: [(t.name, 0, transcode(reader.read(t.source), Q[e.dtype], qtype, e.shape[-1]))]
@@ -73,7 +87,11 @@ def _copy(reader: TensorReader, t: OutTensor, qtype: Q) -> Iterator[Task]:
         n = min(per, rows - start)
 
         def task(start=start, n=n) -> list[Chunk]:
-            data = transcode(reader.read(t.source, start, n), Q[e.dtype], qtype, e.shape[-1])
+            raw = reader.read(t.source, start, n)
+            if merge is not None and t.name in merge:
+                data = merge.merged(t.name, decode(raw, Q[e.dtype], e.shape[-1]), qtype, slice(start, start + n))
+            else:
+                data = transcode(raw, Q[e.dtype], qtype, e.shape[-1])
             return [(t.name, start * (data.nbytes // n), data)]
 
         yield task
@@ -94,7 +112,7 @@ def _rows(part: str | None) -> slice:
     return slice(None) if part in (None, "down") else slice(0 if part == "gate" else 1, None, 2)
 
 
-def _experts_mxfp4(reader: TensorReader, outs: list[OutTensor], types: dict[str, Q]) -> Iterator[Task]:
+def _experts_mxfp4(reader: TensorReader, outs: list[OutTensor], types: dict[str, Q], merge=None) -> Iterator[Task]:
     bname, sname = outs[0].source + "_blocks", outs[0].source + "_scales"
     for x in range(reader.entries[bname].shape[0]):
 
@@ -103,7 +121,10 @@ def _experts_mxfp4(reader: TensorReader, outs: list[OutTensor], types: dict[str,
             chunks = []
             for t in outs:
                 b, s = blocks[_rows(t.part)], scales[_rows(t.part)]
-                if types[t.name] == Q.MXFP4:
+                if merge is not None and t.name in merge:  # no longer MXFP4 values: quantized again
+                    data = merge.merged(t.name, mxfp4.dequantize_hf(b, s).reshape(b.shape[0], -1), types[t.name],
+                                        slice(None), x)
+                elif types[t.name] == Q.MXFP4:
                     data = mxfp4.repack_hf_to_ggml(b, s)  # bit for bit
                 else:
                     data = encode(mxfp4.dequantize_hf(b, s), types[t.name])
@@ -113,7 +134,7 @@ def _experts_mxfp4(reader: TensorReader, outs: list[OutTensor], types: dict[str,
         yield task
 
 
-def _experts_dense(reader: TensorReader, outs: list[OutTensor], types: dict[str, Q]) -> Iterator[Task]:
+def _experts_dense(reader: TensorReader, outs: list[OutTensor], types: dict[str, Q], merge=None) -> Iterator[Task]:
     e = reader.entries[outs[0].source]
     for x in range(e.shape[0]):
 
@@ -121,19 +142,27 @@ def _experts_dense(reader: TensorReader, outs: list[OutTensor], types: dict[str,
             w = reader.read(e.name, x, 1)[0].T  # [in, out] -> [out, in]: GGUF rows are output features
             chunks = []
             for t in outs:
-                data = transcode(np.ascontiguousarray(w[_rows(t.part)]), Q[e.dtype], types[t.name], w.shape[1])
+                rows = np.ascontiguousarray(w[_rows(t.part)])
+                if merge is not None and t.name in merge:
+                    data = merge.merged(t.name, decode(rows, Q[e.dtype], w.shape[1]), types[t.name], slice(None), x)
+                    chunks.append((t.name, x * data.nbytes, data))
+                    continue
+                data = transcode(rows, Q[e.dtype], types[t.name], w.shape[1])
                 chunks.append((t.name, x * data.nbytes, data))
             return chunks
 
         yield task
 
 
-def _tasks(ckpt: Checkpoint, table: list[OutTensor], types: dict[str, Q], files: FileReader) -> Iterator[Task]:
+def _tasks(ckpt: Checkpoint, table: list[OutTensor], types: dict[str, Q], files: FileReader,
+           merge=None) -> Iterator[Task]:
     reader = TensorReader(ckpt.entries, files)
+    if merge is not None:
+        merge.bind(files)
     groups: dict[tuple[str, str], list[OutTensor]] = {}
     for t in table:
         if t.kind == "copy":
-            yield from _copy(reader, t, types[t.name])
+            yield from _copy(reader, t, types[t.name], merge)
             continue
         group = groups.setdefault((t.kind, t.source), [])
         group.append(t)
@@ -142,15 +171,16 @@ def _tasks(ckpt: Checkpoint, table: list[OutTensor], types: dict[str, Q], files:
         if t.kind == "bias_part":
             yield from _bias_parts(reader, group, types)
         elif ckpt.layout == "mxfp4":
-            yield from _experts_mxfp4(reader, group, types)
+            yield from _experts_mxfp4(reader, group, types, merge)
         else:
-            yield from _experts_dense(reader, group, types)
+            yield from _experts_dense(reader, group, types, merge)
 
 
 def convert(src: str | Path, out: str | Path, recipe: str = DEFAULT_RECIPE, tensor_types: tuple[str, ...] = (),
             split_max_size: int | None = None, allow_fallback: bool = False, dry_run: bool = False,
             force: bool = False, progress: Callable[[int], None] | None = None,
-            source_repo: str | None = None) -> WriteReport:
+            source_repo: str | None = None, merge_lora: str | Path | None = None) -> WriteReport:
     """Convert a gpt-oss checkpoint folder to GGUF: plan_conversion, then (unless dry_run) its run()."""
-    plan = plan_conversion(src, out, recipe, tensor_types, split_max_size, allow_fallback, source_repo)
+    plan = plan_conversion(src, out, recipe, tensor_types, split_max_size, allow_fallback, source_repo,
+                           merge_lora=merge_lora)
     return WriteReport(plan) if dry_run else plan.run(force=force, progress=progress)

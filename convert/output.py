@@ -38,6 +38,7 @@ class WritePlan:
     facts: dict[str, Any] = field(default_factory=dict)  # the command's own --dry-run --json fields
     notes: list[str] = field(default_factory=list)  # ... and summary lines
     refusal: str | None = None  # why this plan can be shown but not written
+    after_run: Callable[[], list[str]] | None = field(default=None, repr=False)  # summary lines measured while writing
 
     @property
     def tensors(self) -> list[Tensor]:
@@ -80,6 +81,8 @@ class WritePlan:
                      + ", ".join(str(s.path) for s in self.shards))
         lines += [f"fallback: {c.name} asked {c.requested.name}, stored as {c.qtype.name} (rows do not fit)"
                   for c in self.choices.values() if c.fell_back]
+        if report is not None and self.after_run is not None:
+            lines += self.after_run()
         if report is not None and report.seconds:
             lines.append(f"{report.seconds:.1f} s, {report.gbps:.2f} GB/s, peak RSS {report.peak_rss / 2**20:.0f} MiB")
         return "\n".join(lines)

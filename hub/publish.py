@@ -183,7 +183,13 @@ def plan_publish(path: str | Path, repo_id: str, *, private: bool = False, revis
         g = read_gguf(files[0])
         check_gpt_oss(g)
         models.append((split_name(g.path.name)[0], g, ""))
-    models = [(m, g, str(g.get(RECIPE_KEY) or infer_recipe(g.tensors))) for m, g, _ in models]
+    from .adapter import adapter_card, is_adapter
+
+    adapters = [is_adapter(g) for _, g, _ in models]
+    if any(adapters) and not all(adapters):
+        raise OssggufError(f"{path} mixes LoRA adapters and models: publish them to separate repos")
+    models = [(m, g, "lora" if is_adapter(g) else str(g.get(RECIPE_KEY) or infer_recipe(g.tensors)))
+              for m, g, _ in models]
     for _, g, recipe in models:
         for f in g.files:
             if f.size > max_file_size:
@@ -196,13 +202,15 @@ def plan_publish(path: str | Path, repo_id: str, *, private: bool = False, revis
     base = base_model or next((b for _, g, _ in models if (b := base_model_of(g))), None)
     if base is None:
         notes.append("base model unknown (no general.source.repo_url in the GGUF): pass --base-model")
-    notes += [n for m, g, recipe in models if (n := name_note(m, len(g.files), recipe, base, g))]
+    notes += [n for m, g, recipe in models if not all(adapters) and (n := name_note(m, len(g.files), recipe, base, g))]
     for n in notes:
         log.warning("%s", n)
     recipes = [recipe for _, _, recipe in models]
     main_recipe = max(recipes, key=recipes.count)
-    card = model_card(entries, base, main_recipe, quantized_by or repo_id.split("/")[0], compare, plan_hints,
-                      license=str(models[0][1].get("general.license") or "apache-2.0"), repo_id=repo_id)
+    license = str(models[0][1].get("general.license") or "apache-2.0")
+    card = adapter_card(entries, base, repo_id, license) if all(adapters) else \
+        model_card(entries, base, main_recipe, quantized_by or repo_id.split("/")[0], compare, plan_hints,
+                   license=license, repo_id=repo_id)
     message = commit_message or f"Upload {', '.join(sorted(set(recipes)))} GGUF ({len(entries)} file(s))"
     return PublishPlan(repo_id, entries, card, private, revision, message, dry_run, notes=notes)
 

@@ -81,6 +81,18 @@ class Size(click.ParamType):
 FILE_SIZE = Size(limits.FILE_SIZE)
 
 
+class GpuSizes(Size):
+    """--gpu-mem: one size, or one per GPU in llama.cpp's device order (24GiB,24GiB) -> int or tuple."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, tuple)) or "," not in value:
+            return super().convert(value, param, ctx)
+        sizes = tuple(super(GpuSizes, self).convert(v.strip(), param, ctx) for v in value.split(","))
+        if 0 in sizes:
+            self.fail(f"{value!r}: a list of GPU sizes has no 0 (give 0 alone for no GPU)", param, ctx)
+        return sizes
+
+
 def _options(*opts):
     """A decorator adding click options in the order given (for option groups several commands share)."""
     def deco(f):
@@ -209,8 +221,10 @@ def download(repo_id: str, revision: str | None, local_dir: Path | None, token: 
 @click.argument("src")
 @write_options
 @type_options(required=False)
+@click.option("--merge-lora", metavar="ADAPTER", help="Merge a PEFT LoRA adapter (folder or repo id) into the "
+              "weights; merged experts are quantized again and their error reported (docs/lora.md).")
 def convert(src: str, out: Path, recipe: str, tensor_types: tuple[str, ...], split_max_size: int | None,
-            allow_fallback: bool, dry_run: bool, as_json: bool, force: bool) -> None:
+            allow_fallback: bool, dry_run: bool, as_json: bool, force: bool, merge_lora: str | None) -> None:
     """Convert a Hugging Face gpt-oss checkpoint (folder or repo id) to GGUF.
 
     MXFP4 experts are copied bit for bit; everything streams, so memory stays small whatever the
@@ -226,8 +240,43 @@ def convert(src: str, out: Path, recipe: str, tensor_types: tuple[str, ...], spl
     from .hub.download import resolve_source
 
     path, repo = resolve_source(src)
-    _write(plan_conversion(path, out, recipe, tensor_types, split_max_size, allow_fallback, source_repo=repo),
-           dry_run, as_json, force)
+    if merge_lora is not None:
+        from .hub.adapter import resolve_adapter
+
+        merge_lora = resolve_adapter(merge_lora)[0]
+    _write(plan_conversion(path, out, recipe, tensor_types, split_max_size, allow_fallback, source_repo=repo,
+                           merge_lora=merge_lora), dry_run, as_json, force)
+
+
+@cli.command("convert-lora")
+@click.argument("adapter")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The GGUF adapter to write.")
+@click.option("--base", type=click.Path(exists=True, path_type=Path),
+              help="The base model: its GGUF or checkpoint folder (default: the adapter's base_model_name_or_path).")
+@click.option("--allow-other-base", is_flag=True,
+              help="Accept a base whose repo differs from the adapter's base_model_name_or_path (shapes still checked).")
+@click.option("--dry-run", is_flag=True, help="Plan only: print what would be written, write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable plan on stdout.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+def convert_lora(adapter: str, out: Path, base: Path | None, allow_other_base: bool, dry_run: bool, as_json: bool,
+                 force: bool) -> None:
+    """Convert a PEFT LoRA adapter of gpt-oss (folder or repo id) to a GGUF adapter for `--lora`.
+
+    Attention, router, LM head and expert (target_parameters) adapters; the adapter is checked against
+    the base's shapes. DoRA and other LoRA variants are refused.
+
+    \b
+    Examples:
+      ossgguf convert-lora ./my-adapter -o my-adapter.gguf --base gpt-oss-20b-mxfp4.gguf
+      ossgguf convert-lora someone/gpt-oss-20b-lora -o lora.gguf --dry-run --json
+      ossgguf run gpt-oss-20b-mxfp4.gguf --lora my-adapter.gguf -p "Hi"
+    """
+    from .convert.lora import plan_lora
+    from .hub.adapter import resolve_adapter
+
+    path, repo = resolve_adapter(adapter)
+    _write(plan_lora(path, out, base, allow_other_base=allow_other_base, source_repo=repo), dry_run, as_json, force)
 
 
 @cli.command()
@@ -267,6 +316,21 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
     click.echo(json.dumps(info, indent=1) if as_json else format_inspect(info))
 
 
+def _parse_loras(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple:
+    from .runner.lora import parse_lora
+
+    try:
+        return tuple(parse_lora(v) for v in values)
+    except OssggufError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def lora_option(help: str = "Apply a LoRA adapter (from `ossgguf convert-lora`) at SCALE (default 1); "
+                            "repeatable (docs/lora.md)."):
+    return click.option("--lora", "lora", multiple=True, metavar="ADAPTER.gguf[:SCALE]", callback=_parse_loras,
+                        help=help)
+
+
 @cli.command()
 @click.argument("reference", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("candidate", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -274,28 +338,54 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
 @click.option("--ctx", type=_number(limits.CTX), default=limits.COMPARE_CTX, show_default=True, help="Tokens evaluated.")
 @click.option("--threads", type=_number(limits.THREADS), help="CPU threads (default: llama.cpp's).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--rpc", metavar="HOST:PORT,...", help="Run CANDIDATE on these `ossgguf worker`s (REFERENCE runs "
+              "here): checks a multi-machine setup against a local run (docs/rpc.md).")
+@lora_option("Apply a LoRA adapter to CANDIDATE at SCALE (default 1); repeatable.")
+@click.option("--ref-lora", "ref_lora", multiple=True, metavar="ADAPTER.gguf[:SCALE]", callback=_parse_loras,
+              help="Apply a LoRA adapter to REFERENCE; repeatable.")
 def compare(reference: Path, candidate: Path, text_file: str | None, ctx: int, threads: int | None,
-            as_json: bool) -> None:
+            as_json: bool, rpc: str | None, lora: tuple, ref_lora: tuple) -> None:
     """Quality of CANDIDATE against REFERENCE on the same tokens: KL divergence, top-1 agreement,
     logit cosine (as llama.cpp's perplexity --kl-divergence).
 
     \b
-    Example:
+    Examples:
       ossgguf compare gpt-oss-20b-bf16.gguf gpt-oss-20b-mxfp4-q8.gguf --text wiki.txt
+      ossgguf compare model.gguf model.gguf --rpc 192.168.1.20:50052
+      ossgguf compare base.gguf base.gguf --lora my-adapter.gguf        # how far the adapter moves it
     """
     from .quantize.compare import compare as run_compare
     from .quantize.compare import format_compare, read_text_file
 
     text = read_text_file(text_file) if text_file else None
-    r = run_compare(reference, candidate, text=text, n_ctx=ctx, threads=threads)
+    r = run_compare(reference, candidate, text=text, n_ctx=ctx, threads=threads, rpc=rpc, lora=lora,
+                    ref_lora=ref_lora)
     click.echo(json.dumps(r, indent=1) if as_json else format_compare(r))
+
+
+class Bandwidths(click.ParamType):
+    """A rate such as 90GB/s (decimal, as vendors quote bandwidth), or a comma list: bytes/s."""
+
+    name = "rate"
+
+    def convert(self, value, param, ctx) -> tuple[float, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            out = tuple(float(parse_size(v.strip().removesuffix("/s"), 1000)) for v in value.split(","))
+        except OssggufError as e:
+            self.fail(f"{value!r}: {e} (e.g. 90GB/s)", param, ctx)
+        if not all(v > 0 for v in out):
+            self.fail(f"{value!r}: a bandwidth must be greater than 0", param, ctx)
+        return out
 
 
 def placement_options(f):
     """The placement flags of every command that loads a model (runner.plan.PlacementOptions)."""
     opts = [
-        click.option("--gpu-mem", type=Size(limits.GPU_MEM, memory=True), metavar="SIZE",
-                     help="GPU memory to plan for, e.g. 24GiB (0: no GPU; default: detect)."),
+        click.option("--gpu-mem", type=GpuSizes(limits.GPU_MEM, memory=True), metavar="SIZE[,SIZE...]",
+                     help="GPU memory to plan for, e.g. 24GiB, or one size per GPU: 24GiB,24GiB "
+                     "(0: no GPU; default: detect)."),
         click.option("--ram", type=Size(limits.MEMORY, memory=True), metavar="SIZE",
                      help="System RAM to plan for (default: this machine's)."),
         click.option("--unified", type=Size(limits.MEMORY, memory=True), metavar="SIZE",
@@ -308,39 +398,73 @@ def placement_options(f):
         click.option("--ubatch", type=_number(limits.UBATCH), help=f"Prompt micro-batch (default: "
                      f"{limits.UBATCH_OFFLOAD} with experts in RAM, else {limits.UBATCH_DEFAULT})."),
         click.option("--threads", type=_number(limits.THREADS), help="CPU threads (default: the physical cores)."),
+        click.option("--rpc", metavar="HOST:PORT,...",
+                     help="Use `ossgguf worker`s on other machines as devices (llama.cpp RPC; docs/rpc.md)."),
+        lora_option(),
+        click.option("--cache-ram", type=Size(limits.CACHE_RAM, memory=True), metavar="SIZE",
+                     help="RAM for saved prompts of other conversations (0: off; default: half the RAM the plan "
+                          "leaves free, at most 8GiB)."),
     ]
     return _options(*opts)(f)
 
 
 def _placement(kw: dict, verbose: bool = False):
-    """PlacementOptions from the placement flags (removed from kw)."""
+    """PlacementOptions from the placement flags (removed from kw); warns once about a GPU the build cannot use."""
+    from .runner.doctor import gpu_warning
     from .runner.plan import PlacementOptions
+
+    if warning := gpu_warning():
+        click.echo(warning, err=True)
 
     return PlacementOptions(gpu_mem=kw.pop("gpu_mem"), ram=kw.pop("ram"), unified=kw.pop("unified"),
                             cpu_moe=kw.pop("cpu_moe"), n_cpu_moe=kw.pop("n_cpu_moe"), ctx=kw.pop("ctx"),
-                            ubatch=kw.pop("ubatch"), threads=kw.pop("threads"), verbose=verbose)
+                            ubatch=kw.pop("ubatch"), threads=kw.pop("threads"), rpc=kw.pop("rpc"),
+                            lora=kw.pop("lora", ()), cache_ram=kw.pop("cache_ram", None), verbose=verbose)
 
 
 @cli.command("plan")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @placement_options
+@click.option("--measure", is_flag=True, help="Measure RAM bandwidth and CPU compute for the speed prediction (~2 s).")
+@click.option("--ram-bw", type=Bandwidths(), metavar="RATE", help="RAM bandwidth, e.g. 90GB/s (default: measured "
+              "with --measure, else dual-channel DDR5).")
+@click.option("--gpu-bw", type=Bandwidths(), metavar="RATE[,RATE...]",
+              help="GPU memory bandwidth(s), e.g. 1008GB/s (default: a table of known GPUs).")
+@click.option("--compare", "compare_n", metavar="N,N,...", help="Compare these --n-cpu-moe values side by side.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable plan.")
-def plan_cmd(model: Path, as_json: bool, **kw) -> None:
-    """Decide, before loading, what lives on the GPU and what stays in system RAM.
+def plan_cmd(model: Path, as_json: bool, measure: bool, ram_bw, gpu_bw, compare_n: str | None, **kw) -> None:
+    """Decide, before loading, what lives on the GPU and what stays in system RAM, and how fast it runs.
 
-    Reads only the GGUF's tensor infos. Prints a per-device table and the reason for the choice;
-    --json gives {"fits", "n_cpu_moe", "gpu_bytes", "cpu_bytes", "kv_bytes", "compute_bytes",
-    "overrides", "notes", ...}.
+    Reads only the GGUF's tensor infos. Prints a per-device table, the reason for the choice and the
+    predicted decode and prompt speed (bytes per token over bandwidth, docs/benchmarks.md); --json
+    gives {"fits", "n_cpu_moe", "gpu_bytes", "cpu_bytes", "kv_bytes", "compute_bytes", "overrides",
+    "notes", "speed", ...}.
 
     \b
     Examples:
       ossgguf plan gpt-oss-120b-mxfp4.gguf --gpu-mem 24GiB --ram 64GiB
+      ossgguf plan gpt-oss-120b-mxfp4.gguf --gpu-mem 24GiB,24GiB --ram 64GiB --measure
+      ossgguf plan gpt-oss-120b-mxfp4.gguf --gpu-mem 24GiB --compare 20,24,28,36
       ossgguf plan gpt-oss-120b-mxfp4.gguf --unified 64GiB --ctx 32768 --json
     """
+    from .runner import speed
     from .runner.plan import format_plan, plan
 
-    p = plan(model, _placement(kw))
-    click.echo(json.dumps(p.to_json(), indent=1) if as_json else format_plan(p))
+    options = _placement(kw)
+    bw = dict(ram_bw=ram_bw[0] if ram_bw else None, gpu_bw=list(gpu_bw) if gpu_bw else None, measure=measure)
+    if compare_n:
+        try:
+            values = [int(v) for v in compare_n.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"{compare_n!r}: give --n-cpu-moe values, e.g. 20,24,28", param_hint="--compare") from None
+        rows = speed.compare(model, options, values, **bw)
+        click.echo(json.dumps([p.to_json() | {"speed": s.to_json()} for p, s in rows], indent=1) if as_json
+                   else speed.format_compare(rows))
+        return
+    p = plan(model, options)
+    s = speed.predict(p, *speed.memories(p, **bw))
+    click.echo(json.dumps(p.to_json() | {"speed": s.to_json()}, indent=1) if as_json
+               else format_plan(p) + "\n\n" + speed.format_speed(s, p.n_ctx))
 
 
 def reasoning_option(help: str | None = None):
@@ -370,6 +494,7 @@ def chat_options(f):
                      help="Seconds per tool call."),
         reasoning_option("Reasoning effort."),
         click.option("--show-reasoning", is_flag=True, help="Show the model's reasoning (on stderr, dimmed)."),
+        builtin_tool_options,
         click.option("--date", help="Current date for the system message, YYYY-MM-DD (default: today)."),
         click.option("--temp", "temperature", type=_number(limits.TEMPERATURE), default=default.temperature,
                      show_default=True, help="Temperature (0: greedy)."),
@@ -383,14 +508,50 @@ def chat_options(f):
     return _options(*opts)(f)
 
 
+def builtin_tool_options(f):
+    """--tools-builtin and its options (run, chat, serve): gpt-oss's own python and browser tools
+    (runner/tools, docs/tools.md)."""
+    opts = [
+        click.option("--tools-builtin", metavar="python,browser",
+                     help="Run gpt-oss's own tools here: python (a sandboxed Jupyter kernel), browser (search, "
+                          "open, find). See docs/tools.md."),
+        click.option("--tools-unsafe", is_flag=True,
+                     help="Run the python tool WITHOUT a sandbox where none works: its code can read and write what "
+                          "you can, and reach the network."),
+        click.option("--python-timeout", type=_number(limits.TOOL_TIMEOUT), default=120.0, show_default=True,
+                     help="Seconds per python call (the model is told 120)."),
+        click.option("--python-memory", type=Size(limits.MEMORY, memory=True), default="1GiB", show_default=True,
+                     help="Memory the python kernel may allocate."),
+        click.option("--scratch", type=click.Path(file_okay=False, path_type=Path),
+                     help="This machine's folder for python's /mnt/data (default: a temporary one, deleted after)."),
+        click.option("--browser-source", metavar="SOURCE",
+                     help="Where browser searches: local:DIR (an index of your files; offline), searxng:URL, exa or "
+                          "tavily (key in EXA_API_KEY / TAVILY_API_KEY)."),
+        click.option("--browser-allow", multiple=True, metavar="HOST|CIDR",
+                     help="Let browser open this loopback/private host or network (repeatable)."),
+    ]
+    return _options(*opts)(f)
+
+
+def _builtin(kw: dict):
+    """runner.tools.BuiltinOptions from the --tools-builtin flags (popped from `kw`)."""
+    from .runner.tools import BuiltinOptions, parse_names
+
+    return BuiltinOptions(names=parse_names(kw.pop("tools_builtin")), unsafe=kw.pop("tools_unsafe"),
+                          python_timeout=kw.pop("python_timeout"), python_memory=kw.pop("python_memory"),
+                          scratch=kw.pop("scratch"), browser_source=kw.pop("browser_source"),
+                          browser_allow=list(kw.pop("browser_allow")))
+
+
 def _open_chat(context: click.Context, model: Path, kw: dict):
     """runner.terminal.open_chat from the run/chat flags."""
     from .runner.generation import Sampling
     from .runner.terminal import open_chat
 
     sampling = Sampling(**{k: kw.pop(k) for k in ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens")})
+    builtin = _builtin(kw)
     options = _placement(kw, context.obj["verbose"])
-    return open_chat(model, options, sampling, err=sys.stderr, **kw)
+    return open_chat(model, options, sampling, err=sys.stderr, builtin=builtin, **kw)
 
 
 @cli.command()
@@ -450,20 +611,25 @@ def chat(context: click.Context, model: Path, show_reasoning: bool, **kw) -> Non
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (another than loopback is reachable from the network: set --api-key).")
 @click.option("--port", default=8080, show_default=True, type=_number(limits.PORT))
-@click.option("--api-key", envvar="OSSGGUF_API_KEY", help="Require `Authorization: Bearer KEY` (env OSSGGUF_API_KEY).")
+@click.option("--api-key", envvar="OSSGGUF_API_KEY",
+              help="Require `Authorization: Bearer KEY` or `x-api-key: KEY` (env OSSGGUF_API_KEY).")
 @click.option("--model-name", help="The model's id in the API (default: the file name without .gguf).")
+@click.option("--strict-model", is_flag=True,
+              help="Refuse /v1/messages requests for other model names (default: this model serves any name).")
 @reasoning_option("Reasoning effort when a request does not say.")
 @placement_options
 @click.pass_context
 def serve(context: click.Context, model: Path, host: str, port: int, api_key: str | None, model_name: str | None,
-          reasoning_effort: str, **kw) -> None:
-    """Serve the model over the OpenAI API: /v1/chat/completions, /v1/responses, /v1/models, /health.
+          strict_model: bool, reasoning_effort: str, **kw) -> None:
+    """Serve the model over the OpenAI API (/v1/chat/completions, /v1/responses, /v1/models) and Anthropic's
+    Messages API (/v1/messages, for Claude Code); /health.
 
     \b
     Examples:
       ossgguf serve gpt-oss-20b-mxfp4.gguf                       # http://127.0.0.1:8080/v1
       ossgguf serve gpt-oss-120b-mxfp4-00001-of-00003.gguf --gpu-mem 24GiB --ctx 32768 --port 8081
       ossgguf serve gpt-oss-20b-mxfp4.gguf --host 0.0.0.0 --api-key "$OSSGGUF_API_KEY"
+      ossgguf serve gpt-oss-20b-mxfp4.gguf --lora a.gguf --lora b.gguf   # models NAME, NAME+a, NAME+b, NAME+none
     """
     try:
         from ossgguf.runner.server.app import serve as run_server
@@ -474,7 +640,7 @@ def serve(context: click.Context, model: Path, host: str, port: int, api_key: st
     options = _placement(kw, verbose)
     run_server(model, host=host, port=port, options=options, api_key=api_key, model_name=model_name,
                reasoning_effort=reasoning_effort, log_level="info" if verbose else "warning",
-               on_ready=lambda line: click.echo(line, err=True))
+               on_ready=lambda line: click.echo(line, err=True), strict_model=strict_model)
 
 
 @cli.command(help=f"""Run MODEL over calibration text and record, per layer and expert, how often the router
@@ -566,6 +732,61 @@ def prune(src: Path, out: Path, keep: int | None, target_size: int | None, targe
     _write(plan_prune(src, out, keep=keep, target_size=target_size, target_device=target_device, ctx=ctx,
                       stats=stats_path, score=score, split_max_size=split_max_size, dry_run=dry_run),
            dry_run, as_json, force)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. The RPC protocol has no authentication: keep loopback, or use a "
+                   "private network / SSH tunnel (docs/rpc.md).")
+@click.option("--port", default=50052, show_default=True, type=_number(limits.PORT))
+@click.option("--device", "devices", multiple=True, metavar="NAME",
+              help="llama.cpp device to serve, e.g. CUDA0 (repeatable; default: the GPUs, else the CPU).")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep received tensors here, so the next load of the same model sends only their hashes.")
+@click.option("--threads", type=_number(limits.THREADS), help="CPU threads when serving the CPU.")
+def worker(host: str, port: int, devices: tuple[str, ...], cache_dir: Path | None, threads: int | None) -> None:
+    """Serve this machine's GPU (or CPU and RAM) to `--rpc` on another machine, through llama.cpp's RPC
+    backend. One client at a time; stop with Ctrl-C.
+
+    \b
+    Examples:
+      ossgguf worker                                   # loopback: for an SSH tunnel (ssh -R 50052:...)
+      ossgguf worker --host 192.168.1.20 --cache ~/.cache/ossgguf-rpc
+      ossgguf run gpt-oss-120b-mxfp4-00001-of-00003.gguf --rpc 192.168.1.20:50052 -p "Hello"
+    """
+    from .runner.rpc import Endpoint, serve_worker
+
+    ep = Endpoint(host, port)
+    if not ep.loopback:
+        click.secho(f"WARNING: listening on {ep}: anyone who can reach this address can run code in this "
+                    "worker's memory and read what is sent (llama.cpp's RPC has no authentication or "
+                    "encryption). Use it only on a private network you trust, or keep the default loopback "
+                    "and an SSH tunnel; see docs/rpc.md.", fg="red", bold=True, err=True)
+    serve_worker(ep, list(devices) or None, cache_dir, threads,
+                 on_ready=lambda names: click.echo(f"worker: serving {', '.join(names)} on {ep} (Ctrl-C stops)",
+                                                   err=True))
+
+
+@cli.command()
+@click.option("--dir", "dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A folder where models live, for its free disk space (default: the Hugging Face cache and .).")
+@click.option("--ctx", type=_number(limits.CTX), default=32768, show_default=True,
+              help="Context the verdicts plan for.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+def doctor(dirs: tuple[Path, ...], ctx: int, as_json: bool) -> None:
+    """What llama.cpp was built with and sees (backends, devices, memory), the disk where models live,
+    and which gpt-oss models fit this machine. A GPU the build cannot use is named, with the command
+    that rebuilds llama.cpp for it.
+
+    \b
+    Example:
+      ossgguf doctor
+    """
+    from .runner.doctor import doctor as run_doctor
+    from .runner.doctor import format_report
+
+    r = run_doctor(list(dirs) or None, ctx=ctx)
+    click.echo(json.dumps(r.to_json(), indent=1) if as_json else format_report(r))
 
 
 @cli.command()

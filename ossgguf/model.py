@@ -198,7 +198,9 @@ def router_names(n_layer: int) -> list[str]:
 
 def tensor_class(gguf_name: str, other: Any = ...) -> TensorClass:
     """The class of any gpt-oss GGUF tensor name (also for names read back from a GGUF file); for a
-    name gpt-oss does not have, `other` when given, else OssggufError."""
+    name gpt-oss does not have, `other` when given, else OssggufError. A LoRA adapter's `NAME.lora_a` /
+    `.lora_b` has the class of NAME: llama.cpp keeps it where NAME lives (src/llama-adapter.cpp)."""
+    gguf_name = gguf_name.removesuffix(".lora_a").removesuffix(".lora_b")
     if _EXPERT_WEIGHT.search(gguf_name):
         return TensorClass.EXPERT
     if gguf_name.endswith(".bias"):

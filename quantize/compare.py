@@ -70,19 +70,29 @@ def _sample_ids(n_vocab: int) -> list[int]:
     return sorted({0, 1, 2, n_vocab - 1, *np.linspace(0, n_vocab - 1, 13).astype(int).tolist()})
 
 
-def _run(path: Path, text: str | None, tokens: Sequence[int] | None, n_ctx: int, threads: int) -> _Side:
+def _run(path: Path, text: str | None, tokens: Sequence[int] | None, n_ctx: int, threads: int,
+         rpc: str | None = None, loras: Sequence = ()) -> _Side:
     from ..runner.engine import token_bytes
     from ..runner.llama_ctypes import open_llama
 
     if not path.is_file():
         raise OssggufError(f"{path} does not exist: pass a .gguf file (the first shard of a split set)")
+    if rpc:  # every layer on the workers (llama.cpp spreads them by the memory each reports)
+        from ..runner.rpc import add_workers, parse_endpoints
+
+        add_workers(parse_endpoints(rpc))
     try:
         llm = open_llama(path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512), logits_all=True,
-                         n_threads=threads, n_threads_batch=threads, verbose=False, swa_full=False)
+                         n_threads=threads, n_threads_batch=threads, verbose=False, swa_full=False,
+                         n_gpu_layers=-1 if rpc else 0)
     except (ValueError, RuntimeError) as e:
         raise OssggufError(f"llama.cpp cannot load {path} ({e}): is it a complete GGUF? Check it with "
                            "`ossgguf inspect`") from None
     try:
+        if loras:  # LoRA adapters (runner/lora.py), applied as run/chat/serve apply them
+            from ..runner.lora import apply_adapters
+
+            apply_adapters(llm.model, llm.ctx, loras)
         n_vocab = llm.n_vocab()
         own = llm.tokenize(text.encode("utf-8"), add_bos=False) if text is not None else None
         ids = list(tokens) if tokens is not None else own
@@ -107,8 +117,13 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def compare(a_gguf: str | Path, b_gguf: str | Path, text: str | None = None, tokens: Sequence[int] | None = None,
-            n_ctx: int = COMPARE_CTX, threads: int | None = None) -> dict[str, Any]:
+            n_ctx: int = COMPARE_CTX, threads: int | None = None, rpc: str | None = None,
+            lora: Sequence = (), ref_lora: Sequence = ()) -> dict[str, Any]:
     """KL divergence of B from A (the reference) per position, top-1 agreement, logit cosine, perplexities.
+
+    `rpc` ("host:port,..."): B runs on those llama.cpp RPC workers, A locally, so that
+    `compare model.gguf model.gguf --rpc ...` checks a distributed setup against a local run.
+    `lora` / `ref_lora`: LoRA adapters (runner.lora.LoraSpec or "A.gguf[:SCALE]") applied to B / A.
 
     Token ids are `tokens`, else `text` (default: a built-in mixed text) tokenized with A's
     vocabulary; at most n_ctx of them are used.
@@ -121,9 +136,9 @@ def compare(a_gguf: str | Path, b_gguf: str | Path, text: str | None = None, tok
     # The project's reader first: a bad file gets its specific message, not llama.cpp's generic
     # failure, and any shard of a split set stands for the set (llama.cpp loads it from the first).
     a_path, b_path = read_gguf(a_gguf).path, read_gguf(b_gguf).path
-    a = _run(a_path, text, tokens, n_ctx, threads)
+    a = _run(a_path, text, tokens, n_ctx, threads, loras=ref_lora)
     log.info("reference %s: %d tokens evaluated", a_path, len(a.tokens))
-    b = _run(b_path, text, a.tokens, n_ctx, threads)
+    b = _run(b_path, text, a.tokens, n_ctx, threads, rpc, loras=lora)
     if b.n_vocab != a.n_vocab or b.pieces != a.pieces or b.own != a.own:
         raise OssggufError(f"{a_path.name} and {b_path.name} have different vocabularies "
                            f"({a.n_vocab:,} and {b.n_vocab:,} tokens, or other token texts): compare two files "

@@ -130,6 +130,6 @@ class ExpertStats:
 
     def check_model(self, identity: dict[str, Any], where: str, model: str | Path) -> None:
         if self.identity != identity:
-            diff = [k for k in identity if self.identity.get(k) != identity[k]]
+            diff = [k for k in {**self.identity, **identity} if self.identity.get(k) != identity.get(k)]
             raise OssggufError(f"{where} holds statistics of another model than {model} (differs in "
                                f"{', '.join(diff)}): calibrate this model with `ossgguf calibrate`")

@@ -152,6 +152,10 @@ def calibrate(model: str | Path, texts: Sequence[str | Path], out: str | Path | 
         if not t.is_file():
             raise OssggufError(f"calibration text {t} does not exist")
     identity = model_identity(model)
+    if options is not None and getattr(options, "lora", ()):  # adapters change routing: part of the identity
+        from .lora import adapter_identity
+
+        identity = {**identity, "lora": adapter_identity(options.lora)}
     stats = ExpertStats.empty(identity)
     if out is not None and Path(out).exists():
         stats = ExpertStats.load(out)

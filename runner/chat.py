@@ -43,6 +43,7 @@ from .turn import TurnEnd, run_turn
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .tools import BuiltinTools
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Conversation:
     tools: list[dict] = field(default_factory=list)
     reasoning_effort: str = DEFAULT_REASONING
     date: str | None = None  # YYYY-MM-DD for the system message; None: today
+    builtin_tools: list[str] = field(default_factory=list)  # gpt-oss's own tools described: python, browser
 
     def __post_init__(self) -> None:
         self.set_reasoning(self.reasoning_effort)
@@ -83,12 +85,13 @@ class Conversation:
 
     def render(self) -> str:
         return render(self.messages, tools=self.tools or None, reasoning_effort=self.reasoning_effort,
-                      date=self.date)
+                      date=self.date, builtin_tools=self.builtin_tools or None)
 
     def tokens(self, engine: Engine) -> list[int]:
         """The prompt's ids: message text never becomes a control token (`Engine.tokenize_segments`)."""
         return engine.tokenize_segments(render_segments(self.messages, tools=self.tools or None,
-                                                        reasoning_effort=self.reasoning_effort, date=self.date))
+                                                        reasoning_effort=self.reasoning_effort, date=self.date,
+                                                        builtin_tools=self.builtin_tools or None))
 
     def to_json(self) -> list[dict]:
         """The messages as OpenAI chat messages (what `--messages` reads back)."""
@@ -206,7 +209,7 @@ ChatEvent = Event | ToolResult | Reply
 
 def respond(engine: Engine, conv: Conversation, sampling: Sampling | None = None,
             tool_runner: ToolRunner | None = None, max_rounds: int = MAX_TOOL_ROUNDS,
-            cancel: threading.Event | None = None) -> Iterator[ChatEvent]:
+            cancel: threading.Event | None = None, builtin: BuiltinTools | None = None) -> Iterator[ChatEvent]:
     """Generate the assistant's turn for `conv` (which should end with a user or tool message).
 
     Yields harmony deltas (`Event`: reasoning, content, tool_call, tool_args) as they stream, a
@@ -238,16 +241,20 @@ def respond(engine: Engine, conv: Conversation, sampling: Sampling | None = None
             yield reply
             return
         conv.messages.append(assistant_message(parsed, headers=True))
-        if tool_runner is None or (cancel is not None and cancel.is_set()):
+        # gpt-oss's own tools (`builtin`, runner/tools) run here even without a tool command
+        runnable = tool_runner is not None or (builtin is not None and all(map(builtin.handles, parsed.tool_calls)))
+        if not runnable or (cancel is not None and cancel.is_set()):
             reply.tool_calls += [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in parsed.tool_calls]
             reply.content = parsed.content
-            reply.finish_reason = "tool_calls" if tool_runner is None else "cancelled"
+            reply.finish_reason = "tool_calls" if not runnable else "cancelled"
             yield reply
             return
         names = [t["function"]["name"] for t in normalize_tools(conv.tools)]
         for c in parsed.tool_calls:
             t0 = time.perf_counter()
-            if problem := tool_call_problem(c, names):  # answered, not run: the model can try again
+            if builtin is not None and builtin.handles(c):
+                outcome = ToolOutcome(*builtin.run(c))
+            elif problem := tool_call_problem(c, names):  # answered, not run: the model can try again
                 outcome = ToolOutcome(f"error: {problem}", False)
             else:
                 outcome = tool_runner(c.name, json.loads(c.arguments))
@@ -266,10 +273,11 @@ def respond(engine: Engine, conv: Conversation, sampling: Sampling | None = None
 
 
 def complete(engine: Engine, conv: Conversation, sampling: Sampling | None = None,
-             tool_runner: ToolRunner | None = None, max_rounds: int = MAX_TOOL_ROUNDS) -> Reply:
+             tool_runner: ToolRunner | None = None, max_rounds: int = MAX_TOOL_ROUNDS,
+             builtin: BuiltinTools | None = None) -> Reply:
     """`respond` without the stream: the final `Reply`."""
     reply = None
-    for ev in respond(engine, conv, sampling, tool_runner, max_rounds):
+    for ev in respond(engine, conv, sampling, tool_runner, max_rounds, builtin=builtin):
         if isinstance(ev, Reply):
             reply = ev
     assert reply is not None

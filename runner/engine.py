@@ -2,7 +2,8 @@
 
 In the mlx-lm style: `Engine.load(path, options)`, `engine.tokenize(text)`,
 `engine.generate(tokens or text, sampling)` yields `GenerationChunk`s. The KV cache is kept between calls
-and the longest common prefix is reused (minus what the sliding-window layers no longer hold).
+and the longest common prefix is reused, back to a window checkpoint where the sliding-window
+layers no longer hold it, or from saved prompts in RAM (runner/prompt_cache.py).
 Built on llama-cpp-python's low-level API, because its `Llama` class cannot pass tensor buffer
 overrides, `n_outputs_max` or sampling defaults that suit gpt-oss.
 """
@@ -22,9 +23,18 @@ from pathlib import Path
 
 from ossgguf.errors import OssggufError
 
+from .devices import tensor_split
 from .generation import Sampling, Usage
 from .llama_ctypes import LLAMA_LOG, BufferOverrides, llama_cpp_module, model_params
 from .plan import PlacementOptions, Plan, plan, read_model
+from .prompt_cache import (
+    N_CHECKPOINTS,
+    CacheKey,
+    Checkpoints,
+    PromptCache,
+    SeqCache,
+    cache_budget,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +115,22 @@ class Engine:
     _eval_cb: object = field(default=None, repr=False)  # likewise
     _specials: dict[int, str] | None = field(default=None, repr=False)  # see special_tokens()
     _control_ids: dict[str, int] = field(default_factory=dict, repr=False)
+    _seq: SeqCache | None = field(default=None, repr=False)  # checkpoints, RAM cache (runner/prompt_cache.py)
+    adapters: object = field(default=None, repr=False)  # runner.lora.Adapters of options.lora, freed with the model
 
     # --- loading -------------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, path: str | Path, options: PlacementOptions | None = None, *,
-             eval_callback: Callable[[int, bool, int], bool] | None = None, **changes) -> Engine:
+             eval_callback: Callable[[int, bool, int], bool] | None = None, prompt_cache: PromptCache | None = None,
+             checkpoints: int = N_CHECKPOINTS, **changes) -> Engine:
         """Plan the placement (or follow cpu_moe/n_cpu_moe), then load the GGUF and create a context.
 
         `changes` are PlacementOptions fields, e.g. `Engine.load(p, n_cpu_moe=20, ctx=8192)`.
         `eval_callback(tensor_address, ask, user_data)` is llama.cpp's `cb_eval`: it sees the graph's
         intermediate tensors as they are computed (calibration reads the MoE routing this way).
+        `checkpoints` window checkpoints are kept (0: none); `options.cache_ram` bytes of saved prompts in
+        RAM (None: `default_cache_ram` of what the plan leaves free; 0: off), or a shared `prompt_cache`.
         """
         opts = replace(options or PlacementOptions(), **changes)
         t0 = time.perf_counter()
@@ -131,6 +146,9 @@ class Engine:
         overrides = BufferOverrides([o.pattern for o in p.overrides])  # each to the CPU buffer type
         mp = model_params()  # OSSGGUF_NO_REPACK=1: repacking off
         mp.n_gpu_layers = p.gpu_layers if p.placement != "none" else info.n_layer + 1
+        split = tensor_split(p.split, p.devices)  # several GPUs: the plan's layers on each
+        if split is not None:
+            mp.tensor_split = ctypes.cast(split, type(mp.tensor_split))
         mp.load_mode = lc.LLAMA_LOAD_MODE_MMAP
         if overrides.address:
             mp.tensor_buft_overrides = overrides.address
@@ -158,11 +176,37 @@ class Engine:
                                f"{LLAMA_LOG.last_errors()}; try a smaller --ctx")
         eng = cls(path=info.path, plan=p, options=opts, _model=model, _ctx=ctx, _overrides=overrides,
                   _eval_cb=eval_cb)
+        if opts.lora:  # llama.cpp loads each adapter against the model and sets the list on the context
+            from .lora import apply_adapters
+
+            try:
+                eng.adapters = apply_adapters(model, ctx, opts.lora)
+            except BaseException:
+                eng.close()
+                raise
         me = weakref.ref(eng)  # no cycle through the callback: close() also runs from __del__
         eng._abort_cb = lc.ggml_abort_callback(lambda _: bool((e := me()) and e._cancel))
         lc.llama_set_abort_callback(ctx, eng._abort_cb, None)
+        if prompt_cache is None and opts.cache_ram != 0:
+            prompt_cache = PromptCache(cache_budget(p, opts.cache_ram, checkpoints))
+        eng._seq = SeqCache(ctx, 0, CacheKey.of(info.files, p.n_ctx, eng.adapters.active if eng.adapters else ()),
+                            info.n_swa,
+                            prompt_cache if prompt_cache is not None and prompt_cache.budget > 0 else None,
+                            Checkpoints(checkpoints))
         eng.load_seconds = time.perf_counter() - t0
         return eng
+
+    def set_adapter_scales(self, scales: Sequence[float | None] | None) -> None:
+        """Apply the adapters loaded with `lora` at these scales (one per adapter, None leaving it out;
+        `scales` None: as loaded) from the next generation on. A changed set drops the KV cache (computed
+        with the old one), and saved prompt states of another set are not restored (their CacheKey names
+        the adapters)."""
+        if self.adapters is None:
+            raise OssggufError("no LoRA adapters are loaded: load the engine with lora=(...) (--lora)")
+        if self.adapters.apply(self._ctx, scales):
+            self.reset()
+            if self._seq is not None:
+                self._seq.key = replace(self._seq.key, adapters=tuple(self.adapters.active))
 
     def close(self) -> None:
         if self._ctx:
@@ -276,27 +320,19 @@ class Engine:
         lc = llama_cpp_module()
         lc.llama_memory_clear(lc.llama_get_memory(self._ctx), True)
         self._tokens = []
+        if self._seq is not None:
+            self._seq.forget()
+
+    @property
+    def prompt_cache(self) -> PromptCache | None:
+        """The saved prompts in RAM this engine uses (None: off)."""
+        return self._seq.ram if self._seq is not None else None
 
     def _reuse_prefix(self, prompt: list[int]) -> int:
-        """Keep the longest common prefix in the cache (at least one prompt token is left to decode)."""
-        lc = llama_cpp_module()
-        n = 0
-        for a, b in zip(self._tokens, prompt[:-1]):
-            if a != b:
-                break
-            n += 1
-        if n == len(self._tokens):
-            return n
-        mem = lc.llama_get_memory(self._ctx)
-        ok = lc.llama_memory_seq_rm(mem, 0, n, -1)
-        # the sliding-window layers must still hold the window before the first new position
-        # (they overwrite the oldest cells, so what survives below n is one contiguous run)
-        lo, hi = lc.llama_memory_seq_pos_min(mem, 0), lc.llama_memory_seq_pos_max(mem, 0)
-        if not ok or (n > 0 and (hi != n - 1 or lo > max(0, n - self.plan.model.n_swa))):
-            self.reset()
-            return 0
-        self._tokens = self._tokens[:n]
-        return n
+        """Keep the longest start of `prompt` the cache can give (at least one prompt token is left to
+        decode): the common prefix, back to a window checkpoint, or a saved prompt from RAM."""
+        self._tokens = self._seq.reuse(self._tokens, prompt)
+        return len(self._tokens)
 
     def evaluate(self, tokens: Sequence[int], progress: Callable[[int], None] | None = None) -> None:
         """Run `tokens` through the model as one sequence from position 0, reading no logits
@@ -384,6 +420,7 @@ class Engine:
             except _Cancelled:
                 yield chunk("", None, "cancelled")
                 return
+            self._seq.prompt_read(self._tokens, len(tokens))
             t1 = time.perf_counter()
             st.prompt_seconds = t1 - t0
             limit = self.n_ctx - len(self._tokens)

@@ -104,8 +104,11 @@ def ggml_library_path(search_dirs: Sequence[Path] | None = None) -> Path:
         spec = importlib.util.find_spec("llama_cpp")
         for loc in (spec.submodule_search_locations or []) if spec else []:
             search_dirs.append(Path(loc) / "lib")
-    names = {"win32": ("ggml.dll", "libggml.dll"), "darwin": ("libggml.dylib", "libggml.so")}.get(
-        sys.platform, ("libggml.so",))
+    # The soname first: a wheel stores libggml.so and libggml.so.0 as two files, and loading the one
+    # libllama does not link would map a second libggml with its own device registry (RPC devices added
+    # there are invisible to llama.cpp) and its own backends.
+    names = {"win32": ("ggml.dll", "libggml.dll"), "darwin": ("libggml.0.dylib", "libggml.dylib", "libggml.so")}.get(
+        sys.platform, ("libggml.so.0", "libggml.so"))
     for d in search_dirs:
         for name in names:
             if (Path(d) / name).exists():

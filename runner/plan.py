@@ -4,14 +4,14 @@ Reads headers only (ossgguf.gguf.read: nothing mapped, so sparse files and 60 GB
 models llama.cpp 0.3.36's buffers (weights per buffer type, the iSWA KV cache, the compute buffer by
 replaying the gpt-oss graph through ggml-alloc's allocator) and picks the placement: all on the GPU,
 the experts of the first N layers in RAM (`--n-cpu-moe N`), all experts in RAM, or CPU only.
+With several GPUs (runner/devices.py), llama.cpp's layers are split across them in order
+(`tensor_split`), each GPU holding its layers' weights, KV cache and its own part of the graph.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,13 +23,14 @@ from ossgguf.limits import DEFAULT_CTX, UBATCH_DEFAULT, UBATCH_OFFLOAD
 from ossgguf.model import HParams, Offload, TensorClass, expert_offload, layer_of, read_hparams, tensor_class
 from ossgguf.sizes import parse_size as _parse_size
 
+from .devices import Device, Devices, resolve_devices, system_ram  # noqa: F401 (plan's API since issue 15)
 from .plan_graph import compute_buffer_bytes
 
 log = logging.getLogger(__name__)
 
-GiB = 1024**3
-MiB = 1024**2
+GiB, MiB = 1024**3, 1024**2
 CPU_ALIGN, GPU_ALIGN = 32, 128  # ggml CPU (TENSOR_ALIGNMENT) and CUDA buffer alignment
+MAX_GPUS = 16  # llama.cpp's LLAMA_MAX_DEVICES (the length of tensor_split)
 
 
 # --- the model ---------------------------------------------------------------------------------------
@@ -76,64 +77,7 @@ def model_info(g: GgufSet) -> ModelInfo:
     return ModelInfo(**vars(hp), path=files[0], files=files, file_bytes=g.size, tensors=tuple(g.tensors))
 
 
-# --- devices -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Devices:
-    """The memory the plan may use. `gpu_total` is 0 without a GPU; on unified memory (Apple) it is
-    the GPU working-set limit (macOS wires ~75% of RAM by default) and every byte also counts in RAM."""
-
-    ram_total: int
-    gpu_total: int = 0
-    gpu_name: str = ""
-    unified: bool = False
-    source: str = "given"
-
-    @property
-    def has_gpu(self) -> bool:
-        return self.gpu_total > 0
-
-    @property
-    def gpu_budget(self) -> int:
-        # driver context, cuBLAS/Metal workspaces, the desktop and fragmentation live outside our buffers
-        return max(0, self.gpu_total - (768 * MiB + self.gpu_total // 20)) if self.has_gpu else 0
-
-    @property
-    def ram_budget(self) -> int:
-        # the OS and the user's other programs keep at least 4 GiB or 10% of RAM
-        return max(0, self.ram_total - max(4 * GiB, self.ram_total // 10))
-
-
-def system_ram() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        import psutil
-
-        return int(psutil.virtual_memory().total)
-
-
-def resolve_devices(gpu_mem: int | None = None, ram: int | None = None, unified: int | None = None,
-                    detect: bool = True) -> Devices:
-    """Devices from the options; what is not given is detected (llama.cpp's device list, system RAM)."""
-    if unified:
-        ws = gpu_mem or unified * 3 // 4
-        return Devices(ram_total=unified, gpu_total=ws, gpu_name="unified GPU", unified=True)
-    ram_total = ram or system_ram()
-    if gpu_mem is not None:
-        return Devices(ram_total=ram_total, gpu_total=gpu_mem, gpu_name="GPU" if gpu_mem else "")
-    if not detect:
-        return Devices(ram_total=ram_total)
-    from .llama_ctypes import backend_devices
-
-    gpus = [d for d in backend_devices() if d.kind in ("gpu", "igpu")]
-    if not gpus:
-        return Devices(ram_total=ram_total, source="detected")
-    g = gpus[0]  # one GPU: splitting layers across GPUs is not planned here
-    # Metal reports its working-set limit as the device's memory; an iGPU shares RAM as well
-    return Devices(ram_total=ram_total, gpu_total=g.total, gpu_name=g.description or g.name,
-                   unified=sys.platform == "darwin" or g.kind == "igpu", source="detected")
+# --- devices (runner/devices.py: RAM and the layer devices, in llama.cpp's order) -------------------
 
 
 def parse_size(text: str | int) -> int:
@@ -156,7 +100,7 @@ def _compute(*args) -> int:
 class PlacementOptions:
     """Options shared by plan/run/chat/serve (CLI flags of the same names); None lets the planner decide."""
 
-    gpu_mem: int | None = None  # --gpu-mem: GPU memory in bytes (0: no GPU); default: ask llama.cpp
+    gpu_mem: int | tuple[int, ...] | None = None  # --gpu-mem: bytes, or one size per GPU (0: no GPU); default: ask llama.cpp
     ram: int | None = None  # --ram: system RAM in bytes; default: the machine's
     unified: int | None = None  # --unified: Apple-style memory of this size, GPU working set 75% (or gpu_mem)
     cpu_moe: bool = False  # --cpu-moe: all experts in RAM
@@ -167,12 +111,20 @@ class PlacementOptions:
     flash_attn: bool = True  # no n_ctx x batch x heads score matrix; llama.cpp supports gpt-oss sinks in it
     op_offload: bool = True  # prompt batches stream RAM-resident experts through the GPU
     verbose: bool = False  # -v: llama.cpp's whole log (debug lines too) on stderr
+    rpc: str | None = None  # --rpc host:port,...: llama.cpp RPC workers, added as devices (runner/rpc.py)
+    cache_ram: int | None = None  # --cache-ram: saved prompts in RAM (runner/prompt_cache.py); None: from free RAM, 0: off
+    lora: tuple = ()  # --lora A.gguf[:SCALE]: LoRA adapters (runner/lora.py LoraSpec or their text)
 
     def __post_init__(self) -> None:  # the CLI checks the same limits; other callers get this message
         for name, limit in (("ctx", limits.CTX), ("ubatch", limits.UBATCH), ("threads", limits.THREADS),
-                            ("n_cpu_moe", limits.N_CPU_MOE), ("gpu_mem", limits.GPU_MEM), ("ram", limits.MEMORY),
-                            ("unified", limits.MEMORY)):
+                            ("n_cpu_moe", limits.N_CPU_MOE), ("ram", limits.MEMORY), ("unified", limits.MEMORY),
+                            ("cache_ram", limits.CACHE_RAM)):
             limit.check(name, getattr(self, name))
+        sizes = self.gpu_mem if isinstance(self.gpu_mem, tuple) else (self.gpu_mem,)
+        for size in sizes:  # one size per GPU (a tuple: --gpu-mem 24GiB,24GiB)
+            limits.GPU_MEM.check("gpu_mem", size)
+        if isinstance(self.gpu_mem, tuple) and not 1 <= len(sizes) <= MAX_GPUS:
+            raise OssggufError(f"gpu_mem: give 1 to {MAX_GPUS} GPU sizes, not {len(sizes)}")
 
 
 @dataclass(frozen=True)
@@ -181,6 +133,7 @@ class Buffer:
     kind: str  # model, kv, compute
     bytes: int
     what: str
+    gpu: int = 0  # which of devices.gpus (device "gpu")
 
 
 @dataclass
@@ -202,6 +155,15 @@ class Plan:
     model: ModelInfo = field(repr=False)
     notes: list[str] = field(default_factory=list)
     reason: str = ""
+    split: tuple[int, ...] = ()  # llama.cpp layers (blocks, then the output layer) per GPU: its tensor_split
+
+    def gpu_bytes_of(self, i: int) -> int:
+        return sum(b.bytes for b in self.buffers if b.device == "gpu" and b.gpu == i)
+
+    def layers_of(self, i: int) -> range:
+        """The llama.cpp layers GPU i holds (n_layer is the output layer)."""
+        start = sum(self.split[:i])
+        return range(start, start + self.split[i])
 
     @property
     def gpu_layers(self) -> int:
@@ -217,7 +179,11 @@ class Plan:
             "gpu_budget": self.devices.gpu_budget, "ram_budget": self.devices.ram_budget,
             "unified": self.devices.unified,
             "buffers": [{"device": b.device, "kind": b.kind, "bytes": b.bytes, "what": b.what}
-                        for b in self.buffers],
+                        | ({"gpu": b.gpu} if b.device == "gpu" else {}) for b in self.buffers],
+            "tensor_split": list(self.split),
+            "gpus": [{"name": g.name, "kind": g.kind, "host": g.host, "total": g.total, "budget": g.budget,
+                      "bytes": self.gpu_bytes_of(i), "layers": [r.start, r.stop] if (r := self.layers_of(i)) else []}
+                     for i, g in enumerate(self.devices.gpus) if self.placement != "cpu"],
         }
 
 
@@ -235,45 +201,128 @@ def kv_bytes(model: ModelInfo, n_ctx: int, n_ubatch: int, type_size: int = 2) ->
     return sum((swa if is_swa else full) * per_cell for is_swa in model.swa_layers)
 
 
+def gpu_layer_bytes(model: ModelInfo, n_cpu_moe: int) -> list[int]:
+    """Weight bytes each llama.cpp layer puts on its GPU (index n_layer: the output layer), with the
+    experts of layers 0..n_cpu_moe-1 in RAM; token embeddings always stay in RAM (llama.cpp's input layer)."""
+    out = [0] * (model.n_layer + 1)
+    for t in model.tensors:
+        cls, il = _class(t.name), _layer(t.name)
+        if cls == TensorClass.EMBEDDING or (cls == TensorClass.EXPERT and il < n_cpu_moe):
+            continue
+        out[model.n_layer if il is None else il] += pad(t.nbytes, GPU_ALIGN)
+    return out
+
+
+def kv_layer_bytes(model: ModelInfo, n_ctx: int, n_ubatch: int, type_size: int = 2) -> list[int]:
+    """f16 K and V of each layer (the output layer has none), as kv_bytes sums them."""
+    full, swa = kv_cells(model, n_ctx, n_ubatch)
+    per_cell = model.n_head_kv * (model.head_dim_k + model.head_dim_v) * type_size
+    return [(swa if is_swa else full) * per_cell for is_swa in model.swa_layers] + [0]
+
+
+def layer_split(need: list[int], caps: list[int]) -> tuple[int, ...] | None:
+    """Layers per device, in order (llama.cpp's layer split is contiguous), so that each device's
+    layers fit its capacity, as evenly filled as possible; None when no split fits."""
+    def fill(frac: float) -> list[int] | None:
+        counts, i = [], 0
+        for cap in caps:
+            used, start = 0, i
+            while i < len(need) and used + need[i] <= cap * frac:
+                used += need[i]
+                i += 1
+            counts.append(i - start)
+        return counts if i == len(need) else None
+
+    if fill(1.0) is None:
+        return None
+    lo, hi = 0.0, 1.0  # the smallest fill fraction that still places every layer: the most headroom everywhere
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if fill(mid) is not None else (mid, hi)
+    return tuple(fill(hi))
+
+
+def proportional_split(n: int, weights: list[int]) -> tuple[int, ...]:
+    """n layers in proportion to `weights` (llama.cpp's default split is by free memory)."""
+    total = sum(weights) or 1
+    bounds = [round(n * sum(weights[:i + 1]) / total) for i in range(len(weights))]
+    return tuple(b - a for a, b in zip([0] + bounds[:-1], bounds))
+
+
+def _span(r: range, n_layer: int) -> str:
+    blocks = range(r.start, min(r.stop, n_layer))
+    text = f"layers {blocks.start}-{blocks.stop - 1}" if len(blocks) > 1 else f"layer {blocks.start}" if blocks else ""
+    return ", ".join(x for x in (text, "output" if n_layer in r else "") if x) or "no layers"
+
+
 def estimate(model: ModelInfo, devices: Devices, n_ctx: int, n_cpu_moe: int, *, n_ubatch: int | None = None,
              gpu: bool = True, flash_attn: bool = True, op_offload: bool = True,
-             n_outputs: int = 1) -> Plan:
+             n_outputs: int = 1, split: tuple[int, ...] | None = None) -> Plan:
     """Bytes per device for one placement: experts of layers 0..n_cpu_moe-1 in RAM (gpu=True), or
-    everything in RAM (gpu=False). Does not judge fit beyond filling `fits`."""
+    everything in RAM (gpu=False). With several GPUs, `split` gives the layers per GPU (default: the
+    most even split that fits, else one in proportion to their memory). Does not judge fit beyond
+    filling `fits`."""
     use_gpu = gpu and devices.has_gpu
     n_cpu_moe = max(0, min(n_cpu_moe, model.n_layer)) if gpu else model.n_layer
     ub = min(n_ubatch or (UBATCH_OFFLOAD if use_gpu and n_cpu_moe > 0 else UBATCH_DEFAULT), n_ctx)
     cpu_layers = range(n_cpu_moe)
-    g_align = GPU_ALIGN if use_gpu else CPU_ALIGN
     bufs: list[Buffer] = []
     embd = model.bytes_where(TensorClass.EMBEDDING, align=CPU_ALIGN)
+    kv = kv_bytes(model, n_ctx, ub)
+    full, swa = kv_cells(model, n_ctx, ub)
+    n_out = min(ub, n_outputs)
+    out_buf = model.n_vocab * 4 * n_out  # llama.cpp's host output buffer (logits of the last tokens)
+    copies = ([max(t.nbytes for t in model.expert_weights(i)) for i in cpu_layers]
+              if use_gpu and op_offload and ub >= 32 else [])
     if use_gpu:
+        gpus = devices.gpus
+        weights, kvs = gpu_layer_bytes(model, n_cpu_moe), kv_layer_bytes(model, n_ctx, ub)
+        # prompt batches stream RAM-resident experts through the first device (ggml-sched offloads
+        # host-weight ops to its first backend), so only GPU 0's graph buffer holds those copies
+        whole = _compute(model, ub, n_out, full, swa, flash_attn, GPU_ALIGN, max(copies, default=0))
+        if len(gpus) == 1:
+            split, comps = (model.n_layer + 1,), [whole]
+        else:
+            if split is None:  # sized with the one-device graph, then each device's own part below
+                need = [w + k for w, k in zip(weights, kvs)]
+                split = (layer_split(need, [g.budget - whole for g in gpus])
+                         or proportional_split(model.n_layer + 1, [g.budget for g in gpus]))
+            if len(split) != len(gpus) or sum(split) != model.n_layer + 1:
+                raise OssggufError(f"a split of {model.n_layer + 1} layers over {len(gpus)} GPUs, not {split}")
+            # llama.cpp turns pipeline parallelism on (inputs copied GGML_SCHED_MAX_COPIES=4 times) when
+            # every layer is on the GPUs and no tensor is overridden (src/llama-context.cpp)
+            n_copies = 4 if n_cpu_moe == 0 else 1
+            starts = [sum(split[:i]) for i in range(len(split))]
+            comps = [_compute(model, ub, n_out, full, swa, flash_attn, GPU_ALIGN,
+                              max(copies, default=0) if i == 0 else 0, range(a, a + n), n_copies) if n else 0
+                     for i, (a, n) in enumerate(zip(starts, split))]
         cpu_exp = model.bytes_where(TensorClass.EXPERT, cpu_layers, CPU_ALIGN)
-        gpu_w = sum(pad(t.nbytes, g_align) for t in model.tensors if _class(t.name) != TensorClass.EMBEDDING
-                    and not (_class(t.name) == TensorClass.EXPERT and _layer(t.name) in cpu_layers))
         bufs.append(Buffer("cpu", "model", embd, "token embeddings (llama.cpp keeps the input layer in RAM)"))
         if cpu_exp:
             bufs.append(Buffer("cpu", "model", cpu_exp, f"experts of layers 0-{n_cpu_moe - 1}"))
-        bufs.append(Buffer("gpu", "model", gpu_w, "attention, router, norms, output"
-                           + (f", experts of layers {n_cpu_moe}-{model.n_layer - 1}"
-                              if n_cpu_moe < model.n_layer else "")))
+        start = 0
+        for i, n in enumerate(split):
+            r = range(start, start + n)
+            start += n
+            gpu_exp = range(max(r.start, n_cpu_moe), min(r.stop, model.n_layer))
+            what = ("attention, router, norms, output" if len(gpus) == 1 else
+                    f"{_span(r, model.n_layer)}: attention, router, norms" + (", output" if model.n_layer in r else ""))
+            bufs.append(Buffer("gpu", "model", sum(weights[j] for j in r), what
+                               + (f", experts of layers {gpu_exp.start}-{gpu_exp.stop - 1}" if gpu_exp else ""), i))
+            kv_i = sum(kvs[j] for j in r)
+            bufs.append(Buffer("gpu", "kv", kv_i, f"f16 K/V: {full} cells full, {swa} sliding"
+                               + ("" if len(gpus) == 1 else f", {sum(1 for j in r if j < model.n_layer)} layers"), i))
+            if n or i == 0:  # a device given no layers gets no graph
+                bufs.append(Buffer("gpu", "compute", comps[i], f"graph for {ub}-token batches", i))
+        host = model.n_embd * ub * 4 + ub * 4 + out_buf  # embeddings are looked up on the CPU
+        bufs.append(Buffer("cpu", "compute", host, "input embeddings, logits"))
     else:
+        split = ()
         exp = model.bytes_where(TensorClass.EXPERT, align=CPU_ALIGN)
         bufs += [Buffer("cpu", "model", exp, "experts (CPU_REPACK where the CPU repacks MXFP4)"),
-                 Buffer("cpu", "model", model.bytes_where(align=CPU_ALIGN) - exp, "other weights")]
-    kv = kv_bytes(model, n_ctx, ub)
-    full, swa = kv_cells(model, n_ctx, ub)
-    bufs.append(Buffer("gpu" if use_gpu else "cpu", "kv", kv, f"f16 K/V: {full} cells full, {swa} sliding"))
-    n_out = min(ub, n_outputs)
-    copies = ([max(t.nbytes for t in model.expert_weights(i)) for i in cpu_layers]
-              if use_gpu and op_offload and ub >= 32 else [])
-    comp = _compute(model, ub, n_out, full, swa, flash_attn, g_align, max(copies, default=0))
-    out_buf = model.n_vocab * 4 * n_out  # llama.cpp's host output buffer (logits of the last tokens)
-    if use_gpu:
-        host = model.n_embd * ub * 4 + ub * 4 + out_buf  # embeddings are looked up on the CPU
-        bufs += [Buffer("gpu", "compute", comp, f"graph for {ub}-token batches"),
-                 Buffer("cpu", "compute", host, "input embeddings, logits")]
-    else:
+                 Buffer("cpu", "model", model.bytes_where(align=CPU_ALIGN) - exp, "other weights"),
+                 Buffer("cpu", "kv", kv, f"f16 K/V: {full} cells full, {swa} sliding")]
+        comp = _compute(model, ub, n_out, full, swa, flash_attn, CPU_ALIGN, 0)
         bufs.append(Buffer("cpu", "compute", comp + out_buf, f"graph for {ub}-token batches, logits"))
     # overrides follow the request even without a GPU: llama.cpp then logs them, placing nothing elsewhere
     overrides = [expert_offload(None if n_cpu_moe == model.n_layer else range(n_cpu_moe))] if gpu and n_cpu_moe > 0 else []
@@ -283,24 +332,30 @@ def estimate(model: ModelInfo, devices: Devices, n_ctx: int, n_cpu_moe: int, *, 
     return Plan(fits=False, placement=placement, n_cpu_moe=n_cpu_moe, n_ctx=n_ctx, n_ubatch=ub,
                 flash_attn=flash_attn, op_offload=op_offload, gpu_bytes=gpu_bytes, cpu_bytes=cpu_bytes,
                 kv_bytes=kv, compute_bytes=sum(b.bytes for b in bufs if b.kind == "compute"),
-                overrides=overrides, buffers=bufs, devices=devices, model=model)
+                overrides=overrides, buffers=bufs, devices=devices, model=model, split=split)
 
 
 def _check(p: Plan) -> Plan:
     """Fill fits/notes: every byte within its device's budget (unified: all of them within RAM too)."""
     d = p.devices
     ram_need = p.cpu_bytes + (p.gpu_bytes if d.unified else 0)
-    gpu_ok = p.gpu_bytes <= d.gpu_budget
+    over = [i for i in range(len(d.gpus)) if p.placement != "cpu" and not _gpu_fits(p, i)]
     ram_ok = ram_need <= d.ram_budget
-    p.fits = gpu_ok and ram_ok
-    if not gpu_ok:
-        p.notes.append(f"GPU: needs {_gb(p.gpu_bytes)}, budget {_gb(d.gpu_budget)} of {_gb(d.gpu_total)}"
+    p.fits = not over and ram_ok
+    for i in over:
+        g = d.gpus[i]
+        p.notes.append(f"{'GPU' if len(d.gpus) == 1 else g.name}: needs {_gb(p.gpu_bytes_of(i))}, "
+                       f"budget {_gb(g.budget)} of {_gb(g.total)}"
                        + (" (the GPU working set of unified memory)" if d.unified else ""))
     if not ram_ok:
         p.notes.append(f"RAM: needs {_gb(ram_need)}, budget {_gb(d.ram_budget)} of {_gb(d.ram_total)}: "
                        "running anyway would rely on the OS paging weights from disk (mmap), "
                        "which is not fitting")
     return p
+
+
+def _gpu_fits(p: Plan, i: int) -> bool:
+    return p.gpu_bytes_of(i) <= p.devices.gpus[i].budget
 
 
 def _gb(n: int) -> str:
@@ -324,6 +379,14 @@ def plan(model: ModelInfo | str | Path, options: PlacementOptions | None = None,
     """
     o = options or PlacementOptions()
     m = model if isinstance(model, ModelInfo) else read_model(model)
+    if o.lora:  # adapter tensors count where the tensors they change live (runner/lora.py)
+        from .lora import with_adapters
+
+        m = with_adapters(m, o.lora)
+    if o.rpc and devices is None:  # workers become llama.cpp devices before the device list is read
+        from .rpc import add_workers, parse_endpoints
+
+        add_workers(parse_endpoints(o.rpc))
     d = devices or resolve_devices(o.gpu_mem, o.ram, o.unified)
     n_ctx = o.ctx or min(DEFAULT_CTX, m.n_ctx_train)
     if n_ctx > m.n_ctx_train:
@@ -342,6 +405,9 @@ def plan(model: ModelInfo | str | Path, options: PlacementOptions | None = None,
         p.notes.append("flash attention off: the compute buffer holds a context x batch x heads score matrix")
     if not p.fits:
         p.notes.extend(alternatives(m, d, n_ctx, kw))
+    from .prompt_cache import cache_note  # the prompt cache's RAM, beside the buffers
+
+    p.notes.append(cache_note(p, o.cache_ram))
     return p
 
 
@@ -349,14 +415,15 @@ def _choose(m: ModelInfo, d: Devices, n_ctx: int, kw: dict) -> Plan:
     if d.has_gpu:
         for n in range(m.n_layer + 1):
             p = estimate(m, d, n_ctx, n, **kw)
-            if p.gpu_bytes <= d.gpu_budget:
+            if all(_gpu_fits(p, i) for i in range(len(d.gpus))):
                 _check(p)
                 if p.fits:
-                    p.reason = ("everything fits on the GPU" if n == 0 else
-                                "all experts in RAM, attention and KV cache on the GPU"
+                    the = "the GPU" if len(d.gpus) == 1 else f"the {len(d.gpus)} GPUs"
+                    p.reason = (f"everything fits on {the}" if n == 0 else
+                                f"all experts in RAM, attention and KV cache on {the}"
                                 if n == m.n_layer else
-                                f"the experts of layers 0-{n - 1} in RAM, the rest on the GPU "
-                                f"(N={n - 1} does not fit the GPU)")
+                                f"the experts of layers 0-{n - 1} in RAM, the rest on {the} "
+                                f"(N={n - 1} does not fit {the})")
                     return p
                 break  # more experts in RAM only needs more RAM
     cpu = _check(estimate(m, d, n_ctx, m.n_layer, gpu=False, **kw))
@@ -405,9 +472,14 @@ def format_plan(p: Plan) -> str:
              f"experts {m.type_summary(TensorClass.EXPERT)}, attention {m.type_summary(TensorClass.ATTENTION)})",
              f"context {p.n_ctx}, batch {p.n_ubatch}, flash attention {'on' if p.flash_attn else 'off'}", ""]
     rows = [("device", "kind", "bytes", "what")]
-    rows += [(b.device, b.kind, _human(b.bytes), b.what) for b in p.buffers]
-    gpu_desc = (f"{d.gpu_name or 'GPU'}: {_gb(p.gpu_bytes)} of {_gb(d.gpu_budget)} budget"
-                f" ({_gb(d.gpu_total)}{' working set' if d.unified else ''})") if d.has_gpu else "no GPU"
+    many = len(d.gpus) > 1
+    rows += [(f"gpu{b.gpu}" if many and b.device == "gpu" else b.device, b.kind, _human(b.bytes), b.what)
+             for b in p.buffers]
+    gpu_desc = "\n".join(
+        (f"gpu{i} " if many else "") + f"{g.label}: {_gb(p.gpu_bytes_of(i))} of {_gb(g.budget)} budget"
+        f" ({_gb(g.total)}{' working set' if d.unified else ''})"
+        + (f", {_span(p.layers_of(i), m.n_layer)}" if many and p.split else "")
+        for i, g in enumerate(d.gpus)) if d.has_gpu else "no GPU"
     ram_used = p.cpu_bytes + (p.gpu_bytes if d.unified else 0)
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines += ["  ".join(r[i].ljust(widths[i]) if i < 2 else r[i].rjust(widths[i]) for i in range(3)) + "  " + r[3]
@@ -415,6 +487,8 @@ def format_plan(p: Plan) -> str:
     lines += ["", gpu_desc, f"RAM: {_gb(ram_used)} of {_gb(d.ram_budget)} budget ({_gb(d.ram_total)})", "",
               f"{'fits' if p.fits else 'DOES NOT FIT'}: {p.placement}"
               + (f", n_cpu_moe={p.n_cpu_moe}" if p.placement == "hybrid" else "") + f" - {p.reason}"]
+    if many and p.split and p.placement != "cpu":
+        lines.append(f"  tensor_split: {','.join(map(str, p.split))} (llama.cpp layers per GPU, the output layer last)")
     lines += [f"  override: {o}" for o in p.overrides]
     lines += [f"  note: {n}" for n in p.notes]
     return "\n".join(lines)

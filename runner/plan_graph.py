@@ -91,27 +91,41 @@ class _Graph:
 
 
 def compute_buffer_bytes(m: ModelInfo, n_tokens: int, n_outputs: int, kv_full: int, kv_swa: int,
-                         flash_attn: bool, align: int, offloaded_weight: int = 0) -> int:
+                         flash_attn: bool, align: int, offloaded_weight: int = 0,
+                         layers: range | None = None, n_copies: int = 1) -> int:
     """Peak of llama.cpp's compute buffer for one ubatch (src/models/openai-moe.cpp, build_moe_ffn).
 
     `offloaded_weight`: with RAM-resident experts and op offload, each expert matmul of a prompt
     batch runs on the GPU from a copy of the weight in this buffer.
+    `layers`: one device of several (llama.cpp's layer split; n_layer is the output layer): its part
+    of the graph, whose inputs (the incoming hidden state, positions, KV indices and masks) ggml-sched
+    copies into this buffer, `n_copies` times with pipeline parallelism (GGML_SCHED_MAX_COPIES).
     """
     g, T, E, f = _Graph(), n_tokens, m.n_embd, 4
     H, D, Dv, Hkv = m.n_head, m.head_dim_k, m.head_dim_v, m.n_head_kv
     F, K, X = m.n_ff_exp, m.n_expert_used, m.n_expert
-    tokens = g.tensor(T * 4, "input")
-    g.tensor(E * T * f, "input")  # inp_embd: the float-embeddings path, built but not taken (never freed)
-    pos = g.tensor(T * 4, "input")
+    blocks = range(m.n_layer) if layers is None else range(layers.start, min(layers.stop, m.n_layer))
+    head = layers is None or m.n_layer in layers
+    kinds = {m.swa_layers[il] for il in blocks}
+    if layers is None:
+        tokens = g.tensor(T * 4, "input")
+        g.tensor(E * T * f, "input")  # inp_embd: the float-embeddings path, built but not taken (never freed)
+    else:
+        h_in = [g.tensor(E * T * f, "input") for _ in range(n_copies)][-1]  # from the previous device
+    pos = [g.tensor(T * 4, "input") for _ in range(1 if layers is None else n_copies if blocks else 0)]
     attn_in = {}
     for swa in (True, False):
+        if layers is not None and swa not in kinds:
+            continue
         n_kv = kv_swa if swa else kv_full
         v_idx = T * 8 if flash_attn else Hkv * Dv * T * 8
-        attn_in[swa] = (g.tensor(T * 8, "input"), g.tensor(v_idx, "input"),
-                        g.tensor(n_kv * T * (2 if flash_attn else 4), "input"))
-    out_ids = g.tensor(n_outputs * 4, "input")  # the last leaf
-    h = g.op(E * T * f, tokens)  # token embeddings
-    for il in range(m.n_layer):
+        for _ in range(1 if layers is None else n_copies):
+            attn_in[swa] = (g.tensor(T * 8, "input"), g.tensor(v_idx, "input"),
+                            g.tensor(n_kv * T * (2 if flash_attn else 4), "input"))
+    out_ids = [g.tensor(n_outputs * 4, "input") for _ in range(1 if layers is None else n_copies if head else 0)]
+    pos, out_ids = (pos or [None])[-1], (out_ids or [None])[-1]
+    h = g.op(E * T * f, tokens) if layers is None else h_in  # token embeddings
+    for il in blocks:
         k_idx, v_idx, mask = attn_in[m.swa_layers[il]]
         n_kv = kv_swa if m.swa_layers[il] else kv_full
         x = g.ip(g.ip(h))  # rms_norm, * attn_norm
@@ -142,6 +156,7 @@ def compute_buffer_bytes(m: ModelInfo, n_tokens: int, n_outputs: int, kv_full: i
         for _ in range(K - 2):
             acc = g.ip(acc, y)
         h = g.ip(acc, res, output=il == m.n_layer - 1)  # + residual (the last is an output: t_h_nextn)
-    x = g.ip(g.ip(g.op(E * n_outputs * f, h, out_ids)), output=True)  # get_rows, result_norm
-    g.op(m.n_vocab * n_outputs * f, x, output=True)  # logits
+    if head:
+        x = g.ip(g.ip(g.op(E * n_outputs * f, h, out_ids)), output=True)  # get_rows, result_norm
+        g.op(m.n_vocab * n_outputs * f, x, output=True)  # logits
     return g.peak(align)

@@ -24,6 +24,7 @@ from .chat import TOOL_TIMEOUT, Conversation, Reply, ToolResult, ToolRunner, loa
 from .engine import Engine
 from .generation import Sampling
 from .plan import PlacementOptions, Plan
+from .tools import BuiltinOptions, BuiltinTools
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 HELP = """commands:
@@ -85,30 +86,42 @@ class ChatSetup:
     conv: Conversation
     sampling: Sampling
     tool_runner: ToolRunner | None
+    builtin: BuiltinTools | None = None  # --tools-builtin: python, browser (runner/tools)
 
     def __enter__(self) -> ChatSetup:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.builtin is not None:
+            self.builtin.close()
         self.engine.close()
 
 
 def open_chat(model: str | Path, options: PlacementOptions | None = None, sampling: Sampling | None = None, *,
               messages_path: str | Path | None = None, tools_path: str | Path | None = None,
               system: str | None = None, reasoning_effort: str = DEFAULT_REASONING, date: str | None = None,
-              tool_cmd: str | None = None, tool_timeout: float = TOOL_TIMEOUT, err: TextIO | None = None) -> ChatSetup:
-    """The conversation (from --messages/--tools files and a system prompt), the tool runner and the
-    engine, loaded last so that bad input fails fast; the load line goes to `err`."""
+              tool_cmd: str | None = None, tool_timeout: float = TOOL_TIMEOUT, err: TextIO | None = None,
+              builtin: BuiltinOptions | None = None) -> ChatSetup:
+    """The conversation (from --messages/--tools files and a system prompt), the tool runner, gpt-oss's
+    own tools (`builtin`) and the engine, loaded last so that bad input fails fast; the load line goes to `err`."""
     conv = load_conversation(messages_path, tools_path, system, reasoning_effort, date)
     runner = ToolRunner.from_command(tool_cmd, tool_timeout) if tool_cmd else None
+    tools = BuiltinTools(builtin) if builtin is not None and builtin.names else None
+    if tools is not None:
+        conv.builtin_tools = tools.names
     options = options or PlacementOptions()
     if not options.verbose:  # run/chat report malformed model output themselves, once
         logging.getLogger("ossgguf.harmony.parse").setLevel(logging.ERROR)
-    engine = Engine.load(model, options)
+    try:
+        engine = Engine.load(model, options)
+    except BaseException:
+        if tools is not None:
+            tools.close()
+        raise
     if err is not None:
         err.write(load_line(engine) + "\n")
         err.flush()
-    return ChatSetup(engine, conv, sampling or Sampling(), runner)
+    return ChatSetup(engine, conv, sampling or Sampling(), runner, tools)
 
 
 @dataclass
@@ -189,7 +202,7 @@ def run_once(chat: ChatSetup, out: TextIO, err: TextIO, show_reasoning: bool = F
     printer = Printer(out, err, show_reasoning)
     reply = None
     with _Interrupt(engine) as intr:
-        for ev in respond(engine, chat.conv, chat.sampling, tool_runner, cancel=intr.cancel):
+        for ev in respond(engine, chat.conv, chat.sampling, tool_runner, cancel=intr.cancel, builtin=chat.builtin):
             if isinstance(ev, Reply):
                 reply = ev
             if not as_json:
@@ -259,7 +272,7 @@ def chat_loop(chat: ChatSetup, stdin: TextIO, out: TextIO, err: TextIO, show_rea
                 continue
             if text.startswith("/"):
                 try:
-                    if not _command(text, conv, engine, printer):
+                    if not _command(text, conv, engine, printer, chat.builtin):
                         return failed
                 except OssggufError as e:
                     printer.note(f"error: {e}")
@@ -268,7 +281,7 @@ def chat_loop(chat: ChatSetup, stdin: TextIO, out: TextIO, err: TextIO, show_rea
             conv.add_user(line)
         try:
             with _Interrupt(engine) as intr:
-                for ev in respond(engine, conv, chat.sampling, tool_runner, cancel=intr.cancel):
+                for ev in respond(engine, conv, chat.sampling, tool_runner, cancel=intr.cancel, builtin=chat.builtin):
                     printer.event(ev)
                     if isinstance(ev, Reply):
                         _after(ev, printer, tool_runner, engine.plan)
@@ -279,7 +292,8 @@ def chat_loop(chat: ChatSetup, stdin: TextIO, out: TextIO, err: TextIO, show_rea
                 conv.messages.pop()  # the message was not answered: let the user /reset or retry
 
 
-def _command(text: str, conv: Conversation, engine: Engine, printer: Printer) -> bool:
+def _command(text: str, conv: Conversation, engine: Engine, printer: Printer,
+             builtin: BuiltinTools | None = None) -> bool:
     """Run a /command; False to leave the chat."""
     cmd, _, arg = text.partition(" ")
     arg = arg.strip()
@@ -290,6 +304,8 @@ def _command(text: str, conv: Conversation, engine: Engine, printer: Printer) ->
     elif cmd == "/reset":
         conv.reset()
         engine.reset()
+        if builtin is not None:
+            builtin.reset()  # the python kernel's state and the browser's pages go with the conversation
         printer.note("conversation cleared")
     elif cmd == "/reasoning":
         if arg:

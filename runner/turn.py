@@ -27,6 +27,7 @@ class TurnEnd:
     message: ParsedMessage
     finish_reason: str  # OpenAI's stop, length or tool_calls; cancelled when the engine was stopped
     usage: Usage
+    stop_sequence: str | None = None  # the stop string that ended the turn (Anthropic reports which)
 
 
 class StopMatcher:
@@ -36,13 +37,15 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self._held = ""
         self.hit = False
+        self.matched: str | None = None
 
     def push(self, text: str) -> str:
         if not self.stops:
             return text
         buf = self._held + text
-        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self.stops if (i := buf.find(s)) >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda f: f[0])
             self.hit, self._held = True, ""
             return buf[:cut]
         keep = max((k for s in self.stops for k in range(1, min(len(s), len(buf) + 1))
@@ -124,4 +127,5 @@ def run_turn(chunks: Iterable[GenerationChunk], special_tokens: Mapping[int, str
         yield Event("content", text=held)
     parsed = parser.finish(ended_by if ended_by in ("stop", "length") else None)
     parsed.content = "".join(content)
-    yield TurnEnd(parsed, finish_reason(parsed, ended_by, matcher.hit), replace(usage, reasoning_tokens=reasoning_chunks))
+    yield TurnEnd(parsed, finish_reason(parsed, ended_by, matcher.hit), replace(usage, reasoning_tokens=reasoning_chunks),
+                  matcher.matched)

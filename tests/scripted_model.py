@@ -78,9 +78,12 @@ def transitions(script: Script, tok: Tokenizer) -> dict[tuple[int, frozenset], i
     return out
 
 
-def _fit_head(table, tokens: list[int], detectors: tuple[str, ...], vocab: int, margin: float = 12.0):
-    """Output-head rows over [one-hot token dims, bit dims] separating every state's next token."""
+def _fit_head(table, tokens: list[int], detectors: tuple[str, ...], vocab: int, margin: float = 12.0,
+              classes: list[int] | None = None):
+    """Output-head rows over [one-hot token dims, bit dims] separating every state's next token
+    (`classes`: the token ids the rows stand for; default: all ids up to `vocab`)."""
     col = {t: i for i, t in enumerate(tokens)}
+    row = {t: i for i, t in enumerate(classes)} if classes is not None else None
     n_feat = len(tokens) + len(detectors)
     W = np.zeros((vocab, n_feat))
     xs = []
@@ -89,7 +92,7 @@ def _fit_head(table, tokens: list[int], detectors: tuple[str, ...], vocab: int, 
         x[col[last]] = 1.0
         for b in bits:
             x[len(tokens) + detectors.index(b)] = 1.0
-        xs.append((x, nxt))
+        xs.append((x, nxt if row is None else row[nxt]))
     for _ in range(2000):
         changed = False
         for x, nxt in xs:
@@ -123,8 +126,10 @@ def scripted_gguf(ckpt: Path, out_dir: Path, script: Script) -> Path:
     for t, i in col.items():
         emb[t, i] = 1.0
     head = np.zeros((vocab, hidden), np.float32)
-    W = _fit_head(table, tokens, script.detectors, vocab)
-    head[:, : W.shape[1]] = W
+    # fitted over the script's own tokens (every other row stays 0, as the fit leaves it): fast on a
+    # 201,088-row vocabulary too
+    W = _fit_head(table, tokens, script.detectors, len(tokens), classes=tokens)
+    head[np.array(tokens), : W.shape[1]] = W
     new = {k: torch.zeros_like(v) for k, v in w.items()}  # experts, biases, sinks, layer 0: all zero
     new["model.embed_tokens.weight"] = torch.from_numpy(emb).to(torch.bfloat16)
     new["lm_head.weight"] = torch.from_numpy(head).to(torch.bfloat16)

@@ -231,12 +231,20 @@ def test_parse_size():
         parse_size("lots")
 
 
-def test_detected_devices_match_llama_cpp_and_psutil():
+def test_detected_devices_match_llama_cpp_and_psutil(make_gguf):
     import psutil
 
     from ossgguf.runner.plan import resolve_devices
 
     d = resolve_devices()
     assert d.source == "detected"
-    assert d.has_gpu == bool(llama_cpp_module().llama_supports_gpu_offload())
+    # llama.cpp's own word: the devices it says it uses when asked to offload every layer (a build with
+    # the RPC backend supports offload with no GPU at all, so llama_supports_gpu_offload cannot tell)
+    lc = llama_cpp_module()
+    mp = lc.llama_model_default_params()
+    mp.n_gpu_layers = 99
+    with LLAMA_LOG.capture() as lines:
+        model = lc.llama_model_load_from_file(str(make_gguf()).encode(), mp)
+    lc.llama_model_free(model)
+    assert d.has_gpu == any("using device" in line for _, line in lines)
     assert d.ram_total == psutil.virtual_memory().total

@@ -97,9 +97,11 @@ def _tool_calls(calls: Any, where: str, n: int) -> list[dict]:
         call_id = call.get("id") or f"call_{n}_{k}"  # clients that omit ids answer by name or order
         new_fn = {
             "name": fn["name"],
-            "arguments": _arguments(fn.get("arguments"), f"{here}.function.arguments"),
+            # a built-in tool's message is kept as written (python's is code, not JSON)
+            "arguments": fn.get("arguments") if fn.get("recipient") and isinstance(fn.get("arguments"), str)
+            else _arguments(fn.get("arguments"), f"{here}.function.arguments"),
         }
-        for key in ("content_type", "channel"):  # a parsed call's header, as the model wrote it
+        for key in ("content_type", "channel", "recipient"):  # a parsed call's header, as the model wrote it
             if fn.get(key) is not None:
                 if not isinstance(fn[key], str):
                     raise OssggufError(f"{here}.function.{key} must be a string")
@@ -120,6 +122,7 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
         raise OssggufError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
     out: list[dict] = []
     call_names: dict[str, str] = {}
+    call_fns: dict[str, dict] = {}  # a built-in tool's result is rendered from its call's header
     last_call_name: str | None = None
     leading = True  # still in the run of system/developer messages that opens the conversation
     for n, msg in enumerate(messages):
@@ -159,6 +162,7 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
                 new["tool_calls"] = calls
                 for call in calls:
                     call_names[call["id"]] = last_call_name = call["function"]["name"]
+                    call_fns[call["id"]] = call["function"]
             out.append(new)
         elif role == "tool":
             call_id = msg.get("tool_call_id")
@@ -190,6 +194,9 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
                     "content": _tool_content(msg.get("content"), f"{where}.content"),
                 }
             )
+            if (fn := call_fns.get(call_id or "")) and fn.get("recipient"):
+                # gpt-oss's own tool answers as itself, on the channel of the call
+                out[-1].update(author=fn["recipient"], channel=fn.get("channel") or "commentary")
         else:
             raise OssggufError(f"{where} has role {role!r}: use system, developer, user, assistant or tool")
     return out

@@ -56,10 +56,19 @@ class ToolCall:
     # The header as the model wrote it, rendered back in history: None where it wrote none.
     channel: str | None = None  # "commentary" for function calls, "analysis" for built-in tools
     content_type: str | None = None  # "<|constrain|>json" (harmony docs), "json" (template form)
+    # A call to one of gpt-oss's own tools (`python`, `browser.search`): `name` is the whole recipient.
+    builtin: bool = False
 
     def header_fields(self) -> dict[str, str]:
-        """The channel and content type the model wrote, for a history message's `function`."""
-        return {k: v for k, v in (("channel", self.channel), ("content_type", self.content_type)) if v}
+        """The channel and content type the model wrote, for a history message's `function`; a
+        built-in tool's call also keeps its recipient (rendered without `functions.`)."""
+        return {k: v for k, v in (("channel", self.channel), ("content_type", self.content_type),
+                                  ("recipient", self.name if self.builtin else None)) if v}
+
+
+def is_builtin_recipient(recipient: str) -> bool:
+    """gpt-oss's own tools: `python` (code as the message, not JSON) and `browser.search/open/find`."""
+    return recipient == "python" or recipient.startswith("browser.")
 
 
 @dataclass
@@ -316,7 +325,7 @@ class HarmonyStreamParser:
         if header.recipient:
             name = header.recipient.removeprefix("functions.")
             call = ToolCall(id=self._new_id(), name=name, arguments="", channel=header.channel,
-                            content_type=header.content_type)
+                            content_type=header.content_type, builtin=is_builtin_recipient(header.recipient))
             self.result.tool_calls.append(call)
             self._target = "tool"
             events.append(Event("tool_call", index=len(self.result.tool_calls) - 1, id=call.id, name=name))
@@ -344,7 +353,9 @@ class HarmonyStreamParser:
     def _close(self, token: str) -> None:
         if self._target == "tool":
             call = self.result.tool_calls[-1]
-            if not call.arguments.strip():
+            if call.builtin and call.name == "python":
+                pass  # python's message is code, not JSON
+            elif not call.arguments.strip():
                 call.arguments = "{}"
             else:
                 try:

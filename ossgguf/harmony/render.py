@@ -150,6 +150,10 @@ def render_segments(
         role = msg["role"]
         if role == "assistant":
             out += _assistant(msg, loop[i + 1 :], last=i == len(loop) - 1 and not add_generation_prompt)
+        elif role == "tool" and msg.get("author"):  # python, browser.*: as openai-harmony renders them
+            content = msg["content"] if isinstance(msg["content"], str) else tojson(msg["content"])
+            out += ["<|start|>", T(f"{msg['author']} to=assistant"), "<|channel|>", T(msg["channel"]),
+                    "<|message|>", T(content), "<|end|>"]
         elif role == "tool":
             out += ["<|start|>", T(f"functions.{msg['name']} to=assistant"), "<|channel|>commentary<|message|>",
                     T(tojson(msg["content"])), "<|end|>"]
@@ -180,12 +184,13 @@ def _assistant(msg: dict, later: list[dict], last: bool) -> list[str | Segment]:
         fn = call["function"]
         # The template's form; a call parsed from the model keeps its channel and content type.
         # openai-harmony renders a `<|constrain|>` content type as that token, the rest as text.
-        ctype = fn.get("content_type") or "json"
+        ctype = fn.get("content_type") or ("" if fn.get("recipient") else "json")  # built-ins: as written
         constrain = [" <|constrain|>", T(ctype.removeprefix(CONSTRAIN))] if ctype.startswith(CONSTRAIN) else [
-            T(" " + ctype)]
-        out += ["<|start|>", T(f"assistant to=functions.{fn['name']}"), "<|channel|>",
-                T(fn.get("channel") or "commentary"), *constrain, "<|message|>", T(tojson(fn["arguments"])),
-                "<|call|>"]
+            T(" " + ctype)] if ctype else []
+        to, args = fn.get("recipient") or f"functions.{fn['name']}", fn["arguments"]
+        out += ["<|start|>", T(f"assistant to={to}"), "<|channel|>",
+                T(fn.get("channel") or "commentary"), *constrain, "<|message|>",
+                T(args if fn.get("recipient") and isinstance(args, str) else tojson(args)), "<|call|>"]
     return out
 
 

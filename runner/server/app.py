@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +67,16 @@ class ServerState:
     store: ResponseStore
     created: int
     engine: Any = None  # the Engine when the app loaded it (closed at shutdown)
+    lora_models: dict[str, tuple] = field(default_factory=dict)  # NAME+ADAPTER ids -> scales (runner/lora.py)
 
     def check_model(self, body: dict) -> str:
         model = body.get("model")
-        if model is not None and model not in self.aliases:
-            raise APIError(f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
-                           404, "model", "model_not_found")
-        return self.model_name
+        if model is not None and model not in self.aliases and model not in self.lora_models:
+            raise APIError(f"The model `{model}` does not exist. This server serves `{self.model_name}`"
+                           + "".join(f", `{m}`" for m in self.lora_models) + ".", 404, "model", "model_not_found")
+        return model if model in self.lora_models else self.model_name
 
-    async def prepare(self, turn: Turn) -> GenerationRequest:
+    async def prepare(self, turn: Turn, model: str | None = None) -> GenerationRequest:
         """Render and tokenize off the event loop; refuse a prompt the context cannot hold."""
 
         def work() -> GenerationRequest:
@@ -90,7 +91,7 @@ class ServerState:
             if tokens is not None and self.backend.n_ctx and len(tokens) >= self.backend.n_ctx:
                 raise self._too_long(turn, len(tokens), self.backend.n_ctx)
             return GenerationRequest(prompt, tokens, turn.params, turn.prefill, tuple(turn.stop),
-                                     tuple(turn.tool_names))
+                                     tuple(turn.tool_names), self.lora_models.get(model))
 
         return await asyncio.to_thread(work)
 
@@ -151,13 +152,15 @@ async def _last(events: AsyncIterator, on_event: Callable[[Any], Any] | None = N
 
 def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str | None = None, *,
                options: PlacementOptions | None = None, generate: GenerateFn | None = None,
-               date: str | None = None, reasoning_effort: str = DEFAULT_REASONING, stored_responses: int = 100) -> FastAPI:
+               date: str | None = None, reasoning_effort: str = DEFAULT_REASONING, stored_responses: int = 100,
+               strict_model: bool = False) -> FastAPI:
     """The FastAPI app serving one model.
 
     `engine_or_path`: a loaded `Engine` (the caller closes it), a GGUF path (loaded now with `options`,
     closed at shutdown), or None with `generate`. `generate(GenerationRequest)` replaces the engine's
     generation (tests script the model's harmony output with it). `date` (YYYY-MM-DD) goes into every
     system message unless a request sends its own `date`; default: today, fixed for the server's life.
+    `strict_model`: the Messages API refuses model names other than this model's (default: serves any).
     """
     from ossgguf.runner.engine import Engine
 
@@ -173,6 +176,10 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
                         api_key=api_key, date=date or _dt.date.today().isoformat(),
                         default_effort=reasoning_effort, store=ResponseStore(stored_responses),
                         created=int(time.time()), engine=engine if owned else None)
+    if engine is not None and getattr(engine, "adapters", None) is not None:
+        from ossgguf.runner.lora import adapter_models
+
+        state.lora_models = adapter_models(name, engine.adapters.specs)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -212,12 +219,11 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
     @api.get("/v1/models")
     @api.get("/models")
     async def models() -> dict:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card()] + [{**model_card(), "id": m} for m in state.lora_models]}
 
     @api.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict:
-        state.check_model({"model": model_id})
-        return model_card()
+        return {**model_card(), "id": state.check_model({"model": model_id})}
 
     @api.post("/v1/chat/completions")
     @api.post("/chat/completions")
@@ -225,7 +231,7 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
         body = await read_json_object(request)
         model_name = state.check_model(body)
         turn = parse_chat(body, state.default_effort)
-        job = state.worker.submit(await state.prepare(turn))
+        job = state.worker.submit(await state.prepare(turn, model_name))
         events = job.events(request.is_disconnected)
         if turn.stream:
             def error(msg: str) -> str:
@@ -244,7 +250,7 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
         body = await read_json_object(request)
         model_name = state.check_model(body)
         req = parse_responses(body, state.default_effort, state.store)
-        job = state.worker.submit(await state.prepare(req.turn))
+        job = state.worker.submit(await state.prepare(req.turn, model_name))
         events = job.events(request.is_disconnected)
         out = OutputBuilder(new_id("resp"), model_name, {**req.echo, "store": req.store})
 
@@ -275,6 +281,9 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
         return JSONResponse(resp)
 
     app.include_router(api)
+    from ossgguf.runner.server.anthropic import router as anthropic_router  # /v1/messages (Claude Code)
+
+    app.include_router(anthropic_router(state, strict_model))
     return app
 
 
@@ -288,7 +297,7 @@ def _is_loopback(host: str) -> bool:
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8080, options: PlacementOptions | None = None,
           api_key: str | None = None, model_name: str | None = None, reasoning_effort: str = DEFAULT_REASONING,
-          log_level: str = "info", on_ready: Callable[[str], None] | None = None) -> None:
+          log_level: str = "info", on_ready: Callable[[str], None] | None = None, strict_model: bool = False) -> None:
     """Load the model through the planner and serve it until interrupted (Ctrl-C).
 
     `on_ready(line)` gets one line saying where the weights live and the URL, once the model is loaded.
@@ -301,10 +310,12 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8080, options: 
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
                     "(set --api-key)", host)
     with Engine.load(path, options) as engine:
-        app = create_app(engine, model_name, api_key, reasoning_effort=reasoning_effort)
+        app = create_app(engine, model_name, api_key, reasoning_effort=reasoning_effort, strict_model=strict_model)
         name = app.state.server.model_name
         from ossgguf.runner.terminal import load_line
 
-        line = f"{load_line(engine)}; serving {name!r} at http://{host}:{port}/v1 (Ctrl-C stops)"
+        cache = engine.prompt_cache  # saved prompts of other conversations (--cache-ram)
+        line = (f"{load_line(engine)}; prompt cache {cache.budget / 2**30:.1f} GiB" if cache else
+                f"{load_line(engine)}; no prompt cache") + f"; serving {name!r} at http://{host}:{port}/v1 (Ctrl-C stops)"
         (on_ready or log.info)(line)
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

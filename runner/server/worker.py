@@ -39,6 +39,7 @@ class GenerationRequest:
     prefill: str = ""  # the start of the answer that the prompt holds (a forced tool call)
     stop: tuple[str, ...] = ()  # OpenAI's stop strings
     tool_names: tuple[str, ...] = ()  # the offered functions, for the log line on a malformed call
+    adapters: tuple | None = None  # LoRA scales, one per loaded adapter (None: off), from the model id; None: as loaded
 
 
 GenerateFn = Callable[[GenerationRequest], Iterable[GenerationChunk]]
@@ -59,6 +60,8 @@ class Backend:
     @classmethod
     def from_engine(cls, engine, generate: GenerateFn | None = None) -> Backend:
         def run(req: GenerationRequest) -> Iterator[GenerationChunk]:
+            if getattr(engine, "adapters", None) is not None:  # runner/lora.py: this request's adapter set
+                engine.set_adapter_scales(req.adapters)
             return engine.generate(req.tokens if req.tokens is not None else req.prompt, req.params)
 
         # a `generate` given beside the engine scripts the output as markup (tests): no ids to read
