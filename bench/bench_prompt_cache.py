@@ -7,15 +7,18 @@ without window checkpoints and without the RAM cache (the engine as it was), "af
 - chat: 3 turns; each turn's reasoning is forced as given tokens (the model's own would be random) and
   then dropped from the next prompt, as harmony does; per turn, prompt tokens processed / total and the
   time to first token (the prompt's reading, checkpoint included);
-- interleaved: two conversations, A B A B, each with its own `--prefix`-token start; processed / total
-  and time to first token per request, against a request that only has its new tokens to read.
+- interleaved: two conversations, A B A B (`--rounds`), each with its own `--prefix`-word (or
+  `--prefix-tokens`-token) start; processed / total and time to first token per request, against a
+  request that only has its new tokens to read.
 
     python bench/bench_prompt_cache.py [--workdir bench/out] [--layers 4] [--analysis 1200] [--prefix 4096]
+    python bench/bench_prompt_cache.py --skip-chat --skip-before --prefix-tokens 8192 --rounds 2 --ctx 20480
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 from pathlib import Path
@@ -71,10 +74,19 @@ def chat(engine, analysis: int, system: int, turns: int = 3) -> list[tuple[int, 
     return out
 
 
-def interleaved(engine, prefix: int, rounds: int = 3) -> list[tuple[str, int, int, float]]:
+def start(engine, words: int, seed: int, tokens: int | None) -> str:
+    """A conversation's start: `words` words, or (`tokens`) text of that many tokens."""
+    if tokens is None:
+        return text(words, seed)
+    body = text(tokens, seed)  # a word is at least one token
+    return engine.detokenize(engine.tokenize_text(body)[:tokens])
+
+
+def interleaved(engine, prefix: int, rounds: int = 3, prefix_tokens: int | None = None) -> list[tuple[str, int, int, float]]:
     from ossgguf.runner.chat import Conversation
 
-    convs = {name: Conversation(date=DATE, messages=[{"role": "system", "content": text(prefix, seed)}])
+    convs = {name: Conversation(date=DATE, messages=[{"role": "system",
+                                                      "content": start(engine, prefix, seed, prefix_tokens)}])
              for name, seed in (("A", 7), ("B", 8))}
     out = []
     for k in range(rounds):
@@ -96,10 +108,17 @@ def main() -> None:
     ap.add_argument("--analysis", type=int, default=1200)
     ap.add_argument("--system", type=int, default=600, help="words of the chat's system prompt")
     ap.add_argument("--prefix", type=int, default=4096, help="words of each interleaved conversation's start")
+    ap.add_argument("--prefix-tokens", type=int, help="instead: each interleaved start this many tokens long")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (A B each)")
     ap.add_argument("--skip-interleaved", action="store_true")
+    ap.add_argument("--skip-chat", action="store_true")
+    ap.add_argument("--skip-before", action="store_true",
+                    help="interleaved only, the engine with the cache alone (before reads every prompt whole)")
     ap.add_argument("--ctx", type=int, default=16384)
     ap.add_argument("--threads", type=int)
     a = ap.parse_args()
+    if a.skip_before and not (a.skip_chat and not a.skip_interleaved):
+        ap.error("--skip-before goes with --skip-chat (the interleaved table only)")
     a.workdir.mkdir(parents=True, exist_ok=True)
 
     from ossgguf.runner.engine import Engine
@@ -108,27 +127,37 @@ def main() -> None:
     path = gguf_of(a.workdir, a.layers)
     opts = PlacementOptions(gpu_mem=0, ctx=a.ctx, threads=a.threads)
     results = {}
-    for name, kw in (("before", {"cache_ram": 0, "checkpoints": 0}), ("after", {})):
+    runs = (("before", {"cache_ram": 0, "checkpoints": 0}), ("after", {}))
+    for name, kw in runs[1:] if a.skip_before else runs:
         with Engine.load(path, opts, **kw) as e:
-            results[name] = (chat(e, a.analysis, a.system), [] if a.skip_interleaved else interleaved(e, a.prefix))
+            results[name] = ([] if a.skip_chat else chat(e, a.analysis, a.system),
+                             [] if a.skip_interleaved else interleaved(e, a.prefix, a.rounds, a.prefix_tokens))
             if name == "after":
                 pc = e.prompt_cache
                 note = (f"RAM cache: budget {pc.budget / 2**30:.1f} GiB, {len(pc)} entries, {pc.nbytes / 2**20:.0f} MiB; "
                         f"checkpoints {e._seq.checkpoints.nbytes / 2**20:.0f} MiB")
-    print(f"model {path.name} ({a.layers} of 24 layers), ctx {a.ctx}, CPU\n")
-    print(f"chat, {a.analysis} analysis tokens per turn:")
-    print("turn  prompt  processed before  processed after  TTFT before  TTFT after  TTFT ratio")
-    for k, (b, c) in enumerate(zip(*(results[n][0] for n in ("before", "after")))):
-        print(f"{k + 1:>4}  {b[0]:>6}  {b[1]:>16}  {c[1]:>15}  {b[2]:>10.2f}s  {c[2]:>9.2f}s  {b[2] / c[2]:>9.1f}x")
+    print(f"model {path.name} ({a.layers} of 24 layers), ctx {a.ctx}, CPU, "
+          f"load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs at the end\n")
+    if not a.skip_chat:
+        print(f"chat, {a.analysis} analysis tokens per turn:")
+        print("turn  prompt  processed before  processed after  TTFT before  TTFT after  TTFT ratio")
+        for k, (b, c) in enumerate(zip(*(results[n][0] for n in ("before", "after")))):
+            print(f"{k + 1:>4}  {b[0]:>6}  {b[1]:>16}  {c[1]:>15}  {b[2]:>10.2f}s  {c[2]:>9.2f}s  {b[2] / c[2]:>9.1f}x")
     if a.skip_interleaved:
         print(note)
         print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
         return
-    print(f"\ninterleaved conversations, {a.prefix}-word starts:")
-    print("req  conv  prompt  processed before  processed after  TTFT before  TTFT after  TTFT ratio")
-    for k, (b, c) in enumerate(zip(*(results[n][1] for n in ("before", "after")))):
-        print(f"{k + 1:>3}  {b[0]:>4}  {b[1]:>6}  {b[2]:>16}  {c[2]:>15}  {b[3]:>10.2f}s  {c[3]:>9.2f}s"
-              f"  {b[3] / c[3]:>9.1f}x")
+    starts = f"{a.prefix_tokens}-token" if a.prefix_tokens else f"{a.prefix}-word"
+    print(f"\ninterleaved conversations, {starts} starts:")
+    if a.skip_before:
+        print("req  conv  prompt  processed  TTFT")
+        for k, c in enumerate(results["after"][1]):
+            print(f"{k + 1:>3}  {c[0]:>4}  {c[1]:>6}  {c[2]:>9}  {c[3]:>6.2f}s")
+    else:
+        print("req  conv  prompt  processed before  processed after  TTFT before  TTFT after  TTFT ratio")
+        for k, (b, c) in enumerate(zip(*(results[n][1] for n in ("before", "after")))):
+            print(f"{k + 1:>3}  {b[0]:>4}  {b[1]:>6}  {b[2]:>16}  {c[2]:>15}  {b[3]:>10.2f}s  {c[3]:>9.2f}s"
+                  f"  {b[3] / c[3]:>9.1f}x")
     after, alone = results["after"][1][2:-1], results["after"][1][-1]
     print(f"\nA* follows A's own request (only new tokens to read, {alone[3]:.2f}s): requests 3..N after take "
           f"{min(t for *_, t in after) / alone[3]:.2f}-{max(t for *_, t in after) / alone[3]:.2f}x that")

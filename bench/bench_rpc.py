@@ -3,7 +3,9 @@
 On a synthetic checkpoint with gpt-oss-20b's real shapes and a few layers (random data), converted
 once: prompt and generation tok/s of both (ratio RPC / local), the bytes that cross the loopback
 interface per generated token (from /proc/net/dev, the difference between a short and a long
-generation, so the model upload at load time cancels out), and peak RSS of the main process and of
+generation, so the model upload at load time cancels out; it counts every loopback user and the
+TCP/IP headers), the same through counting relays in front of the workers (llama.cpp's RPC bytes
+only) against the planner's figure (`plan --json`: network_bytes_per_token), and peak RSS of the main process and of
 the workers. Loopback has no wire latency: on a real network add the round trips (docs/rpc.md).
 
     python bench/bench_rpc.py [--workdir bench/out] [--layers 4] [--tokens 8,40] [--threads 2]
@@ -19,9 +21,12 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from benchutil import synthetic_checkpoint  # bench/ is on sys.path when a script runs
+
+from ossgguf.fixtures.relay import counting_relay
 
 PROMPT = ("the model reads every expert it routes to from memory so decoding is bound by bandwidth "
           "and the attention weights the output head and the router are read for every token ") * 3
@@ -86,6 +91,17 @@ def main() -> None:
         spec = ",".join(f"127.0.0.1:{p}" for p in ports)
         a, net_a = run(gguf, short, args.threads, "--rpc", spec)
         b, net_b = run(gguf, long, args.threads, "--rpc", spec)
+        with ExitStack() as stack:  # the same runs through counting relays: llama.cpp's own bytes only
+            relays = [stack.enter_context(counting_relay(p)) for p in ports]
+            relayed = ",".join(f"127.0.0.1:{r}" for r, _ in relays)
+            exact = []
+            for n in (short, long):
+                before = sum(c["sent"] + c["received"] for _, c in relays)
+                u = run(gguf, n, args.threads, "--rpc", relayed)[0]["usage"]["completion_tokens"]
+                exact.append((u, sum(c["sent"] + c["received"] for _, c in relays) - before))
+        planned = subprocess.run([sys.executable, "-m", "ossgguf.cli", "plan", str(gguf), "--rpc", spec, "--ctx", "1024",
+                                  "--json"], capture_output=True, text=True, check=True)
+        predicted = json.loads(planned.stdout)["network_bytes_per_token"]
     finally:
         for w in workers:
             w.terminate()
@@ -99,8 +115,13 @@ def main() -> None:
     print(f"generation: local {lt['generation_tps']:8.1f} tok/s   rpc {rt['generation_tps']:8.1f} tok/s   "
           f"ratio {rt['generation_tps'] / lt['generation_tps']:.2f}")
     if gen > 0:
-        print(f"network: {(net_b - net_a) / gen / 1e3:.1f} kB per generated token over loopback "
+        per_token = (net_b - net_a) / gen
+        print(f"network: {per_token / 1e3:.1f} kB per generated token over loopback "
               f"({gen} tokens between the two runs); model upload at load: {net_a / 1e9:.2f} GB")
+        (ua, ba), (ub, bb) = exact
+        relay_token = (bb - ba) / (ub - ua) if ub > ua else float("nan")
+        print(f"through counting relays (llama.cpp's RPC bytes only): {relay_token / 1e3:.1f} kB per token; "
+              f"the planner (runner/network.py): {predicted / 1e3:.1f} kB; measured / planned {relay_token / predicted:.3f}")
     print(f"peak RSS of the largest process (main or worker): {peak:.2f} GiB")
 
 

@@ -58,6 +58,7 @@ N_CPU_MOE = Limit(0, integer=True)  # more than the model's layers means all of 
 GPU_MEM = Limit(0, integer=True)  # 0: no GPU
 MEMORY = Limit(0, lo_open=True, integer=True)  # RAM, unified memory
 CACHE_RAM = Limit(0, integer=True)  # --cache-ram: bytes of saved prompts in RAM; 0 turns the cache off
+PARALLEL = Limit(1, 256, integer=True)  # --parallel: streams decoded in one batch (llama.cpp's LLAMA_MAX_SEQ)
 
 # placement defaults (runner.plan) when --ctx / --ubatch are not given
 DEFAULT_CTX = 65536  # capped by the model's context; long enough for tool use, 2.4 GB of KV on 120b

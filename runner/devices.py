@@ -15,7 +15,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ossgguf.errors import OssggufError
 
@@ -49,8 +49,8 @@ class Device:
 @dataclass(frozen=True)
 class Devices:
     """System RAM and the layer devices, in llama.cpp's order. On unified memory (Apple) the one
-    device's total is the GPU working-set limit (macOS wires ~75% of RAM by default) and every byte
-    placed on it also counts in RAM."""
+    local device's total is the GPU working-set limit (macOS wires ~75% of RAM by default) and every
+    byte placed on it also counts in RAM (RPC workers' devices have their own memory)."""
 
     ram_total: int
     gpus: tuple[Device, ...] = ()
@@ -118,7 +118,11 @@ def llama_devices() -> list[Device]:
 def resolve_devices(gpu_mem: int | Sequence[int] | None = None, ram: int | None = None, unified: int | None = None,
                     detect: bool = True) -> Devices:
     """Devices from the options; what is not given is detected (llama.cpp's device list, system RAM).
-    `gpu_mem`: one size, or one per GPU (`--gpu-mem 24GiB,24GiB`); 0 means no GPU."""
+    `gpu_mem`: one size, or one per GPU (`--gpu-mem 24GiB,24GiB`), 0 meaning no GPU; or sizes of
+    named devices among those detected ((name or worker HOST:PORT, size) pairs), the rest as detected."""
+    if gpu_mem and isinstance(gpu_mem, (tuple, list)) and isinstance(gpu_mem[0], (tuple, list)):
+        found = resolve_devices(None, ram, unified, detect)
+        return replace(found, gpus=named_sizes(found.gpus, dict(gpu_mem)))
     sizes = [gpu_mem] if isinstance(gpu_mem, int) else list(gpu_mem) if gpu_mem is not None else None
     if sizes is not None and len(sizes) > 1 and (unified or 0 in sizes):
         raise OssggufError("--gpu-mem: a list of GPU sizes takes no 0 and no --unified (one device)")
@@ -132,9 +136,21 @@ def resolve_devices(gpu_mem: int | Sequence[int] | None = None, ram: int | None 
     if not detect:
         return Devices(ram_total=ram_total)
     gpus = llama_devices()
-    # Metal reports its working-set limit as the device's memory; an iGPU shares RAM as well
-    shared = bool(gpus) and all(g.kind == "igpu" or (sys.platform == "darwin" and g.kind == "gpu") for g in gpus)
-    return Devices(ram_total=ram_total, gpus=tuple(gpus), unified=shared and len(gpus) == 1, source="detected")
+    # Metal reports its working-set limit as the device's memory; an iGPU shares RAM as well (workers' not ours)
+    local = [g for g in gpus if g.kind != "rpc"]
+    shared = bool(local) and all(g.kind == "igpu" or (sys.platform == "darwin" and g.kind == "gpu") for g in local)
+    return Devices(ram_total=ram_total, gpus=tuple(gpus), unified=shared and len(local) == 1, source="detected")
+
+
+def named_sizes(gpus: Sequence[Device], sizes: dict[str, int]) -> tuple[Device, ...]:
+    """The detected devices with the memory given for some of them, by llama.cpp's name or a worker's
+    HOST:PORT (a worker's RAM is not all free for layers; a GPU may be shared with the desktop)."""
+    known = {g.name for g in gpus} | {g.host for g in gpus if g.host}
+    if unknown := [n for n in sizes if n not in known]:
+        raise OssggufError(f"--gpu-mem: no device {', '.join(unknown)}; llama.cpp sees "
+                           + (", ".join(g.name for g in gpus) or "no GPU and no worker (is --rpc given?)"))
+    return tuple(replace(g, total=sizes[g.host if g.host in sizes else g.name], free=None)
+                 if g.name in sizes or g.host in sizes else g for g in gpus)
 
 
 def tensor_split(split: Sequence[int], devices: Devices) -> ctypes.Array | None:
@@ -155,3 +171,60 @@ def tensor_split(split: Sequence[int], devices: Devices) -> ctypes.Array | None:
     for i, n in enumerate(split):
         arr[i] = float(n)
     return arr
+
+
+# --- layers over devices (llama.cpp's layer split is contiguous, in the devices' order) ----------
+
+
+def layer_split(need: list[int], caps: list[int]) -> tuple[int, ...] | None:
+    """Layers per device, in order (llama.cpp's layer split is contiguous), so that each device's
+    layers fit its capacity, as evenly filled as possible; None when no split fits."""
+    def fill(frac: float) -> list[int] | None:
+        counts, i = [], 0
+        for cap in caps:
+            used, start = 0, i
+            while i < len(need) and used + need[i] <= cap * frac:
+                used += need[i]
+                i += 1
+            counts.append(i - start)
+        return counts if i == len(need) else None
+
+    if fill(1.0) is None:
+        return None
+    lo, hi = 0.0, 1.0  # the smallest fill fraction that still places every layer: the most headroom everywhere
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if fill(mid) is not None else (mid, hi)
+    return tuple(fill(hi))
+
+
+def local_first_split(need: list[int], caps: list[int], remote: list[bool]) -> tuple[int, ...] | None:
+    """With RPC workers (first in llama.cpp's order) and local GPUs (last): the local GPUs take as many
+    of the last layers as they hold, since a layer there costs no network and a local GPU is usually
+    the fastest memory; the workers share the rest evenly. None without both kinds, or when the
+    workers cannot hold the rest."""
+    n_remote = sum(remote)
+    if not 0 < n_remote < len(caps) or remote != sorted(remote, reverse=True):
+        return None
+    local, end = [], len(need)
+    for cap in reversed(caps[n_remote:]):  # from the output layer back, the last GPU first
+        used, start = 0, end
+        while start > 0 and used + need[start - 1] <= cap:
+            start -= 1
+            used += need[start]
+        local.insert(0, end - start)
+        end = start
+    rest = layer_split(need[:end], caps[:n_remote]) if end else (0,) * n_remote
+    return None if rest is None else tuple(rest) + tuple(local)
+
+
+def need_of(need: list[int], split: tuple[int, ...], i: int) -> int:
+    start = sum(split[:i])
+    return sum(need[start:start + split[i]])
+
+
+def proportional_split(n: int, weights: list[int]) -> tuple[int, ...]:
+    """n layers in proportion to `weights` (llama.cpp's default split is by free memory)."""
+    total = sum(weights) or 1
+    bounds = [round(n * sum(weights[:i + 1]) / total) for i in range(len(weights))]
+    return tuple(b - a for a, b in zip([0] + bounds[:-1], bounds))

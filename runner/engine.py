@@ -117,6 +117,7 @@ class Engine:
     _control_ids: dict[str, int] = field(default_factory=dict, repr=False)
     _seq: SeqCache | None = field(default=None, repr=False)  # checkpoints, RAM cache (runner/prompt_cache.py)
     adapters: object = field(default=None, repr=False)  # runner.lora.Adapters of options.lora, freed with the model
+    scheduler: object = field(default=None, repr=False)  # runner.parallel.Scheduler driving the context (--parallel)
 
     # --- loading -------------------------------------------------------------------------------------
 
@@ -156,9 +157,14 @@ class Engine:
         if not model:
             raise OssggufError(f"llama.cpp could not load {info.path}: {LLAMA_LOG.last_errors()}")
         cp = lc.llama_context_default_params()
-        cp.n_ctx = p.n_ctx
-        cp.n_batch = cp.n_ubatch = p.n_ubatch
-        cp.n_outputs_max = 1  # only the last token's logits are read: no n_vocab x batch logits buffer
+        # --parallel N: N sequences of n_ctx tokens each; llama.cpp divides n_ctx by n_seq_max (kv_unified
+        # off: each sequence its own KV stream), so the context is N x n_ctx (runner/parallel.py)
+        cp.n_seq_max = p.parallel
+        cp.kv_unified = False
+        cp.n_ctx = p.n_ctx * p.parallel
+        cp.n_ubatch = p.n_ubatch
+        cp.n_batch = max(p.n_ubatch, p.parallel)  # a decoding step holds one token per stream
+        cp.n_outputs_max = p.parallel  # only the last token's logits (per stream): no n_vocab x batch buffer
         threads = opts.threads or _default_threads()
         cp.n_threads = cp.n_threads_batch = threads
         cp.flash_attn_type = FLASH_ATTN_ENABLED if p.flash_attn else FLASH_ATTN_DISABLED
@@ -209,6 +215,8 @@ class Engine:
                 self._seq.key = replace(self._seq.key, adapters=tuple(self.adapters.active))
 
     def close(self) -> None:
+        if self.scheduler is not None:  # its thread stops before the context goes
+            self.scheduler.close()
         if self._ctx:
             lc = llama_cpp_module()
             lc.llama_free(self._ctx)
@@ -397,6 +405,8 @@ class Engine:
         sampling = replace(sampling or Sampling(), **changes)
         if not self._ctx:
             raise OssggufError("the engine is closed")
+        if self.scheduler is not None:  # its streams use sequence 0 too
+            raise OssggufError("this engine's context is driven by its parallel scheduler: generate through it")
         lc = llama_cpp_module()
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not tokens:

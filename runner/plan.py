@@ -23,7 +23,16 @@ from ossgguf.limits import DEFAULT_CTX, UBATCH_DEFAULT, UBATCH_OFFLOAD
 from ossgguf.model import HParams, Offload, TensorClass, expert_offload, layer_of, read_hparams, tensor_class
 from ossgguf.sizes import parse_size as _parse_size
 
-from .devices import Device, Devices, resolve_devices, system_ram  # noqa: F401 (plan's API since issue 15)
+from .devices import (  # noqa: F401 (plan's API since issue 15)  # noqa: F401 (the same)
+    Device,
+    Devices,
+    layer_split,
+    local_first_split,
+    need_of,
+    proportional_split,
+    resolve_devices,
+    system_ram,
+)
 from .plan_graph import compute_buffer_bytes
 
 log = logging.getLogger(__name__)
@@ -100,7 +109,8 @@ def _compute(*args) -> int:
 class PlacementOptions:
     """Options shared by plan/run/chat/serve (CLI flags of the same names); None lets the planner decide."""
 
-    gpu_mem: int | tuple[int, ...] | None = None  # --gpu-mem: bytes, or one size per GPU (0: no GPU); default: ask llama.cpp
+    # --gpu-mem: bytes, one size per GPU (0: no GPU), or (name or worker HOST:PORT, size) pairs; default: ask llama.cpp
+    gpu_mem: int | tuple[int, ...] | tuple[tuple[str, int], ...] | None = None
     ram: int | None = None  # --ram: system RAM in bytes; default: the machine's
     unified: int | None = None  # --unified: Apple-style memory of this size, GPU working set 75% (or gpu_mem)
     cpu_moe: bool = False  # --cpu-moe: all experts in RAM
@@ -114,13 +124,15 @@ class PlacementOptions:
     rpc: str | None = None  # --rpc host:port,...: llama.cpp RPC workers, added as devices (runner/rpc.py)
     cache_ram: int | None = None  # --cache-ram: saved prompts in RAM (runner/prompt_cache.py); None: from free RAM, 0: off
     lora: tuple = ()  # --lora A.gguf[:SCALE]: LoRA adapters (runner/lora.py LoraSpec or their text)
+    parallel: int = 1  # --parallel N (serve): N sequences of `ctx` tokens each, decoded in one batch (runner/parallel.py)
 
     def __post_init__(self) -> None:  # the CLI checks the same limits; other callers get this message
         for name, limit in (("ctx", limits.CTX), ("ubatch", limits.UBATCH), ("threads", limits.THREADS),
                             ("n_cpu_moe", limits.N_CPU_MOE), ("ram", limits.MEMORY), ("unified", limits.MEMORY),
-                            ("cache_ram", limits.CACHE_RAM)):
+                            ("cache_ram", limits.CACHE_RAM), ("parallel", limits.PARALLEL)):
             limit.check(name, getattr(self, name))
         sizes = self.gpu_mem if isinstance(self.gpu_mem, tuple) else (self.gpu_mem,)
+        sizes = tuple(s[1] if isinstance(s, tuple) else s for s in sizes)  # named: (("CUDA0", size), ...)
         for size in sizes:  # one size per GPU (a tuple: --gpu-mem 24GiB,24GiB)
             limits.GPU_MEM.check("gpu_mem", size)
         if isinstance(self.gpu_mem, tuple) and not 1 <= len(sizes) <= MAX_GPUS:
@@ -156,6 +168,14 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     reason: str = ""
     split: tuple[int, ...] = ()  # llama.cpp layers (blocks, then the output layer) per GPU: its tensor_split
+    parallel: int = 1  # sequences (streams) of n_ctx tokens each: the KV cache holds one per stream
+
+    @property
+    def ram_bytes(self) -> int:
+        """This machine's RAM: its buffers, and on unified memory its GPU's too (not the workers')."""
+        if not self.devices.unified:
+            return self.cpu_bytes
+        return self.cpu_bytes + sum(self.gpu_bytes_of(i) for i, g in enumerate(self.devices.gpus) if g.kind != "rpc")
 
     def gpu_bytes_of(self, i: int) -> int:
         return sum(b.bytes for b in self.buffers if b.device == "gpu" and b.gpu == i)
@@ -175,7 +195,7 @@ class Plan:
             "fits": self.fits, "n_cpu_moe": self.n_cpu_moe, "gpu_bytes": self.gpu_bytes,
             "cpu_bytes": self.cpu_bytes, "kv_bytes": self.kv_bytes, "compute_bytes": self.compute_bytes,
             "overrides": [str(o) for o in self.overrides], "notes": self.notes, "placement": self.placement,
-            "n_ctx": self.n_ctx, "n_ubatch": self.n_ubatch, "flash_attn": self.flash_attn,
+            "n_ctx": self.n_ctx, "parallel": self.parallel, "n_ubatch": self.n_ubatch, "flash_attn": self.flash_attn,
             "gpu_budget": self.devices.gpu_budget, "ram_budget": self.devices.ram_budget,
             "unified": self.devices.unified,
             "buffers": [{"device": b.device, "kind": b.kind, "bytes": b.bytes, "what": b.what}
@@ -194,11 +214,13 @@ def kv_cells(model: ModelInfo, n_ctx: int, n_ubatch: int) -> tuple[int, int]:
     return full, swa
 
 
-def kv_bytes(model: ModelInfo, n_ctx: int, n_ubatch: int, type_size: int = 2) -> int:
-    """f16 K and V for every layer: full layers grow with the context, SWA layers keep window + ubatch."""
+def kv_bytes(model: ModelInfo, n_ctx: int, n_ubatch: int, type_size: int = 2, n_seq: int = 1) -> int:
+    """f16 K and V for every layer: full layers grow with the context, SWA layers keep window + ubatch.
+    `n_seq` sequences (kv_unified off, n_ctx x n_seq in the context): llama.cpp gives each its own
+    stream of these cells, the window's included (src/llama-kv-cache.cpp, n_stream = n_seq_max)."""
     full, swa = kv_cells(model, n_ctx, n_ubatch)
     per_cell = model.n_head_kv * (model.head_dim_k + model.head_dim_v) * type_size
-    return sum((swa if is_swa else full) * per_cell for is_swa in model.swa_layers)
+    return n_seq * sum((swa if is_swa else full) * per_cell for is_swa in model.swa_layers)
 
 
 def gpu_layer_bytes(model: ModelInfo, n_cpu_moe: int) -> list[int]:
@@ -213,40 +235,11 @@ def gpu_layer_bytes(model: ModelInfo, n_cpu_moe: int) -> list[int]:
     return out
 
 
-def kv_layer_bytes(model: ModelInfo, n_ctx: int, n_ubatch: int, type_size: int = 2) -> list[int]:
+def kv_layer_bytes(model: ModelInfo, n_ctx: int, n_ubatch: int, type_size: int = 2, n_seq: int = 1) -> list[int]:
     """f16 K and V of each layer (the output layer has none), as kv_bytes sums them."""
     full, swa = kv_cells(model, n_ctx, n_ubatch)
-    per_cell = model.n_head_kv * (model.head_dim_k + model.head_dim_v) * type_size
+    per_cell = model.n_head_kv * (model.head_dim_k + model.head_dim_v) * type_size * n_seq
     return [(swa if is_swa else full) * per_cell for is_swa in model.swa_layers] + [0]
-
-
-def layer_split(need: list[int], caps: list[int]) -> tuple[int, ...] | None:
-    """Layers per device, in order (llama.cpp's layer split is contiguous), so that each device's
-    layers fit its capacity, as evenly filled as possible; None when no split fits."""
-    def fill(frac: float) -> list[int] | None:
-        counts, i = [], 0
-        for cap in caps:
-            used, start = 0, i
-            while i < len(need) and used + need[i] <= cap * frac:
-                used += need[i]
-                i += 1
-            counts.append(i - start)
-        return counts if i == len(need) else None
-
-    if fill(1.0) is None:
-        return None
-    lo, hi = 0.0, 1.0  # the smallest fill fraction that still places every layer: the most headroom everywhere
-    for _ in range(24):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if fill(mid) is not None else (mid, hi)
-    return tuple(fill(hi))
-
-
-def proportional_split(n: int, weights: list[int]) -> tuple[int, ...]:
-    """n layers in proportion to `weights` (llama.cpp's default split is by free memory)."""
-    total = sum(weights) or 1
-    bounds = [round(n * sum(weights[:i + 1]) / total) for i in range(len(weights))]
-    return tuple(b - a for a, b in zip([0] + bounds[:-1], bounds))
 
 
 def _span(r: range, n_layer: int) -> str:
@@ -257,45 +250,57 @@ def _span(r: range, n_layer: int) -> str:
 
 def estimate(model: ModelInfo, devices: Devices, n_ctx: int, n_cpu_moe: int, *, n_ubatch: int | None = None,
              gpu: bool = True, flash_attn: bool = True, op_offload: bool = True,
-             n_outputs: int = 1, split: tuple[int, ...] | None = None) -> Plan:
+             n_outputs: int = 1, split: tuple[int, ...] | None = None, n_seq: int = 1) -> Plan:
     """Bytes per device for one placement: experts of layers 0..n_cpu_moe-1 in RAM (gpu=True), or
     everything in RAM (gpu=False). With several GPUs, `split` gives the layers per GPU (default: the
     most even split that fits, else one in proportion to their memory). Does not judge fit beyond
-    filling `fits`."""
+    filling `fits`. `n_seq` parallel sequences of n_ctx each: KV per sequence, one output (logits) each."""
     use_gpu = gpu and devices.has_gpu
     n_cpu_moe = max(0, min(n_cpu_moe, model.n_layer)) if gpu else model.n_layer
     ub = min(n_ubatch or (UBATCH_OFFLOAD if use_gpu and n_cpu_moe > 0 else UBATCH_DEFAULT), n_ctx)
     cpu_layers = range(n_cpu_moe)
     bufs: list[Buffer] = []
     embd = model.bytes_where(TensorClass.EMBEDDING, align=CPU_ALIGN)
-    kv = kv_bytes(model, n_ctx, ub)
+    kv = kv_bytes(model, n_ctx, ub, n_seq=n_seq)
     full, swa = kv_cells(model, n_ctx, ub)
-    n_out = min(ub, n_outputs)
+    streams = f" x {n_seq} streams" if n_seq > 1 else ""
+    n_out = min(ub, max(n_outputs, n_seq))  # llama.cpp reserves an output per sequence at least
     out_buf = model.n_vocab * 4 * n_out  # llama.cpp's host output buffer (logits of the last tokens)
     copies = ([max(t.nbytes for t in model.expert_weights(i)) for i in cpu_layers]
               if use_gpu and op_offload and ub >= 32 else [])
     if use_gpu:
         gpus = devices.gpus
-        weights, kvs = gpu_layer_bytes(model, n_cpu_moe), kv_layer_bytes(model, n_ctx, ub)
+        weights, kvs = gpu_layer_bytes(model, n_cpu_moe), kv_layer_bytes(model, n_ctx, ub, n_seq=n_seq)
         # prompt batches stream RAM-resident experts through the first device (ggml-sched offloads
         # host-weight ops to its first backend), so only GPU 0's graph buffer holds those copies
         whole = _compute(model, ub, n_out, full, swa, flash_attn, GPU_ALIGN, max(copies, default=0))
         if len(gpus) == 1:
             split, comps = (model.n_layer + 1,), [whole]
         else:
-            if split is None:  # sized with the one-device graph, then each device's own part below
-                need = [w + k for w, k in zip(weights, kvs)]
-                split = (layer_split(need, [g.budget - whole for g in gpus])
-                         or proportional_split(model.n_layer + 1, [g.budget for g in gpus]))
-            if len(split) != len(gpus) or sum(split) != model.n_layer + 1:
-                raise OssggufError(f"a split of {model.n_layer + 1} layers over {len(gpus)} GPUs, not {split}")
             # llama.cpp turns pipeline parallelism on (inputs copied GGML_SCHED_MAX_COPIES=4 times) when
             # every layer is on the GPUs and no tensor is overridden (src/llama-context.cpp)
             n_copies = 4 if n_cpu_moe == 0 else 1
-            starts = [sum(split[:i]) for i in range(len(split))]
-            comps = [_compute(model, ub, n_out, full, swa, flash_attn, GPU_ALIGN,
-                              max(copies, default=0) if i == 0 else 0, range(a, a + n), n_copies) if n else 0
-                     for i, (a, n) in enumerate(zip(starts, split))]
+
+            def graphs(split: tuple[int, ...]) -> list[int]:  # each device's own part of the graph
+                starts = [sum(split[:i]) for i in range(len(split))]
+                return [_compute(model, ub, n_out, full, swa, flash_attn, GPU_ALIGN,
+                                 max(copies, default=0) if i == 0 else 0, range(a, a + n), n_copies) if n else 0
+                        for i, (a, n) in enumerate(zip(starts, split))]
+
+            if split is None:  # sized with the one-device graph, then each device's own part below
+                need = [w + k for w, k in zip(weights, kvs)]
+                caps = [g.budget - whole for g in gpus]
+                remote = [g.kind == "rpc" for g in gpus]
+                split = local_first_split(need, caps, remote)
+                while split and (over := [i for i, (g, c) in enumerate(zip(gpus, graphs(split))) if not remote[i]
+                                          and split[i] and need_of(need, split, i) + c > g.budget]):
+                    i = over[0]  # a local GPU filled up to the one-device graph: give its first layer back
+                    split = split[:i - 1] + (split[i - 1] + 1, split[i] - 1) + split[i + 1:]
+                split = (split or layer_split(need, caps)
+                         or proportional_split(model.n_layer + 1, [g.budget for g in gpus]))
+            if len(split) != len(gpus) or sum(split) != model.n_layer + 1:
+                raise OssggufError(f"a split of {model.n_layer + 1} layers over {len(gpus)} GPUs, not {split}")
+            comps = graphs(split)
         cpu_exp = model.bytes_where(TensorClass.EXPERT, cpu_layers, CPU_ALIGN)
         bufs.append(Buffer("cpu", "model", embd, "token embeddings (llama.cpp keeps the input layer in RAM)"))
         if cpu_exp:
@@ -310,7 +315,7 @@ def estimate(model: ModelInfo, devices: Devices, n_ctx: int, n_cpu_moe: int, *, 
             bufs.append(Buffer("gpu", "model", sum(weights[j] for j in r), what
                                + (f", experts of layers {gpu_exp.start}-{gpu_exp.stop - 1}" if gpu_exp else ""), i))
             kv_i = sum(kvs[j] for j in r)
-            bufs.append(Buffer("gpu", "kv", kv_i, f"f16 K/V: {full} cells full, {swa} sliding"
+            bufs.append(Buffer("gpu", "kv", kv_i, f"f16 K/V: {full} cells full, {swa} sliding{streams}"
                                + ("" if len(gpus) == 1 else f", {sum(1 for j in r if j < model.n_layer)} layers"), i))
             if n or i == 0:  # a device given no layers gets no graph
                 bufs.append(Buffer("gpu", "compute", comps[i], f"graph for {ub}-token batches", i))
@@ -321,7 +326,7 @@ def estimate(model: ModelInfo, devices: Devices, n_ctx: int, n_cpu_moe: int, *, 
         exp = model.bytes_where(TensorClass.EXPERT, align=CPU_ALIGN)
         bufs += [Buffer("cpu", "model", exp, "experts (CPU_REPACK where the CPU repacks MXFP4)"),
                  Buffer("cpu", "model", model.bytes_where(align=CPU_ALIGN) - exp, "other weights"),
-                 Buffer("cpu", "kv", kv, f"f16 K/V: {full} cells full, {swa} sliding")]
+                 Buffer("cpu", "kv", kv, f"f16 K/V: {full} cells full, {swa} sliding{streams}")]
         comp = _compute(model, ub, n_out, full, swa, flash_attn, CPU_ALIGN, 0)
         bufs.append(Buffer("cpu", "compute", comp + out_buf, f"graph for {ub}-token batches, logits"))
     # overrides follow the request even without a GPU: llama.cpp then logs them, placing nothing elsewhere
@@ -332,13 +337,13 @@ def estimate(model: ModelInfo, devices: Devices, n_ctx: int, n_cpu_moe: int, *, 
     return Plan(fits=False, placement=placement, n_cpu_moe=n_cpu_moe, n_ctx=n_ctx, n_ubatch=ub,
                 flash_attn=flash_attn, op_offload=op_offload, gpu_bytes=gpu_bytes, cpu_bytes=cpu_bytes,
                 kv_bytes=kv, compute_bytes=sum(b.bytes for b in bufs if b.kind == "compute"),
-                overrides=overrides, buffers=bufs, devices=devices, model=model, split=split)
+                overrides=overrides, buffers=bufs, devices=devices, model=model, split=split, parallel=n_seq)
 
 
 def _check(p: Plan) -> Plan:
     """Fill fits/notes: every byte within its device's budget (unified: all of them within RAM too)."""
     d = p.devices
-    ram_need = p.cpu_bytes + (p.gpu_bytes if d.unified else 0)
+    ram_need = p.ram_bytes
     over = [i for i in range(len(d.gpus)) if p.placement != "cpu" and not _gpu_fits(p, i)]
     ram_ok = ram_need <= d.ram_budget
     p.fits = not over and ram_ok
@@ -392,7 +397,7 @@ def plan(model: ModelInfo | str | Path, options: PlacementOptions | None = None,
     if n_ctx > m.n_ctx_train:
         raise OssggufError(f"context {n_ctx} is larger than the model's {m.n_ctx_train} tokens: "
                            f"use --ctx {m.n_ctx_train} or less")
-    kw = dict(n_ubatch=o.ubatch, flash_attn=o.flash_attn, op_offload=o.op_offload)
+    kw = dict(n_ubatch=o.ubatch, flash_attn=o.flash_attn, op_offload=o.op_offload, n_seq=o.parallel)
     forced = m.n_layer if o.cpu_moe else o.n_cpu_moe
     if forced is not None:
         p = _check(estimate(m, d, n_ctx, forced, **kw))
@@ -445,7 +450,7 @@ def alternatives(m: ModelInfo, d: Devices, n_ctx: int, kw: dict) -> list[str]:
             break
     # RAM short by this much with every expert in RAM (the placement needing the least GPU)
     least = estimate(m, d, n_ctx, m.n_layer, gpu=d.has_gpu, **kw)
-    short = least.cpu_bytes + (least.gpu_bytes if d.unified else 0) - d.ram_budget
+    short = least.ram_bytes - d.ram_budget
     wide = [t for t in m.tensors if t.qtype in FLOAT_TYPES
             and _class(t.name) in (TensorClass.ATTENTION, TensorClass.EMBEDDING, TensorClass.OUTPUT)]
     if wide:
@@ -470,17 +475,18 @@ def format_plan(p: Plan) -> str:
     d, m = p.devices, p.model
     lines = [f"model: {m.path.name} ({_gb(m.file_bytes)}, {m.n_layer} layers, {m.n_expert} experts; "
              f"experts {m.type_summary(TensorClass.EXPERT)}, attention {m.type_summary(TensorClass.ATTENTION)})",
-             f"context {p.n_ctx}, batch {p.n_ubatch}, flash attention {'on' if p.flash_attn else 'off'}", ""]
+             f"context {p.n_ctx}" + (f" per stream, {p.parallel} parallel streams" if p.parallel > 1 else "")
+             + f", batch {p.n_ubatch}, flash attention {'on' if p.flash_attn else 'off'}", ""]
     rows = [("device", "kind", "bytes", "what")]
     many = len(d.gpus) > 1
     rows += [(f"gpu{b.gpu}" if many and b.device == "gpu" else b.device, b.kind, _human(b.bytes), b.what)
              for b in p.buffers]
     gpu_desc = "\n".join(
         (f"gpu{i} " if many else "") + f"{g.label}: {_gb(p.gpu_bytes_of(i))} of {_gb(g.budget)} budget"
-        f" ({_gb(g.total)}{' working set' if d.unified else ''})"
+        f" ({_gb(g.total)}{' working set' if d.unified and g.kind != 'rpc' else ''})"
         + (f", {_span(p.layers_of(i), m.n_layer)}" if many and p.split else "")
         for i, g in enumerate(d.gpus)) if d.has_gpu else "no GPU"
-    ram_used = p.cpu_bytes + (p.gpu_bytes if d.unified else 0)
+    ram_used = p.ram_bytes
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines += ["  ".join(r[i].ljust(widths[i]) if i < 2 else r[i].rjust(widths[i]) for i in range(3)) + "  " + r[3]
               for r in rows]

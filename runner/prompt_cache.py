@@ -177,8 +177,10 @@ class Entry:
 class PromptCache:
     """Saved sequences in RAM under a byte budget, least recently used first out (`budget` 0: off).
 
-    One cache may serve several engines (a server with several streams); an entry is only ever given to
-    an engine with the same `CacheKey`.
+    One cache may serve several sequences (`serve --parallel N`: one SeqCache per slot); an entry is only
+    ever given to a sequence with the same `CacheKey`. Not thread-safe, like the context whose states it
+    holds: one thread at a time uses both (the engine's caller, or with --parallel the scheduler's
+    thread alone: runner/parallel.py, and `Engine.generate` refuses while a scheduler drives the context).
     """
 
     budget: int
@@ -349,11 +351,12 @@ class SeqCache:
 # --- memory (what `plan` reports beside the buffers) ------------------------------------------------------
 
 
-def plan_checkpoint_bytes(plan, n_checkpoints: int = N_CHECKPOINTS, n_seq: int = 1) -> int:
-    """RAM the window checkpoints of a plan's context may take: `n_checkpoints` per sequence, each at
-    most every window cell (window + batch, as llama.cpp sizes that cache)."""
+def plan_checkpoint_bytes(plan, n_checkpoints: int = N_CHECKPOINTS, n_seq: int | None = None) -> int:
+    """RAM the window checkpoints of a plan's context may take: `n_checkpoints` per sequence (default:
+    the plan's parallel streams), each at most every window cell (window + batch, as llama.cpp sizes that cache)."""
     from .plan import kv_cells
 
+    n_seq = plan.parallel if n_seq is None else n_seq
     m = plan.model
     _, swa = kv_cells(m, plan.n_ctx, plan.n_ubatch)
     per_cell = m.n_head_kv * (m.head_dim_k + m.head_dim_v) * 2
@@ -363,7 +366,7 @@ def plan_checkpoint_bytes(plan, n_checkpoints: int = N_CHECKPOINTS, n_seq: int =
 def plan_ram_free(plan, n_checkpoints: int = N_CHECKPOINTS) -> int:
     """System RAM the plan leaves within its budget once the checkpoints are counted."""
     d = plan.devices
-    used = plan.cpu_bytes + (plan.gpu_bytes if d.unified else 0) + plan_checkpoint_bytes(plan, n_checkpoints)
+    used = plan.ram_bytes + plan_checkpoint_bytes(plan, n_checkpoints)
     return max(0, d.ram_budget - used)
 
 
@@ -377,4 +380,5 @@ def cache_note(plan, cache_ram: int | None, n_checkpoints: int = N_CHECKPOINTS) 
     budget = cache_budget(plan, cache_ram, n_checkpoints)
     ckpt = plan_checkpoint_bytes(plan, n_checkpoints)
     ram = f"up to {budget / 1e9:.1f} GB of saved prompts (--cache-ram)" if budget else "no saved prompts (--cache-ram 0)"
-    return f"prompt cache in RAM: up to {n_checkpoints} window checkpoints ({ckpt / 1e6:.0f} MB) and {ram}"
+    per = f" per stream ({plan.parallel} streams)" if plan.parallel > 1 else ""
+    return f"prompt cache in RAM: up to {n_checkpoints} window checkpoints{per} ({ckpt / 1e6:.0f} MB) and {ram}"

@@ -25,6 +25,7 @@ from importlib.resources import files
 
 from ossgguf.model import TensorClass
 
+from .network import DEFAULT_LINK_GBIT, network_seconds, remote
 from .plan import Plan, _class, _layer
 
 GB = 1e9
@@ -66,6 +67,7 @@ class Memory:
     bandwidth: float  # bytes/s
     flops: float  # FLOP/s
     source: str  # measured, given, table, assumed
+    cpu: bool = False  # a CPU's RAM (this machine's, or a worker's assumed so): CPU efficiencies apply
 
 
 def probe_ram(threads: int | None = None, nbytes: int = 512 << 20, repeat: int = 3) -> float:
@@ -112,7 +114,7 @@ def memories(p: Plan, ram_bw: float | None = None, gpu_bw: list[float] | None = 
     else:
         ram_bw, ram_src = DEFAULT_RAM_BW, "assumed dual-channel DDR5"
     flops = cpu_flops or (probe_cpu_flops() if measure else len(os.sched_getaffinity(0)) * 50e9)
-    ram = Memory("RAM", ram_bw, flops, ram_src)
+    ram = Memory("RAM", ram_bw, flops, ram_src, cpu=True)
     gpus = []
     for i, g in enumerate(p.devices.gpus):
         known = next((k for k in KNOWN if k[0].lower() in f"{g.name} {g.description}".lower()), None)
@@ -122,7 +124,9 @@ def memories(p: Plan, ram_bw: float | None = None, gpu_bw: list[float] | None = 
             bw, src = gpu_bw[min(i, len(gpu_bw) - 1)], "given"
         if p.devices.unified and not known and not gpu_bw:
             bw, src = ram_bw, f"unified memory: RAM bandwidth ({ram_src})"
-        gpus.append(Memory(g.name, bw, fl, src))
+        if g.kind == "rpc" and not gpu_bw:  # llama.cpp's RPC client does not learn what the worker serves
+            bw, fl, src = DEFAULT_RAM_BW, flops, "a worker: assumed its CPU and RAM (give --gpu-bw)"
+        gpus.append(Memory(g.name, bw, fl, src, cpu=g.kind == "rpc" and not gpu_bw))
     return ram, gpus
 
 
@@ -185,27 +189,32 @@ def prompt_flops(p: Plan, prompt_tokens: int | None = None) -> float:
 
 
 def predict(p: Plan, ram: Memory, gpus: list[Memory], cal: Calibration | None = None, depth: int = 0,
-            prompt_tokens: int | None = None) -> Speed:
-    """Decode at `depth` cached tokens and at a full context; prompt processing of `prompt_tokens`."""
+            prompt_tokens: int | None = None, link_gbit: float = DEFAULT_LINK_GBIT) -> Speed:
+    """Decode at `depth` cached tokens and at a full context; prompt processing of `prompt_tokens`.
+    With RPC workers, each token also waits for the network (runner/network.py) at `link_gbit`."""
     cal = cal or calibration()
     m = p.model
     bw = {"RAM": ram.bandwidth} | {g.name: g.bandwidth for g in gpus}
     # a probe measures what copies achieve; a given or assumed figure is usually the vendor's peak
-    eff = {"RAM": cal.ram_eff if ram.source == "measured" else cal.ram_eff_nominal} | {g.name: cal.gpu_eff for g in gpus}
+    eff = {"RAM": cal.ram_eff if ram.source == "measured" else cal.ram_eff_nominal} | {
+        g.name: cal.ram_eff_nominal if g.cpu else cal.gpu_eff for g in gpus}
     on_gpu = p.placement != "cpu" and bool(gpus)
-    fixed = [m.n_layer * s for s in (cal.gpu_layer_s if on_gpu else (cal.cpu_layer_s,) * 2)]
+    gpu_like = on_gpu and any(not g.cpu for g in gpus)  # workers assumed CPUs pay the CPU's per-layer cost
+    fixed = [m.n_layer * s for s in (cal.gpu_layer_s if gpu_like else (cal.cpu_layer_s,) * 2)]
 
     def seconds(depth: int) -> dict[str, float]:
         return {k: v / (bw[k] * eff[k]) for k, v in token_bytes(p, depth).items()}
 
     empty, full = seconds(depth), seconds(p.n_ctx)
-    mem_s, full_s = sum(empty.values()), sum(full.values())
-    parts = empty | {"fixed per layer": fixed[1]}
+    net = {"network": network_seconds(p, depth, link_gbit)} if remote(p) else {}
+    net_full = network_seconds(p, p.n_ctx, link_gbit) if net else 0.0
+    mem_s, full_s = sum(empty.values()) + sum(net.values()), sum(full.values()) + net_full
+    parts = empty | net | {"fixed per layer": fixed[1]}
     dominant = max(parts, key=parts.get)
     # prompt: compute on the device(s) holding the layers; RAM-resident experts cross PCIe once per batch
     flops = prompt_flops(p, prompt_tokens)
     if on_gpu:
-        rate = sum(g.flops for g in gpus) / len(gpus) * cal.gpu_pp_eff
+        rate = sum(g.flops * (cal.cpu_pp_eff if g.cpu else cal.gpu_pp_eff) for g in gpus) / len(gpus)
         stream = sum(b.bytes for b in p.buffers if b.device == "cpu" and b.kind == "model"
                      and "experts" in b.what) / (PCIE_BW * p.n_ubatch)
     else:
@@ -236,7 +245,8 @@ def format_speed(s: Speed, n_ctx: int) -> str:
     ])
 
 
-def compare(model, options, values: list[int], ram_bw=None, gpu_bw=None, measure=False) -> list[tuple[Plan, Speed]]:
+def compare(model, options, values: list[int], ram_bw=None, gpu_bw=None, measure=False,
+            link_gbit: float = DEFAULT_LINK_GBIT) -> list[tuple[Plan, Speed]]:
     """The plan and speed for each --n-cpu-moe value, side by side (one probe for all)."""
     from dataclasses import replace
 
@@ -248,7 +258,7 @@ def compare(model, options, values: list[int], ram_bw=None, gpu_bw=None, measure
         p = plan(info, replace(options, n_cpu_moe=n, cpu_moe=False))
         if mem is None:
             mem = memories(p, ram_bw, gpu_bw, measure)
-        out.append((p, predict(p, *mem)))
+        out.append((p, predict(p, *mem, link_gbit=link_gbit)))
     return out
 
 

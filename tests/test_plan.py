@@ -112,6 +112,27 @@ def test_kv_and_compute_buffers_match_llama(buf_model, n_ctx, n_ubatch, flash_at
     assert close(ours, llama), (ours, llama)
 
 
+@pytest.mark.parametrize("n_ctx,n_seq", [(2048, 2), (1100, 4)])
+def test_kv_of_parallel_streams_matches_llama(buf_model, n_ctx, n_seq):
+    """--parallel N: the engine creates the context with n_seq_max N and N x ctx (kv_unified off), so
+    llama.cpp gives each sequence a stream of the whole context and its own window; the plan's KV, graph
+    and logits buffers against what llama.cpp allocates."""
+    from ossgguf.runner.engine import Engine
+
+    opts = PlacementOptions(ram=16 * GiB, gpu_mem=0, ctx=n_ctx, threads=1, cache_ram=0, parallel=n_seq)
+    with LLAMA_LOG.capture() as captured, Engine.load(buf_model, opts) as e:
+        p = e.plan
+    lines = [text for _, text in captured]
+    full, swa = kv_cells(p.model, n_ctx, p.n_ubatch)
+    assert sorted(parse_kv_cells(lines)) == sorted([(full, p.model.swa_layers.count(False)),
+                                                    (swa, p.model.swa_layers.count(True))])
+    assert any(f"{n_seq}/{n_seq} seqs" in ln for ln in lines if ln.startswith("llama_kv_cache: size ="))
+    kv = sum(b.bytes for b in parse_buffer_lines(lines) if b.kind == "KV")
+    assert close(p.kv_bytes, kv) and p.kv_bytes == n_seq * kv_bytes(p.model, n_ctx, p.n_ubatch)
+    llama = sum(b.bytes for b in parse_buffer_lines(lines) if b.kind in ("compute", "output"))
+    assert close(sum(b.bytes for b in p.buffers if b.kind == "compute"), llama)
+
+
 @pytest.fixture(scope="module")
 def g120(tmp_path_factory) -> Path:
     return write_sparse_gguf(tmp_path_factory.mktemp("g120") / "gpt-oss-120b-mxfp4.gguf", GPT_OSS_120B)

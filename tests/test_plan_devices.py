@@ -41,39 +41,47 @@ def test_layer_split():
     assert sum(layer_split([3] * 37, [40, 40, 40])) == 37
 
 
-def _load_over_workers(model: str, ports: list[int], n_cpu_moe: int) -> None:
+def _load_over_workers(model: str, ports: list[int], n_cpu_moe: int, first_mem: int | None = None) -> None:
     """In a child process (llama.cpp keeps registered workers for the process's life and aborts when
-    one is gone): load over the workers, print the plan's split and buffers and llama.cpp's log."""
+    one is gone): load over the workers, print the plan's split and buffers and llama.cpp's log.
+    `first_mem`: the first worker's memory given by its HOST:PORT (--gpu-mem HOST:PORT=SIZE)."""
     from ossgguf.runner.engine import Engine
 
+    given = {"gpu_mem": ((f"127.0.0.1:{ports[0]}", first_mem),)} if first_mem else {}
     with LLAMA_LOG.capture() as lines:
         eng = Engine.load(model, ctx=2048, ubatch=512, n_cpu_moe=n_cpu_moe,
-                          rpc=",".join(f"127.0.0.1:{p}" for p in ports))
+                          rpc=",".join(f"127.0.0.1:{p}" for p in ports), **given)
     eng.close()
     p = eng.plan
     print(json.dumps({"split": p.split, "n_layer": p.model.n_layer, "log": [line for _, line in lines],
-                      "gpus": [{"kind": g.kind, "host": g.host} for g in p.devices.gpus],
+                      "gpus": [{"kind": g.kind, "host": g.host, "total": g.total} for g in p.devices.gpus],
                       "buffers": [vars(b) for b in p.buffers]}))
 
 
-@pytest.mark.parametrize("n_cpu_moe", [0, 2])
-def test_split_matches_llama_cpp_over_two_workers(make_gguf, n_cpu_moe):
+@pytest.mark.parametrize("n_cpu_moe,first_mem", [(0, None), (2, None), (0, 900 * 1024**2)])
+def test_split_matches_llama_cpp_over_two_workers(make_gguf, n_cpu_moe, first_mem):
     """The plan's tensor_split as llama.cpp applies it: which layers each device holds and its
-    weights and KV cache (1%); the compute buffers, which the plan replays per device, within 20%."""
+    weights and KV cache (1%); the compute buffers, which the plan replays per device, within 20%.
+    With the first worker's memory given by its HOST:PORT as too small for a layer (a budget of 0
+    after the planner's reserve), llama.cpp puts every layer on the second."""
     if not rpc.rpc_supported():
         pytest.skip(rpc.NOT_BUILT)
     model = make_gguf(**BUF_SPEC)
     with ExitStack() as stack:
         ports = [stack.enter_context(worker())[0] for _ in range(2)]
         code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_plan_devices as t; "
-                f"t._load_over_workers({str(model)!r}, {ports!r}, {n_cpu_moe})")
+                f"t._load_over_workers({str(model)!r}, {ports!r}, {n_cpu_moe}, {first_mem})")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                              env={**os.environ, "OSSGGUF_NO_REPACK": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     split, gpus, text = r["split"], r["gpus"], r["log"]
     assert [g["kind"] for g in gpus] == ["rpc", "rpc"] and {g["host"] for g in gpus} == {f"127.0.0.1:{q}" for q in ports}
-    assert len(split) == 2 and all(split) and sum(split) == r["n_layer"] + 1
+    assert len(split) == 2 and sum(split) == r["n_layer"] + 1
+    if first_mem:
+        assert gpus[0]["total"] == first_mem and split[0] == 0, (gpus, split)
+    else:
+        assert all(split)
     assigned = {int(m.group(1)): m.group(2) for line in text
                 if (m := re.search(r"layer\s+(\d+) assigned to device (\S+?),", line))}
     for i in range(2):  # llama.cpp names the device RPC<i> in this log, by its place in the list
@@ -157,3 +165,31 @@ def test_devices_records_and_errors(g120):
         plan(g120, PlacementOptions(gpu_mem=(24 * GiB, 0)))
     with pytest.raises(OssggufError, match="gpu_mem must be"):
         PlacementOptions(gpu_mem=(24 * GiB, -1))
+
+
+def test_120b_over_two_64gb_macs_counts_only_this_macs_memory(g120):
+    """The issue's setup: 63.4 GB split over this Mac's Metal and another Mac's, reached through a
+    worker. Unified memory means this Mac's GPU bytes are RAM too, the worker's are not its RAM."""
+    from ossgguf.runner import network
+
+    mac = 48 * GiB  # macOS wires ~75% of 64 GB for Metal
+    d = Devices(ram_total=64 * GiB, unified=True, gpus=(
+        Device("RPC0[mac-b:50052]", mac, kind="rpc", host="mac-b:50052"), Device("Metal", mac)))
+    p = plan(g120, PlacementOptions(ctx=32768), devices=d)
+    assert p.fits and p.placement == "gpu" and all(p.split), format_plan(p)
+    assert p.ram_bytes == p.cpu_bytes + p.gpu_bytes_of(1) < p.cpu_bytes + p.gpu_bytes
+    shares = {h.host: h for h in network.hosts(p)}
+    assert set(shares) == {network.LOCAL, "mac-b:50052"}
+    assert sum(h.total for h in shares.values()) == p.cpu_bytes + p.gpu_bytes
+    # the output layer is on this Mac: per token the worker gets the hidden state and gives it back
+    assert 2 * p.model.n_embd * 4 < shares["mac-b:50052"].token_bytes < p.model.n_vocab * 4
+    assert "mac-b:50052" in network.format_hosts(p) and "logits" not in network.format_hosts(p)
+
+
+@pytest.mark.parametrize("value,match", [("1GiB,a:1=2GiB", "give every device a name"),
+                                         ("a:1=1GiB,a:1=2GiB", "named twice"),
+                                         ("10.0.0.9:50052=8GiB", "no device 10.0.0.9:50052")])
+def test_named_gpu_mem_errors(g120, value, match):
+    out = subprocess.run([sys.executable, "-m", "ossgguf.cli", "plan", str(g120), "--gpu-mem", value],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and match in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -23,6 +23,7 @@ import pytest
 
 from ossgguf.build import read_record
 from ossgguf.errors import OssggufError
+from ossgguf.fixtures.relay import counting_relay
 from ossgguf.runner import rpc
 
 # `make setup` always builds RPC in (ossgguf/build.py): there, a build without it is a failure. Only a
@@ -271,3 +272,92 @@ def test_worker_warns_off_loopback_and_refuses_a_busy_port():
         out = subprocess.run([sys.executable, "-m", "ossgguf.cli", "worker", "--port", str(port)],
                              capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "could not listen on 127.0.0.1" in out.stderr, out.stderr
+
+
+TRAFFIC_CHILD = """
+import json, sys
+from ossgguf.runner import network
+from ossgguf.runner.engine import Engine
+from ossgguf.runner.plan import PlacementOptions, plan
+
+model, rpc, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+eng = Engine.load(model, ctx=256, rpc=rpc)
+toks = eng.tokenize_text("The quick brown fox")
+eng._decode(toks, want_logits=True)
+eng._decode([toks[-1]], want_logits=True)  # the first one-token graph is sent whole; later steps reuse it
+p = plan(model, PlacementOptions(ctx=256, rpc=rpc))
+print(json.dumps([network.token_traffic(p, len(toks) + 1 + k) for k in range(steps)]), flush=True)
+sys.stdin.readline()  # the test reads the counters here: loading and the prompt are behind us
+for k in range(steps):
+    eng._decode([toks[-1]], want_logits=True)  # one decoded token, its logits back, as generation does
+print("DONE", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_the_planners_network_bytes_per_token_are_what_llama_cpp_sends(make_gguf):
+    """runner/network.py's bytes per decoded token against the bytes llama.cpp's RPC client moved
+    through a counting relay, for the same placement (every layer and the output on one worker). The
+    planner counts a step that reuses the graph; a changed graph (the first one-token step, then every
+    256 cells) is sent whole once, which a long generation spreads thin."""
+    model, steps = make_gguf(), 24
+    env = {**os.environ, "OSSGGUF_NO_REPACK": "1"}
+    with worker() as (port, _), counting_relay(port) as (relay, counts):
+        child = subprocess.Popen([sys.executable, "-c", TRAFFIC_CHILD, str(model), f"127.0.0.1:{relay}", str(steps)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=env)
+        watchdog = threading.Timer(120, child.kill)  # a hang fails the test instead of stalling the suite
+        watchdog.start()
+        try:
+            predicted = [next(iter(t.values())) for t in json.loads(child.stdout.readline() or "null")]
+            before = counts["sent"] + counts["received"]
+            child.stdin.write("\n")
+            child.stdin.flush()
+            assert child.stdout.readline().strip() == "DONE", child.stderr.read()
+            time.sleep(0.2)
+            measured = counts["sent"] + counts["received"] - before
+            child.stdin.write("\n")
+            child.stdin.flush()
+            child.wait(30)
+        finally:
+            watchdog.cancel()
+            child.kill()
+    assert abs(measured - sum(predicted)) <= 0.05 * measured, (measured / steps, sum(predicted) / steps)
+
+
+def test_a_server_whose_worker_dies_stops_with_one_line(make_gguf):
+    """The approach chosen (docs/rpc.md): llama.cpp's RPC client aborts the process when a worker is
+    lost, so `serve --rpc` stops with one line naming the worker (for a supervisor to restart it);
+    it does not hang a client's request forever."""
+    import httpx
+
+    model, port = make_gguf(), _free_port()
+    env = {**os.environ, "OSSGGUF_NO_REPACK": "1", "PYTHONUNBUFFERED": "1"}
+    with worker() as (wport, wproc):
+        server = subprocess.Popen([sys.executable, "-m", "ossgguf.cli", "serve", str(model), "--port", str(port),
+                                   "--ctx", "256", "--rpc", f"127.0.0.1:{wport}"], stderr=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, text=True, env=env)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+                    time.sleep(0.2)
+            wproc.kill()
+            wproc.wait(10)
+            try:  # the connection ends with the server
+                r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                               json={"model": model.stem, "messages": [{"role": "user", "content": "hi"}],
+                                     "max_tokens": 8})
+                raise AssertionError(f"answered {r.status_code}: {r.text[:500]}")
+            except httpx.TransportError:
+                pass
+            rc = server.wait(30)
+        finally:
+            server.kill()
+    err = server.stderr.read()
+    assert rc == 134 and f"lost the RPC worker at 127.0.0.1:{wport}" in err, err[-2000:]
+    assert "backtrace" not in err.lower(), err[-2000:]

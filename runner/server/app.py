@@ -31,6 +31,7 @@ from ossgguf.errors import OssggufError
 from ossgguf.gguf.split import split_name
 from ossgguf.harmony import DEFAULT_REASONING, markup_segments
 from ossgguf.runner.plan import PlacementOptions
+from ossgguf.runner.server.builtin import Rounds, chat_names, conversation_key, reasoning_view
 from ossgguf.runner.server.chat import completion, include_usage, parse_chat, stream_chunks
 from ossgguf.runner.server.errors import (
     APIError,
@@ -42,7 +43,9 @@ from ossgguf.runner.server.errors import (
 )
 from ossgguf.runner.server.params import Turn, new_id, sse
 from ossgguf.runner.server.responses import OutputBuilder, ResponseStore, parse_responses
+from ossgguf.runner.server.tool_sessions import ServerTools, server_tools
 from ossgguf.runner.server.worker import Backend, ClientGone, GenerateFn, GenerationRequest, Job, Worker
+from ossgguf.runner.tools import BuiltinOptions
 from ossgguf.runner.turn import TurnEnd
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,7 @@ class ServerState:
     created: int
     engine: Any = None  # the Engine when the app loaded it (closed at shutdown)
     lora_models: dict[str, tuple] = field(default_factory=dict)  # NAME+ADAPTER ids -> scales (runner/lora.py)
+    tools: ServerTools | None = None  # gpt-oss's own tools, run here (--tools-builtin; builtin.py)
 
     def check_model(self, body: dict) -> str:
         model = body.get("model")
@@ -91,7 +95,8 @@ class ServerState:
             if tokens is not None and self.backend.n_ctx and len(tokens) >= self.backend.n_ctx:
                 raise self._too_long(turn, len(tokens), self.backend.n_ctx)
             return GenerationRequest(prompt, tokens, turn.params, turn.prefill, tuple(turn.stop),
-                                     tuple(turn.tool_names), self.lora_models.get(model))
+                                     tuple(turn.tool_names), self.lora_models.get(model),
+                                     builtin_tools=tuple(turn.builtin_tools))
 
         return await asyncio.to_thread(work)
 
@@ -153,7 +158,7 @@ async def _last(events: AsyncIterator, on_event: Callable[[Any], Any] | None = N
 def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str | None = None, *,
                options: PlacementOptions | None = None, generate: GenerateFn | None = None,
                date: str | None = None, reasoning_effort: str = DEFAULT_REASONING, stored_responses: int = 100,
-               strict_model: bool = False) -> FastAPI:
+               strict_model: bool = False, builtin: BuiltinOptions | ServerTools | None = None) -> FastAPI:
     """The FastAPI app serving one model.
 
     `engine_or_path`: a loaded `Engine` (the caller closes it), a GGUF path (loaded now with `options`,
@@ -161,6 +166,7 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
     generation (tests script the model's harmony output with it). `date` (YYYY-MM-DD) goes into every
     system message unless a request sends its own `date`; default: today, fixed for the server's life.
     `strict_model`: the Messages API refuses model names other than this model's (default: serves any).
+    `builtin`: gpt-oss's own tools to run here (`--tools-builtin`; server/builtin.py).
     """
     from ossgguf.runner.engine import Engine
 
@@ -175,7 +181,8 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
     state = ServerState(model_name=name, aliases=frozenset(aliases), backend=backend, worker=Worker(backend),
                         api_key=api_key, date=date or _dt.date.today().isoformat(),
                         default_effort=reasoning_effort, store=ResponseStore(stored_responses),
-                        created=int(time.time()), engine=engine if owned else None)
+                        created=int(time.time()), engine=engine if owned else None,
+                        tools=builtin if isinstance(builtin, ServerTools) else server_tools(builtin))
     if engine is not None and getattr(engine, "adapters", None) is not None:
         from ossgguf.runner.lora import adapter_models
 
@@ -185,6 +192,8 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
     async def lifespan(_: FastAPI):
         yield
         state.worker.close()
+        if state.tools is not None:
+            state.tools.close()
         if state.engine is not None:
             state.engine.close()
 
@@ -205,8 +214,15 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
     @app.get("/v1/health")
     async def health() -> dict:
         w = state.worker
-        return {"status": "ok", "model": state.model_name, "busy": w.busy, "waiting": w.waiting,
-                "served": w.served, "cancelled": w.cancelled}
+        out = {"status": "ok", "model": state.model_name, "busy": w.busy, "waiting": w.waiting,
+               "served": w.served, "cancelled": w.cancelled}
+        pc = getattr(engine, "prompt_cache", None)  # --cache-ram's saved prompts (None: off or no engine)
+        if pc is not None:
+            # read without the scheduler's thread stopping: counters of a moment, what bench/bench_cache_memory.py tracks
+            entries = list(pc.entries)
+            out["prompt_cache"] = {"budget": pc.budget, "entries": len(entries), "bytes": sum(e.nbytes for e in entries),
+                                   "saved": pc.saved, "restored": pc.restored, "evicted": pc.evicted}
+        return out
 
     api = APIRouter(dependencies=[Depends(check_key)])
 
@@ -231,8 +247,9 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
         body = await read_json_object(request)
         model_name = state.check_model(body)
         turn = parse_chat(body, state.default_effort)
-        job = state.worker.submit(await state.prepare(turn, model_name))
-        events = job.events(request.is_disconnected)
+        names = chat_names(body, state.tools.names) if state.tools is not None else []
+        job = await Rounds.start(state, turn, model_name, names, per_request=True)  # built-in tools: builtin.py
+        events = reasoning_view(job.events(request.is_disconnected), names)
         if turn.stream:
             def error(msg: str) -> str:
                 return sse(APIError(msg, 500).body()) + "data: [DONE]\n\n"
@@ -249,14 +266,14 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
     async def responses(request: Request) -> Response:
         body = await read_json_object(request)
         model_name = state.check_model(body)
-        req = parse_responses(body, state.default_effort, state.store)
-        job = state.worker.submit(await state.prepare(req.turn, model_name))
+        req = parse_responses(body, state.default_effort, state.store, state.tools.names if state.tools is not None else ())
+        job = await Rounds.start(state, req.turn, model_name, req.builtin, req.container or conversation_key(req.items))
         events = job.events(request.is_disconnected)
-        out = OutputBuilder(new_id("resp"), model_name, {**req.echo, "store": req.store})
+        out = OutputBuilder(new_id("resp"), model_name, {**req.echo, "store": req.store}, job.hosted)
 
         def remember(resp: dict) -> None:
             if req.store:  # every output item, malformed calls too (harmony.tool_call_problem)
-                state.store.put(resp["id"], req.items + resp["output"])
+                state.store.put(resp["id"], req.items + out.stored(resp["output"]))
 
         if req.turn.stream:
             async def stream() -> AsyncIterator[str]:
@@ -297,10 +314,13 @@ def _is_loopback(host: str) -> bool:
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8080, options: PlacementOptions | None = None,
           api_key: str | None = None, model_name: str | None = None, reasoning_effort: str = DEFAULT_REASONING,
-          log_level: str = "info", on_ready: Callable[[str], None] | None = None, strict_model: bool = False) -> None:
+          log_level: str = "info", on_ready: Callable[[str], None] | None = None, strict_model: bool = False,
+          builtin: BuiltinOptions | None = None) -> None:
     """Load the model through the planner and serve it until interrupted (Ctrl-C).
 
     `on_ready(line)` gets one line saying where the weights live and the URL, once the model is loaded.
+    `builtin`: gpt-oss's own tools to run (checked before the model loads: a python tool without a
+    sandbox is refused at once).
     """
     import uvicorn
 
@@ -309,13 +329,17 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8080, options: 
     if not _is_loopback(host) and not api_key:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
                     "(set --api-key)", host)
+    tools = server_tools(builtin)
     with Engine.load(path, options) as engine:
-        app = create_app(engine, model_name, api_key, reasoning_effort=reasoning_effort, strict_model=strict_model)
+        app = create_app(engine, model_name, api_key, reasoning_effort=reasoning_effort, strict_model=strict_model,
+                         builtin=tools)
         name = app.state.server.model_name
         from ossgguf.runner.terminal import load_line
 
         cache = engine.prompt_cache  # saved prompts of other conversations (--cache-ram)
-        line = (f"{load_line(engine)}; prompt cache {cache.budget / 2**30:.1f} GiB" if cache else
-                f"{load_line(engine)}; no prompt cache") + f"; serving {name!r} at http://{host}:{port}/v1 (Ctrl-C stops)"
+        line = (f"{load_line(engine)}; prompt cache {cache.budget / 2**30:.1f} GiB" if cache is not None else
+                f"{load_line(engine)}; no prompt cache") + (f"; tools {','.join(tools.names)}" if tools is not None else "") \
+            + (f"; {engine.plan.parallel} parallel streams" if engine.plan.parallel > 1 else "") \
+            + f"; serving {name!r} at http://{host}:{port}/v1 (Ctrl-C stops)"
         (on_ready or log.info)(line)
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

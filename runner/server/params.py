@@ -39,6 +39,7 @@ class Turn:
     source: str = "messages"  # the request field the conversation came from, for errors
     # Responses: per message, where its parts are in the request ("" -> "input[3]", ".content" -> ...)
     paths: list[dict[str, str]] | None = None
+    builtin_tools: list[str] = field(default_factory=list)  # gpt-oss's own tools described (server/builtin.py)
 
     @property
     def tool_names(self) -> list[str]:
@@ -47,7 +48,8 @@ class Turn:
     def segments(self, server_date: str, messages: list[dict] | None = None, **options: Any) -> list[Segment]:
         """The turn's prompt (or `messages`' with the turn's tools and settings), before any prefill."""
         return render_segments(self.messages if messages is None else messages, self.tools, self.reasoning_effort,
-                               date=self.date or server_date, model_identity=self.model_identity, **options)
+                               date=self.date or server_date, model_identity=self.model_identity,
+                               builtin_tools=self.builtin_tools or None, **options)
 
     def invalid(self, message: str) -> APIError:
         """A 400 for harmony's complaint about `messages[i]...`, naming the field the client sent."""

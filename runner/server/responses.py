@@ -13,24 +13,44 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from ossgguf.harmony import Event
 from ossgguf.runner.generation import Usage
 from ossgguf.runner.server import params as P
+from ossgguf.runner.server.builtin import PRIVATE, Hosted, history, hosted_tool, requested
 from ossgguf.runner.server.errors import APIError, invalid
+from ossgguf.runner.server.responses_tools import HOSTED_ITEMS, HostedItems, hosted_echo
 from ossgguf.runner.turn import TurnEnd
 
 log = logging.getLogger(__name__)
 
 
 class ResponseStore:
-    """The last `size` stored conversations (input and output items), for `previous_response_id`."""
+    """The last `size` stored conversations (input and output items), for `previous_response_id`; and
+    the last built-in tool calls as rendered (server/builtin.py), by item id, so that a client that
+    sends its history back (Codex: store=false) gets them rendered as the model saw them."""
+
+    CALLS = 1000
 
     def __init__(self, size: int = 100) -> None:
         self.size = size
         self._items: OrderedDict[str, list[dict]] = OrderedDict()
+        self._calls: OrderedDict[str, dict] = OrderedDict()
+
+    def remember_call(self, item_id: str, rendered: dict) -> None:
+        self._calls[item_id] = rendered
+        while len(self._calls) > self.CALLS:
+            self._calls.popitem(last=False)
+
+    def recall(self, item: Any) -> Any:
+        """A built-in call item as sent back, with what it rendered when this server ran it."""
+        if isinstance(item, dict) and item.get("type") in HOSTED_ITEMS and PRIVATE not in item \
+                and item.get("id") in self._calls:
+            return {**item, PRIVATE: self._calls[item["id"]]}
+        return item
 
     def get(self, rid: str) -> list[dict]:
         if rid not in self._items:
@@ -46,9 +66,10 @@ class ResponseStore:
 
 
 # -- request -------------------------------------------------------------------------------------
-def _chat_tools(value: Any) -> list[dict]:
+def _chat_tools(value: Any, builtin: Collection[str] = ()) -> list[dict]:
     """Responses function tools (`{"type": "function", "name", "parameters"}`) in chat form. Hosted tools
-    (web_search, ...) that only OpenAI's servers run are left out, so agents that list them still work."""
+    (web_search, ...) are gpt-oss's own where the server runs them (`builtin`, server/builtin.py), else
+    left out with a warning, so agents that list them still work."""
     if value is None:
         return []
     if not isinstance(value, list):
@@ -58,7 +79,7 @@ def _chat_tools(value: Any) -> list[dict]:
         if not isinstance(tool, dict):
             raise invalid(f"'tools[{k}]' must be an object.", f"tools[{k}]")
         if tool.get("type", "function") != "function":
-            log.warning("tools[%d] of type %r left out: this server runs function tools only", k, tool.get("type"))
+            hosted_tool(tool, k, builtin)  # run here (server/builtin.py), or left out with a warning
             continue
         fn = tool.get("function") if isinstance(tool.get("function"), dict) else tool
         out.append({"type": "function", "function": {k2: fn[k2] for k2 in ("name", "description", "parameters")
@@ -136,9 +157,17 @@ def input_messages(items: list, where: str = "input", skip: int = 0) -> tuple[li
             group = None
             msgs.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": item.get("output")})
             paths.append({"": here, ".content": f"{here}.output"})
+        elif kind in HOSTED_ITEMS:  # gpt-oss's own tools, run by this server (server/builtin.py)
+            if (done := history(item)) is None:
+                continue
+            g, path = assistant(False, here)
+            g.setdefault("tool_calls", []).append(done[0])
+            group = None
+            msgs.append({"role": "tool", "tool_call_id": done[0]["id"], "content": done[1]})
+            paths.append({"": here, ".content": f"{here}.outputs"})
         else:
-            raise invalid(f"'{here}' has type {kind!r}: this server takes message, reasoning, function_call and "
-                          "function_call_output items.", f"{here}.type")
+            raise invalid(f"'{here}' has type {kind!r}: this server takes message, reasoning, function_call, "
+                          "function_call_output, code_interpreter_call and web_search_call items.", f"{here}.type")
     return msgs, paths
 
 
@@ -148,9 +177,13 @@ class ResponsesRequest:
     items: list[dict]  # the whole conversation as input items (previous response included)
     store: bool
     echo: dict[str, Any] = field(default_factory=dict)  # request fields repeated in the response object
+    builtin: list[str] = field(default_factory=list)  # gpt-oss's own tools it asks for (server/builtin.py)
+    container: str | None = None  # the conversation its code_interpreter tool names
 
 
-def parse_responses(body: dict, default_effort: str, store: ResponseStore) -> ResponsesRequest:
+def parse_responses(body: dict, default_effort: str, store: ResponseStore,
+                    builtin: Collection[str] = ()) -> ResponsesRequest:
+    """`builtin`: the built-in tools this server runs, which hosted tools map to."""
     raw = body.get("input")
     if raw is None:
         raise invalid("Missing required parameter: 'input'.", "input", "missing_required_parameter")
@@ -160,7 +193,7 @@ def parse_responses(body: dict, default_effort: str, store: ResponseStore) -> Re
     P.unsupported_responses(body)
     prev = body.get("previous_response_id")
     stored = list(store.get(str(prev))) if prev is not None else []
-    items = stored + items
+    items = stored + [store.recall(i) for i in items]
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise invalid("'instructions' must be a string.", "instructions")
@@ -170,7 +203,8 @@ def parse_responses(body: dict, default_effort: str, store: ResponseStore) -> Re
         paths.insert(0, {"": "instructions", ".content": "instructions"})
     if not messages:
         raise invalid("'input' holds no messages.", "input")
-    fns = _chat_tools(body.get("tools"))
+    fns = _chat_tools(body.get("tools"), builtin)
+    names, container = requested(body.get("tools"), builtin)
     reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
     effort = reasoning.get("effort") or P.template_kwargs(body).get("reasoning_effort")
     turn = P.read_turn(body, messages, fns, effort, "reasoning.effort", default_effort, ("max_output_tokens",),
@@ -181,7 +215,7 @@ def parse_responses(body: dict, default_effort: str, store: ResponseStore) -> Re
             "parallel_tool_calls": body.get("parallel_tool_calls", True), "metadata": body.get("metadata") or {},
             "reasoning": {"effort": turn.reasoning_effort, "summary": None}, "text": {"format": {"type": "text"}},
             "truncation": body.get("truncation") or "disabled", "user": body.get("user")}
-    return ResponsesRequest(turn, items, body.get("store", True) is not False, echo)
+    return ResponsesRequest(turn, items, body.get("store", True) is not False, echo, names, container)
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -193,11 +227,13 @@ def usage_json(u: Usage) -> dict[str, Any]:
             "total_tokens": u.total_tokens}
 
 
-class OutputBuilder:
-    """Harmony events -> output items, and the streaming events that describe them (with sequence numbers)."""
+class OutputBuilder(HostedItems):
+    """Harmony events -> output items, and the streaming events that describe them (with sequence numbers).
+    `hosted`: gpt-oss's own tools this response runs (their items: responses_tools.py)."""
 
-    def __init__(self, rid: str, model: str, echo: dict[str, Any]) -> None:
-        self.rid, self.model, self.echo = rid, model, echo
+    def __init__(self, rid: str, model: str, echo: dict[str, Any], hosted: Hosted | None = None) -> None:
+        self.rid, self.model, self.echo = rid, model, hosted_echo(echo, hosted)
+        self.init_hosted(hosted)
         self.created = int(time.time())
         self.items: list[dict] = []
         self._open: dict | None = None
@@ -230,12 +266,14 @@ class OutputBuilder:
         self._open = item
         out.append(self._event("response.output_item.added", output_index=len(self.items) - 1,
                                item=json.loads(json.dumps(item))))
-        if item["type"] != "function_call":
+        if item["type"] in ("message", "reasoning"):
             out.append(self._event("response.content_part.added", **self._where(), content_index=0,
                                    part=dict(item["content"][0])))
         return out
 
     def feed(self, ev: Event) -> list[dict]:
+        if self.is_hosted(ev):
+            return self.feed_hosted(ev)
         item, out = self._open, []
         if ev.kind == "tool_call":
             return self._begin({"id": P.new_id("fc"), "type": "function_call", "status": "in_progress",
@@ -262,8 +300,10 @@ class OutputBuilder:
         item, self._open = self._open, None
         if item is None:
             return []
+        if item["type"] in HOSTED_ITEMS:
+            return self.close_hosted(item)
         where = {"item_id": item["id"], "output_index": self.items.index(item)}
-        out = []
+        out = self.annotate(item)
         if item["type"] == "function_call":  # malformed or not, as written (harmony.tool_call_problem)
             item["arguments"] = item["arguments"] or "{}"
             out.append(self._event("response.function_call_arguments.done", **where, name=item["name"],

@@ -1,10 +1,14 @@
-"""One model, one turn at a time: a FIFO of jobs run on a worker thread, streamed to the event loop.
+"""One model, one turn at a time (or N with `--parallel N`): a FIFO of jobs run on worker threads, streamed
+to the event loop.
 
 llama.cpp's context holds one sequence, and the engine reuses its KV cache across requests by token
-prefix, so requests are served one after the other. Generation and its parsing (`turn.run_turn`) run on
+prefix, so requests are served one after the other. With `--parallel N` the engine's context holds N
+sequences that runner/parallel.py decodes in one batch: N jobs run at once, each on its own thread,
+reading its stream of the batch; more wait in the FIFO. Generation and its parsing (`turn.run_turn`) run on
 the worker thread; harmony events reach the asyncio side through `call_soon_threadsafe`, so the event
 loop stays free to accept, queue and cancel. A client that goes away cancels its job: a queued job is skipped, a running one is stopped
-through `Engine.cancel` (which also aborts a long prompt prefill).
+through `Engine.cancel` (which also aborts a long prompt prefill), or a parallel stream through its own
+`cancel()`, which leaves the other streams alone.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()  # OpenAI's stop strings
     tool_names: tuple[str, ...] = ()  # the offered functions, for the log line on a malformed call
     adapters: tuple | None = None  # LoRA scales, one per loaded adapter (None: off), from the model id; None: as loaded
+    builtin_tools: tuple[str, ...] = ()  # gpt-oss's own tools the server runs for it (server/builtin.py)
 
 
 GenerateFn = Callable[[GenerationRequest], Iterable[GenerationChunk]]
@@ -56,9 +61,23 @@ class Backend:
     # id -> text of the vocabulary's special tokens: output is parsed on ids. None (a scripted
     # `generate` without a vocabulary): chunk texts are read as harmony markup.
     special_tokens: Mapping[int, str] | None = None
+    parallel: int = 1  # generations that may run at once (a `generate` result with cancel() stops alone)
 
     @classmethod
     def from_engine(cls, engine, generate: GenerateFn | None = None) -> Backend:
+        parallel = engine.plan.parallel if generate is None else 1
+        if parallel > 1:  # runner/parallel.py: one scheduler per engine, closed with it
+            from ossgguf.runner.parallel import Scheduler
+
+            sched = engine.scheduler or Scheduler(engine)
+
+            def run_parallel(req: GenerationRequest):
+                return sched.generate(req.tokens if req.tokens is not None else req.prompt, req.params,
+                                      adapters=req.adapters)
+
+            return cls(generate=run_parallel, tokenize=engine.tokenize_segments, n_ctx=engine.n_ctx,
+                       special_tokens=engine.special_tokens(), parallel=parallel)
+
         def run(req: GenerationRequest) -> Iterator[GenerationChunk]:
             if getattr(engine, "adapters", None) is not None:  # runner/lora.py: this request's adapter set
                 engine.set_adapter_scales(req.adapters)
@@ -126,20 +145,20 @@ class Job:
 
 
 class Worker:
-    """Runs jobs one at a time, in submission order, on one thread."""
+    """Runs jobs in submission order, `backend.parallel` at a time (default one), on as many threads."""
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ossgguf-generate")
+        self._pool = ThreadPoolExecutor(max_workers=backend.parallel, thread_name_prefix="ossgguf-generate")
         self._lock = threading.Lock()
-        self._current: Job | None = None
+        self._running: dict[Job, Any] = {}  # job -> its generation (None until it has one)
         self._queued: set[Job] = set()
         self.served = 0
         self.cancelled = 0
 
     @property
     def busy(self) -> bool:
-        return self._current is not None
+        return bool(self._running)
 
     @property
     def waiting(self) -> int:
@@ -160,15 +179,20 @@ class Worker:
             return
         job.cancelled.set()
         with self._lock:
-            if self._current is job and self.backend.cancel is not None:
-                self.backend.cancel()
+            if job in self._running:
+                self._stop(job)
+
+    def _stop(self, job: Job) -> None:
+        """Stop a running job's generation: its own cancel() (a parallel stream), else the backend's."""
+        stop = getattr(self._running[job], "cancel", None) or self.backend.cancel
+        if stop is not None:
+            stop()
 
     def close(self) -> None:
         with self._lock:
-            if self._current is not None:
-                self._current.cancelled.set()
-                if self.backend.cancel is not None:
-                    self.backend.cancel()
+            for job in self._running:
+                job.cancelled.set()
+                self._stop(job)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _run(self, job: Job) -> None:
@@ -178,13 +202,20 @@ class Worker:
                 self.cancelled += 1
                 job.put(_END)
                 return
-            self._current = job
+            self._running[job] = None
         req, turn = job.request, None
         try:
-            turn = run_turn(self.backend.generate(req), self.backend.special_tokens, req.prefill, req.stop)
+            generation = self.backend.generate(req)
+            with self._lock:
+                self._running[job] = generation
+                if job.cancelled.is_set():
+                    self._stop(job)
+            turn = run_turn(generation, self.backend.special_tokens, req.prefill, req.stop)
             for item in turn:
                 if isinstance(item, TurnEnd):
                     for call in item.message.tool_calls:  # handed to the client as written
+                        if call.builtin and call.name.split(".")[0] in req.builtin_tools:
+                            continue  # run by the server (server/builtin.py)
                         if problem := tool_call_problem(call, req.tool_names):
                             log.warning("tool call %s handed to the client as written: %s", call.id, problem)
                 job.put(item)
@@ -197,7 +228,7 @@ class Worker:
             if turn is not None:
                 turn.close()  # closes the generation: frees the engine's sampler now
             with self._lock:
-                self._current = None
+                self._running.pop(job, None)
                 self.served += 1
                 self.cancelled += job.cancelled.is_set()
             job.put(_END)

@@ -53,7 +53,9 @@ class BuiltinOptions:
 class BuiltinTools:
     """The enabled tools of one conversation; `reset()` forgets their state (/reset)."""
 
-    def __init__(self, options: BuiltinOptions) -> None:
+    def __init__(self, options: BuiltinOptions, sandbox=None, backend=None) -> None:
+        """`sandbox` (a SandboxPlan) and `backend` (a browser backend): chosen once and shared by the
+        server's conversations (runner/server/builtin.py); default: chosen here."""
         self.options = options
         self.names = list(options.names)
         self.python = None
@@ -62,12 +64,12 @@ class BuiltinTools:
             from .python_tool import PythonTool
             from .sandbox import Limits, choose_sandbox
 
-            self.python = PythonTool(choose_sandbox(options.unsafe), Limits(memory_bytes=options.python_memory),
+            self.python = PythonTool(sandbox or choose_sandbox(options.unsafe), Limits(memory_bytes=options.python_memory),
                                      timeout=options.python_timeout, scratch=options.scratch)
         if "browser" in self.names:
             from .browser import Browser, make_backend
 
-            self.browser = Browser(make_backend(options.browser_source, options.browser_allow),
+            self.browser = Browser(backend or make_backend(options.browser_source, options.browser_allow),
                                    allow=options.browser_allow)
 
     def handles(self, call: ToolCall) -> bool:
