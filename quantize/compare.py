@@ -110,6 +110,15 @@ def _run(path: Path, text: str | None, tokens: Sequence[int] | None, n_ctx: int,
     return _Side(n_vocab, pieces, ids, own, logits)
 
 
+def _finite(side: _Side, path: Path) -> None:
+    """NaN or infinite logits make every metric NaN (and `--json` invalid JSON): say where instead."""
+    bad = ~np.isfinite(side.logits).all(axis=-1)
+    if bad.any():
+        raise OssggufError(f"{path.name} gives non-finite logits (NaN or inf) at {int(bad.sum())} of {len(bad)} "
+                           f"positions, the first at position {int(bad.argmax())}: its weights hold NaN/inf or "
+                           "overflow (a random-bytes test model, or a broken conversion); compare needs finite logits")
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x -= x.max(axis=-1, keepdims=True)
@@ -138,7 +147,9 @@ def compare(a_gguf: str | Path, b_gguf: str | Path, text: str | None = None, tok
     a_path, b_path = read_gguf(a_gguf).path, read_gguf(b_gguf).path
     a = _run(a_path, text, tokens, n_ctx, threads, loras=ref_lora)
     log.info("reference %s: %d tokens evaluated", a_path, len(a.tokens))
+    _finite(a, a_path)
     b = _run(b_path, text, a.tokens, n_ctx, threads, rpc, loras=lora)
+    _finite(b, b_path)
     if b.n_vocab != a.n_vocab or b.pieces != a.pieces or b.own != a.own:
         raise OssggufError(f"{a_path.name} and {b_path.name} have different vocabularies "
                            f"({a.n_vocab:,} and {b.n_vocab:,} tokens, or other token texts): compare two files "

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ossgguf.errors import OssggufError
+from ossgguf.harmony.tokens import START
 
 from .devices import tensor_split
 from .generation import Sampling, Usage
@@ -34,6 +35,7 @@ from .prompt_cache import (
     PromptCache,
     SeqCache,
     cache_budget,
+    return_freed_states_to_the_os,
 )
 
 log = logging.getLogger(__name__)
@@ -195,6 +197,8 @@ class Engine:
         lc.llama_set_abort_callback(ctx, eng._abort_cb, None)
         if prompt_cache is None and opts.cache_ram != 0:
             prompt_cache = PromptCache(cache_budget(p, opts.cache_ram, checkpoints))
+            if prompt_cache.budget > 0:
+                return_freed_states_to_the_os()
         eng._seq = SeqCache(ctx, 0, CacheKey.of(info.files, p.n_ctx, eng.adapters.active if eng.adapters else ()),
                             info.n_swa,
                             prompt_cache if prompt_cache is not None and prompt_cache.budget > 0 else None,
@@ -342,6 +346,19 @@ class Engine:
         self._tokens = self._seq.reuse(self._tokens, prompt)
         return len(self._tokens)
 
+    def _message_cut(self, tokens: list[int], cached: int) -> int:
+        """Where the prompt's last message starts (the `<|start|>` before the one that opens the
+        assistant's turn), when the window can be checkpointed there and more than a window's worth of
+        tokens is read before it; else 0. A new conversation of an agent shares the system prompt, the
+        tools and often the history with an earlier one up to that message (opencode's next `run`),
+        and the checkpoint at each prompt's end does not reach back so far."""
+        if self._seq is None or self._seq.checkpoints.limit <= 0 or self._seq.n_swa <= 0:
+            return 0
+        start = next((t for t, text in self.special_tokens().items() if text == START), None)
+        starts = [i for i in range(len(tokens) - 1, cached, -1) if tokens[i] == start][:2]
+        cut = starts[1] if len(starts) == 2 else 0
+        return cut if cut - cached > self._seq.n_swa else 0
+
     def evaluate(self, tokens: Sequence[int], progress: Callable[[int], None] | None = None) -> None:
         """Run `tokens` through the model as one sequence from position 0, reading no logits
         (calibration: only what the eval callback sees matters). `progress(n)` after each batch."""
@@ -426,7 +443,11 @@ class Engine:
 
         try:
             try:
-                self._decode(tokens[cached:], want_logits=True)
+                cut = self._message_cut(tokens, cached)
+                if cut:  # read up to the last message, checkpoint the window there, then the rest
+                    self._decode(tokens[cached:cut], want_logits=False)
+                    self._seq.checkpoint(self._tokens)
+                self._decode(tokens[cut or cached:], want_logits=True)
             except _Cancelled:
                 yield chunk("", None, "cancelled")
                 return

@@ -173,6 +173,20 @@ class Entry:
         return len(self.data) + self.checkpoints.nbytes
 
 
+def return_freed_states_to_the_os() -> None:
+    """glibc raises its mmap threshold after large blocks are freed (up to 32 MiB), so MB-sized saved
+    states then come from the heap, and the heap keeps what evicted ones leave: RSS crept up by ~60 MiB
+    over 200 requests with a full cache (docs/benchmarks.md). A fixed threshold keeps such blocks mapped
+    and returned on free; measured flat. No-op outside glibc or when the user set MALLOC_MMAP_THRESHOLD_."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class PromptCache:
     """Saved sequences in RAM under a byte budget, least recently used first out (`budget` 0: off).
@@ -338,14 +352,17 @@ class SeqCache:
         self.prompt_ends = [e for e in self.prompt_ends if e <= keep]
         return held[:keep]
 
+    def checkpoint(self, held: list[int]) -> None:
+        """Keep the window layers' state as it is now, after `held` (see prompt_read)."""
+        if self.n_swa > 0 and self.checkpoints.limit > 0 and held:
+            self.checkpoints.add(Checkpoint(len(held), self._pos()[0], save_state(self.ctx, self.seq, swa_only=True)))
+
     def prompt_read(self, held: list[int], prompt_len: int) -> None:
         """The prompt is read (the sequence holds `held`): checkpoint the window there, where harmony's
         next prompt diverges when it drops this turn's analysis."""
         self.prompt_len = prompt_len
         self.prompt_ends = [e for e in self.prompt_ends if e != prompt_len][-15:] + [prompt_len]
-        if self.n_swa <= 0 or self.checkpoints.limit <= 0 or not held:
-            return
-        self.checkpoints.add(Checkpoint(len(held), self._pos()[0], save_state(self.ctx, self.seq, swa_only=True)))
+        self.checkpoint(held)
 
 
 # --- memory (what `plan` reports beside the buffers) ------------------------------------------------------

@@ -176,3 +176,19 @@ def test_compare_bad_files(from_mxfp4, tmp_path):
         compare(from_mxfp4["bf16"], bad, n_ctx=64, threads=2)
     with pytest.raises(OssggufError, match="does not exist"):
         compare(tmp_path / "nope.gguf", from_mxfp4["bf16"], n_ctx=64)
+
+
+def test_compare_refuses_non_finite_logits(from_mxfp4, tmp_path):
+    """A file whose output norm holds NaN (as random-bytes test models do): llama.cpp's logits are NaN,
+    and compare says which file and where instead of printing NaN metrics (invalid JSON)."""
+    from ossgguf.gguf.read import read_gguf
+
+    src = from_mxfp4["bf16"]
+    broken = tmp_path / "nan.gguf"
+    shutil.copy(src, broken)
+    t = next(t for t in read_gguf(broken).tensors if t.name == "output_norm.weight")
+    with open(broken, "r+b") as f:
+        f.seek(t.offset)
+        f.write(np.full(t.nbytes // 4, np.nan, dtype=np.float32).tobytes())
+    with pytest.raises(OssggufError, match=r"nan\.gguf gives non-finite logits .* at 64 of 64 positions"):
+        compare(src, broken, n_ctx=64, threads=2)

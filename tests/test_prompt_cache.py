@@ -220,7 +220,7 @@ def test_checkpoints_are_bounded():
 def test_interleaved_conversations_through_the_server_read_only_their_new_tokens(thinker):
     """Two chats through the OpenAI API, A, B, A, B, A, B, each turn reasoning beyond the window: every
     request after the first two reports its previous prompt as cached (usage.prompt_tokens_details) and
-    reads only the new messages."""
+    reads only the new messages; B's first reuses what it shares with A's (all but its last message)."""
     openai = pytest.importorskip("openai")
     from test_server import ServerThread
 
@@ -238,8 +238,11 @@ def test_interleaved_conversations_through_the_server_read_only_their_new_tokens
                 assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 800
                 seen[name].append((r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens))
                 msgs.append({"role": "assistant", "content": answer(k)})
+        # B's first prompt differs from A's only in its last message: it keeps all before that message
+        # (the window checkpoint at each prompt's last message), and reads that message and the header
+        last = len(e.tokenize(f"<|start|>user<|message|>B: {question(0)}<|end|><|start|>assistant"))
+    assert seen["A"][0][1] == 0 and seen["B"][0][1] == seen["B"][0][0] - last > 0, seen
     for name, turns in seen.items():
-        assert turns[0][1] == 0
         assert [cached for _, cached in turns[1:]] == [prompt for prompt, _ in turns[:-1]], (name, turns)
 
 
