@@ -20,7 +20,6 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,30 +28,6 @@ from benchutil import synthetic_gguf  # bench/ is on sys.path when a script runs
 DATE = "2025-03-14"
 WORDS = ("the model reads every expert it routes to from memory so decoding is bound by bandwidth "
          "and the attention weights the output head and the router are read for every token ").split()
-
-
-def bandwidth(threads: int, nbytes: int = 1 << 30, repeat: int = 3) -> float:
-    """Bytes per second moved by `threads` concurrent numpy copies (numpy releases the GIL in copies)."""
-    import numpy as np
-
-    pairs = [(np.ones(nbytes // 8), np.empty(nbytes // 8)) for _ in range(threads)]
-    best = 0.0
-    for _ in range(repeat):
-        barrier = threading.Barrier(threads + 1)
-
-        def work(src, dst, barrier=barrier):
-            barrier.wait()
-            np.copyto(dst, src)
-
-        ts = [threading.Thread(target=work, args=p) for p in pairs]
-        for t in ts:
-            t.start()
-        barrier.wait()
-        t0 = time.perf_counter()
-        for t in ts:
-            t.join()
-        best = max(best, 2 * nbytes * threads / (time.perf_counter() - t0))
-    return best
 
 
 def bytes_per_token(path: Path) -> tuple[int, dict]:
@@ -157,7 +132,9 @@ def main() -> None:
         with open(gguf, "rb") as f:  # into the page cache, so the first run does not measure the disk
             while f.read(64 << 20):
                 pass
-        bw1, bw = bandwidth(1), bandwidth(args.threads)
+        from ossgguf.runner.speed import probe_ram  # the planner's probe: 1 GiB copied per thread
+
+        bw1, bw = probe_ram(1, 1 << 30), probe_ram(args.threads, (1 << 30) * args.threads)
         per_token, parts = bytes_per_token(gguf)
         ours, raw = [], []
         for r in range(args.rounds):

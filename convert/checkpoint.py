@@ -51,18 +51,23 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    path = Path(path)
-    if not path.is_dir():
-        raise OssggufError(f"{path} is not a folder: pass a checkpoint folder or a Hugging Face repo id")
-    cfg_path = path / "config.json"
+def read_config(folder: Path, hint: str) -> tuple[dict, GptOssConfig]:
+    """A checkpoint folder's config.json, raw and parsed; `hint` says what to do when it is missing."""
+    cfg_path = folder / "config.json"
     if not cfg_path.is_file():
-        raise OssggufError(f"config.json not found in {path}: download the checkpoint with `ossgguf download REPO`")
+        raise OssggufError(f"config.json not found in {folder}: {hint}")
     try:
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OssggufError(f"{cfg_path} is not valid JSON: {e}") from None
-    config = GptOssConfig.from_dict(raw, where=str(cfg_path))
+    return raw, GptOssConfig.from_dict(raw, where=str(cfg_path))
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.is_dir():
+        raise OssggufError(f"{path} is not a folder: pass a checkpoint folder or a Hugging Face repo id")
+    _, config = read_config(path, "download the checkpoint with `ossgguf download REPO`")
 
     entries: dict[str, TensorEntry] = {}
     for f in _safetensors_files(path):

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OssggufError
-from ..model import GLOBAL_TENSORS, LAYER_TENSORS, GptOssConfig, conversion_table
+from ..model import GLOBAL_TENSORS, LAYER_TENSORS, conversion_table
+from .checkpoint import read_config
 from .safetensors import TensorEntry, read_header
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -127,14 +128,7 @@ def load_base(base: str | Path) -> Base:
     is enough: the shapes follow from it)."""
     p = Path(base)
     if p.is_dir():
-        cfg_path = p / "config.json"
-        if not cfg_path.is_file():
-            raise OssggufError(f"config.json not found in {p}: --base takes a gpt-oss GGUF or checkpoint folder")
-        try:
-            raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OssggufError(f"{cfg_path} is not valid JSON: {e}") from None
-        cfg = GptOssConfig.from_dict(raw, where=str(cfg_path))
+        raw, cfg = read_config(p, "--base takes a gpt-oss GGUF or checkpoint folder")
         shapes = {t.name: t.shape for t in conversion_table(cfg, "bf16")}
         repo = raw.get("_name_or_path") if _is_repo_id(raw.get("_name_or_path")) else None
         return Base(shapes, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, repo, str(p))

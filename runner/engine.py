@@ -116,6 +116,7 @@ class Engine:
     _abort_cb: object = field(default=None, repr=False)  # the C callback object must stay referenced
     _eval_cb: object = field(default=None, repr=False)  # likewise
     _specials: dict[int, str] | None = field(default=None, repr=False)  # see special_tokens()
+    _start_id: int | None = field(default=None, repr=False)  # harmony's <|start|> (see _message_cut)
     _control_ids: dict[str, int] = field(default_factory=dict, repr=False)
     _seq: SeqCache | None = field(default=None, repr=False)  # checkpoints, RAM cache (runner/prompt_cache.py)
     adapters: object = field(default=None, repr=False)  # runner.lora.Adapters of options.lora, freed with the model
@@ -346,6 +347,16 @@ class Engine:
         self._tokens = self._seq.reuse(self._tokens, prompt)
         return len(self._tokens)
 
+    def prompt_tokens(self, prompt: str | Sequence[int]) -> list[int]:
+        """A prompt's token ids (text is tokenized with special tokens), checked against the context."""
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not tokens:
+            raise OssggufError("the prompt is empty")
+        if len(tokens) >= self.n_ctx:
+            raise OssggufError(f"the prompt is {len(tokens)} tokens, the context holds {self.n_ctx}: "
+                               "shorten it or load with a larger --ctx")
+        return tokens
+
     def _message_cut(self, tokens: list[int], cached: int) -> int:
         """Where the prompt's last message starts (the `<|start|>` before the one that opens the
         assistant's turn), when the window can be checkpointed there and more than a window's worth of
@@ -354,10 +365,15 @@ class Engine:
         and the checkpoint at each prompt's end does not reach back so far."""
         if self._seq is None or self._seq.checkpoints.limit <= 0 or self._seq.n_swa <= 0:
             return 0
-        start = next((t for t, text in self.special_tokens().items() if text == START), None)
-        starts = [i for i in range(len(tokens) - 1, cached, -1) if tokens[i] == start][:2]
-        cut = starts[1] if len(starts) == 2 else 0
-        return cut if cut - cached > self._seq.n_swa else 0
+        if self._start_id is None:
+            self._start_id = next((t for t, text in self.special_tokens().items() if text == START), -1)
+        found = 0
+        for i in range(len(tokens) - 1, cached, -1):  # from the end: the assistant's header, then the cut
+            if tokens[i] == self._start_id:
+                found += 1
+                if found == 2:
+                    return i if i - cached > self._seq.n_swa else 0
+        return 0
 
     def evaluate(self, tokens: Sequence[int], progress: Callable[[int], None] | None = None) -> None:
         """Run `tokens` through the model as one sequence from position 0, reading no logits
@@ -425,12 +441,7 @@ class Engine:
         if self.scheduler is not None:  # its streams use sequence 0 too
             raise OssggufError("this engine's context is driven by its parallel scheduler: generate through it")
         lc = llama_cpp_module()
-        tokens = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not tokens:
-            raise OssggufError("the prompt is empty")
-        if len(tokens) >= self.n_ctx:
-            raise OssggufError(f"the prompt is {len(tokens)} tokens, the context holds {self.n_ctx}: "
-                               "shorten it or load with a larger --ctx")
+        tokens = self.prompt_tokens(prompt)
         self._cancel = False
         cached = self._reuse_prefix(tokens)
         st = Usage(prompt_tokens=len(tokens), cached_tokens=cached)

@@ -137,18 +137,19 @@ def _layers(layers: tuple[int, ...], n_layer: int) -> str:
 def format_hosts(p: Plan, gbit: float = DEFAULT_LINK_GBIT) -> str:
     """The per-host table of a plan with workers, and the network's cost per token."""
     rows = [("host", "devices", "layers", "weights", "KV", "total", "net/token")]
-    for h in hosts(p):
+    shares = hosts(p)
+    for h in shares:
         rows.append((h.host, ",".join(h.devices), _layers(h.layers, p.model.n_layer), f"{h.weights / 1e9:.2f} GB",
                      f"{h.kv / 1e9:.2f} GB", f"{h.total / 1e9:.2f} GB",
                      f"{h.token_bytes / 1e3:.1f} kB" if h.host != LOCAL else "-"))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(r[c].ljust(widths[c]) if c < 3 else r[c].rjust(widths[c]) for c in range(len(r)))
              for r in rows]
-    total = sum(token_traffic(p).values())
+    total = sum(h.token_bytes for h in shares)
     at = ", ".join(f"{network_seconds(p, 0, g) * 1e3:.1f} ms at {g:g} Gbit/s" for g in sorted({gbit, 1.0, 10.0}))
     lines.append(f"network per decoded token: {total / 1e3:.1f} kB and {len(remote(p))} round trip(s): {at}"
                  f" (with {ROUND_TRIP_S * 1e3:.1f} ms per round trip)")
-    if any(p.model.n_layer in h.layers for h in hosts(p) if h.host != LOCAL):
+    if any(p.model.n_layer in h.layers for h in shares if h.host != LOCAL):
         lines.append(f"  the output layer is on a worker, so the logits ({p.model.n_vocab * 4 / 1e3:.0f} kB) "
                      "cross the network for every token")
     if any(il < p.n_cpu_moe for i in remote(p) for il in p.layers_of(i)):

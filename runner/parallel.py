@@ -128,12 +128,7 @@ class Scheduler:
         """Queue a generation (`adapters`: LoRA scales, one per loaded adapter; None: as loaded)."""
         sampling = replace(sampling or Sampling(), **changes)
         e = self.engine
-        tokens = e.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not tokens:
-            raise OssggufError("the prompt is empty")
-        if len(tokens) >= e.n_ctx:
-            raise OssggufError(f"the prompt is {len(tokens)} tokens, the context holds {e.n_ctx}: "
-                               "shorten it or load with a larger --ctx")
+        tokens = e.prompt_tokens(prompt)
         st = Stream(self, tokens, sampling, self._adapter_set(adapters))
         with self._cond:
             if self._closed:
