@@ -116,7 +116,7 @@ class Engine:
     _abort_cb: object = field(default=None, repr=False)  # the C callback object must stay referenced
     _eval_cb: object = field(default=None, repr=False)  # likewise
     _specials: dict[int, str] | None = field(default=None, repr=False)  # see special_tokens()
-    _start_id: int | None = field(default=None, repr=False)  # harmony's <|start|> (see _message_cut)
+    _start_id: int | None = field(default=None, repr=False)  # harmony's <|start|> (see message_cut)
     _control_ids: dict[str, int] = field(default_factory=dict, repr=False)
     _seq: SeqCache | None = field(default=None, repr=False)  # checkpoints, RAM cache (runner/prompt_cache.py)
     adapters: object = field(default=None, repr=False)  # runner.lora.Adapters of options.lora, freed with the model
@@ -357,13 +357,15 @@ class Engine:
                                "shorten it or load with a larger --ctx")
         return tokens
 
-    def _message_cut(self, tokens: list[int], cached: int) -> int:
+    def message_cut(self, tokens: list[int], cached: int, seq: SeqCache | None = None) -> int:
         """Where the prompt's last message starts (the `<|start|>` before the one that opens the
         assistant's turn), when the window can be checkpointed there and more than a window's worth of
         tokens is read before it; else 0. A new conversation of an agent shares the system prompt, the
         tools and often the history with an earlier one up to that message (opencode's next `run`),
-        and the checkpoint at each prompt's end does not reach back so far."""
-        if self._seq is None or self._seq.checkpoints.limit <= 0 or self._seq.n_swa <= 0:
+        and the checkpoint at each prompt's end does not reach back so far. `seq`: the sequence read
+        into (default this engine's own; runner/parallel.py passes each slot's)."""
+        seq = seq or self._seq
+        if seq is None or seq.checkpoints.limit <= 0 or seq.n_swa <= 0:
             return 0
         if self._start_id is None:
             self._start_id = next((t for t, text in self.special_tokens().items() if text == START), -1)
@@ -372,7 +374,7 @@ class Engine:
             if tokens[i] == self._start_id:
                 found += 1
                 if found == 2:
-                    return i if i - cached > self._seq.n_swa else 0
+                    return i if i - cached > seq.n_swa else 0
         return 0
 
     def evaluate(self, tokens: Sequence[int], progress: Callable[[int], None] | None = None) -> None:
@@ -454,7 +456,7 @@ class Engine:
 
         try:
             try:
-                cut = self._message_cut(tokens, cached)
+                cut = self.message_cut(tokens, cached)
                 if cut:  # read up to the last message, checkpoint the window there, then the rest
                     self._decode(tokens[cached:cut], want_logits=False)
                     self._seq.checkpoint(self._tokens)

@@ -57,6 +57,7 @@ class Stream:
         # the scheduler thread's: what is left of the prompt to read, the token to decode next, ...
         self.usage = Usage(prompt_tokens=len(tokens))
         self.todo: list[int] = []
+        self.cut = 0  # where the prompt's last message starts: the window is checkpointed there (0: nowhere)
         self.next_token: int | None = None
         self.limit = 0
         self.sampler = None
@@ -248,6 +249,7 @@ class Scheduler:
             return
         st.usage.cached_tokens = len(slot.held)
         st.todo = st.tokens[len(slot.held):]
+        st.cut = self.engine.message_cut(st.tokens, len(slot.held), slot.seq)  # a checkpoint there, as Engine.generate
         st.sampler = self.engine._sampler(st.sampling)
 
     def _drop_cancelled(self) -> None:
@@ -273,7 +275,10 @@ class Scheduler:
             return
         slot = min(reading, key=lambda s: s.used)
         st = slot.stream
-        chunk = st.todo[:self.engine.plan.n_ubatch]
+        n = self.engine.plan.n_ubatch
+        if len(slot.held) < st.cut < len(slot.held) + n:  # end this chunk where the last message starts
+            n = st.cut - len(slot.held)
+        chunk = st.todo[:n]
         last = len(chunk) == len(st.todo)
         with self._cond:
             if st.cancelled.is_set():
@@ -297,6 +302,8 @@ class Scheduler:
             return
         slot.held.extend(chunk)
         st.todo = st.todo[len(chunk):]
+        if len(slot.held) == st.cut:
+            slot.seq.checkpoint(slot.held)
         if not last:
             return
         slot.seq.prompt_read(slot.held, len(st.tokens))

@@ -100,7 +100,7 @@ def test_cached_tokens_are_the_prefix_an_earlier_prompt_gives(replayed, name):
 def test_a_new_session_reuses_the_shared_system_prompt_and_tools(replayed):
     """opencode's second `opencode run` shares the system prompt, the tools and its first message with
     the first session, up to its last message: the window checkpoint at each prompt's last message
-    (runner/engine.py `_message_cut`) lets it keep all of that."""
+    (runner/engine.py `message_cut`) lets it keep all of that."""
     results, start = replayed
     for k, (a, prompt, _, earlier) in enumerate(results["opencode"]):
         shared = max([common_prefix(prompt[:-1], p) for p, _ in earlier] or [0])
