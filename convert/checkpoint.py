@@ -25,10 +25,6 @@ class Checkpoint:
     def files(self) -> list[Path]:
         return sorted({e.file for e in self.entries.values()})
 
-    @property
-    def nbytes(self) -> int:
-        return sum(e.nbytes for e in self.entries.values())
-
 
 def _safetensors_files(path: Path) -> list[Path]:
     index = path / INDEX

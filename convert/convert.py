@@ -22,6 +22,7 @@ from ..quantize import mxfp4
 from ..quantize.encode import decode, encode, transcode
 from ..quantize.policy import DEFAULT_RECIPE, choose_types, file_type, parse_overrides
 from .checkpoint import Checkpoint, checkpoint_license, load_checkpoint
+from .merge import plan_merge
 from .output import WritePlan, WriteReport
 from .safetensors import TensorReader
 from .vocab import vocab_metadata
@@ -30,31 +31,25 @@ CHUNK_BYTES = 16 * 1024 * 1024  # target size of one streamed slice (rows of a d
 
 
 def _stored_type(ckpt: Checkpoint, t: OutTensor) -> Q:
-    if t.kind == "experts" and ckpt.layout == "mxfp4":
-        return Q.MXFP4
-    e = ckpt.entries[t.source]
-    return Q[e.dtype]
+    return Q.MXFP4 if t.kind == "experts" and ckpt.layout == "mxfp4" else Q[ckpt.entries[t.source].dtype]
 
 
 def plan_conversion(src: str | Path, out: str | Path, recipe: str = DEFAULT_RECIPE, tensor_types: tuple[str, ...] = (),
                     split_max_size: int | None = None, allow_fallback: bool = False,
-                    source_repo: str | None = None, name: str | None = None,
-                    merge_lora: str | Path | None = None) -> WritePlan:
+                    source_repo: str | None = None, merge_lora: str | Path | None = None) -> WritePlan:
     """Everything a conversion will do, decided from headers alone (this is --dry-run). `merge_lora`: a PEFT
     LoRA adapter folder added into the weights (convert/merge.py)."""
     ckpt = load_checkpoint(src)
     cfg = ckpt.config
     merge = None
     if merge_lora is not None:
-        from .merge import plan_merge
-
         merge = plan_merge(merge_lora, cfg, ckpt.path)
     table = conversion_table(cfg, ckpt.layout)
     choices = choose_types([(t.name, t.cls, t.shape, _stored_type(ckpt, t)) for t in table], recipe,
                            parse_overrides(tensor_types), allow_fallback)
     by_name = {c.name: c for c in choices}
     kvs = gguf_metadata(
-        cfg, name=name or (source_repo.split("/")[-1] if source_repo else ckpt.path.resolve().name),
+        cfg, name=source_repo.split("/")[-1] if source_repo else ckpt.path.resolve().name,
         file_type=file_type(choices, {t.name: t.cls for t in table}), recipe=recipe,
         tensors=[(t.shape, t.cls) for t in table], license=checkpoint_license(ckpt.path), source_repo=source_repo,
     )
@@ -145,9 +140,8 @@ def _experts_dense(reader: TensorReader, outs: list[OutTensor], types: dict[str,
                 rows = np.ascontiguousarray(w[_rows(t.part)])
                 if merge is not None and t.name in merge:
                     data = merge.merged(t.name, decode(rows, Q[e.dtype], w.shape[1]), types[t.name], slice(None), x)
-                    chunks.append((t.name, x * data.nbytes, data))
-                    continue
-                data = transcode(rows, Q[e.dtype], types[t.name], w.shape[1])
+                else:
+                    data = transcode(rows, Q[e.dtype], types[t.name], w.shape[1])
                 chunks.append((t.name, x * data.nbytes, data))
             return chunks
 

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFValueType
 
 from ossgguf.gguf.stream import Chunk, FileReader, Task
 from ossgguf.gguf.tensors import Q, Tensor
@@ -87,18 +86,19 @@ class LoraOut:
 
 # --- the table ---------------------------------------------------------------------------------------
 
-def _scaling(cfg: dict[str, Any], key: str, r: int) -> tuple[int, float]:
-    """(configured rank, PEFT's scaling) of the module or parameter `key` (as PEFT names it: relative to
-    the transformers model), with rank_pattern / alpha_pattern matched as peft.utils.other.get_pattern_key."""
+def _factor(cfg: dict[str, Any], key: str, r: int, where: Path) -> float:
+    """The factor that folds PEFT's scaling of the module or parameter `key` (as PEFT names it: relative to
+    the transformers model) into lora_b, given the file's one alpha; rank_pattern / alpha_pattern matched as
+    peft.utils.other.get_pattern_key. OssggufError when the configured rank is not the weights' `r`."""
     def pattern(patterns: dict[str, Any], default: Any) -> Any:
-        for k, v in (patterns or {}).items():
-            if re.match(rf"(.*\.)?({k})$", key):
-                return v
-        return default
+        return next((v for k, v in (patterns or {}).items() if re.match(rf"(.*\.)?({k})$", key)), default)
 
     rank = int(pattern(cfg.get("rank_pattern"), cfg["r"]))
     alpha = float(pattern(cfg.get("alpha_pattern"), cfg["lora_alpha"]))
-    return rank, alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    if rank != r:
+        raise OssggufError(f"{where}: '{key}' has rank {r}, but adapter_config.json (r / rank_pattern) says "
+                           f"{rank}: the config does not belong to these weights")
+    return alpha / (math.sqrt(r) if cfg.get("use_rslora") else r) * r / float(cfg["lora_alpha"])
 
 
 def _pairs(adapter: Adapter, base: Base | None = None) -> dict[tuple[str, int], dict[str, TensorEntry]]:
@@ -127,7 +127,6 @@ def _pairs(adapter: Adapter, base: Base | None = None) -> dict[tuple[str, int], 
 def lora_table(adapter: Adapter, base: Base) -> list[LoraOut]:
     """The GGUF adapter tensors, checked against the base's shapes (OssggufError naming what disagrees)."""
     cfg, where = adapter.config, adapter.path / ADAPTER_WEIGHTS
-    alpha = float(cfg["lora_alpha"])
     out: list[LoraOut] = []
     for (module, depth), ab in sorted(_pairs(adapter, base).items(), key=lambda kv: _order(kv[0])):
         for side, other in (("A", "B"), ("B", "A")):
@@ -138,7 +137,7 @@ def lora_table(adapter: Adapter, base: Base) -> list[LoraOut]:
         m = _LAYER.match(module)
         layer, local = (int(m[1]), m[2]) if m else (None, module)
         if local == HF_EXPERTS.rstrip("."):
-            out += _expert_outs(a, b, layer, base, cfg, alpha, where)
+            out += _expert_outs(a, b, layer, base, cfg, where)
             continue
         if depth:
             raise OssggufError(f"{where}: '{module}' is nested (base_layer) but is not gpt-oss's experts")
@@ -154,11 +153,8 @@ def lora_table(adapter: Adapter, base: Base) -> list[LoraOut]:
         # PEFT names a targeted parameter (the router's weight) by the parameter, a module by the module
         key = module + ".weight" if any(p.endswith(ROUTER_PARAM) for p in cfg.get("target_parameters") or []) \
             and local == "mlp.router" else module
-        rank, s = _scaling(cfg, key, r)
-        _check_rank(rank, r, key, where)
-        f = s * r / alpha
         out += [LoraOut(f"{name}.lora_a", (r, a.shape[1]), "a", a.name, rank=r),
-                LoraOut(f"{name}.lora_b", (b.shape[0], r), "b", b.name, rank=r, factor=f)]
+                LoraOut(f"{name}.lora_b", (b.shape[0], r), "b", b.name, rank=r, factor=_factor(cfg, key, r, where))]
     if not out:
         raise OssggufError(f"{where} holds no LoRA tensors")
     return out
@@ -179,14 +175,8 @@ def _check_base(base: Base, name: str, shape: tuple[int, ...], module: str) -> N
                            f"{list(want)} ({base.what}): the adapter was trained on another model")
 
 
-def _check_rank(rank: int, r: int, key: str, where: Path) -> None:
-    if rank != r:
-        raise OssggufError(f"{where}: '{key}' has rank {r}, but adapter_config.json (r / rank_pattern) says "
-                           f"{rank}: the config does not belong to these weights")
-
-
 def _expert_outs(a: TensorEntry, b: TensorEntry, layer: int | None, base: Base, cfg: dict[str, Any],
-                 alpha: float, where: Path) -> list[LoraOut]:
+                 where: Path) -> list[LoraOut]:
     E, H, F = base.n_expert, base.hidden, base.ff
     module = f"model.layers.{layer}.mlp.experts"
     if layer is None or f"blk.{layer}.{EXPERT_DOWN}.weight" not in base.shapes:
@@ -206,9 +196,7 @@ def _expert_outs(a: TensorEntry, b: TensorEntry, layer: int | None, base: Base, 
                            f"gate_up_proj nor down_proj of the base ({base.what}: hidden {H}, expert FFN {F}, "
                            f"{E} experts): the adapter was trained on another model")
     param, swapped = kind
-    rank, s = _scaling(cfg, f"{module}.{param}", r)
-    _check_rank(rank, r, f"{module}.{param}", where)
-    f = s * r / alpha
+    f = _factor(cfg, f"{module}.{param}", r, where)
     # GGUF's a: [E, r, in]; b: [E, out, r]; PEFT's A feeds the input side unless swapped
     src_a, src_b = (b, a) if swapped else (a, b)
     n_in = H if param == GATE_UP else F
@@ -243,7 +231,7 @@ def adapter_metadata(adapter: Adapter, alpha: float, name: str, base_repo: str |
     kvs["adapter.type"] = kv_str("lora")
     kvs["adapter.lora.alpha"] = kv_f32(alpha)
     kvs["general.quantization_version"] = kv_u32(2)
-    kvs["ossgguf.lora.rank"] = KV(GGUFValueType.UINT32, int(adapter.config["r"]))
+    kvs["ossgguf.lora.rank"] = kv_u32(int(adapter.config["r"]))
     return kvs
 
 
@@ -257,15 +245,15 @@ def _check_base_name(adapter: Adapter, base: Base, allow_other_base: bool) -> No
 
 
 def plan_lora(src: str | Path, out: str | Path, base: str | Path | None = None, *, allow_other_base: bool = False,
-              source_repo: str | None = None, name: str | None = None) -> WritePlan:
+              source_repo: str | None = None) -> WritePlan:
     """Everything a conversion of a PEFT adapter will write, decided from headers alone (--dry-run)."""
     adapter = load_adapter(src)
     b = load_base(base if base is not None else default_base(adapter))
     _check_base_name(adapter, b, allow_other_base)
     table = lora_table(adapter, b)
     alpha = float(adapter.config["lora_alpha"])
-    kvs = adapter_metadata(adapter, alpha, name or (source_repo.split("/")[-1] if source_repo else
-                                                    adapter.path.resolve().name), b.repo)
+    name = source_repo.split("/")[-1] if source_repo else adapter.path.resolve().name
+    kvs = adapter_metadata(adapter, alpha, name, b.repo)
     shards = plan_layout(kvs, [Tensor(t.name, LORA_TYPE, t.shape) for t in table], Path(out))
     refuse_inputs(shards, [*adapter.files, *(f for f in adapter.path.iterdir() if f.is_file())],
                   "a file of the adapter")
@@ -300,7 +288,9 @@ def _rows_per_task(e: TensorEntry) -> int:
     return max(2, CHUNK_BYTES // max(1, e.shape[1] * 4)) // 2 * 2  # even: gate/up rows stay paired
 
 
-def _dense(reader: TensorReader, t: LoraOut) -> Iterator[Task]:
+def _dense(reader: TensorReader, outs: list[LoraOut]) -> Iterator[Task]:
+    """Rows of one PEFT tensor copied as they are (times lora_b's factor) into each output in `outs`."""
+    t = outs[0]
     e = reader.entries[t.source]
     per = _rows_per_task(e)
     for start in range(0, e.shape[0], per):
@@ -308,14 +298,13 @@ def _dense(reader: TensorReader, t: LoraOut) -> Iterator[Task]:
             x = _f32(reader, t.source, start, min(per, e.shape[0] - start))
             if t.factor != 1.0:
                 x = x * np.float32(t.factor)
-            return [(t.name, start * e.shape[1] * 4, np.ascontiguousarray(x, np.float32))]
+            x = np.ascontiguousarray(x, np.float32)
+            return [(o.name, start * e.shape[1] * 4, x) for o in outs]
         yield task
 
 
 def _half(rows: np.ndarray, part: str | None, axis: int) -> np.ndarray:
-    if part is None:
-        return rows
-    return rows.take(range(0 if part == "gate" else 1, rows.shape[axis], 2), axis=axis)
+    return rows if part is None else rows.take(range(0 if part == "gate" else 1, rows.shape[axis], 2), axis=axis)
 
 
 def _expert_a(reader: TensorReader, outs: list[LoraOut]) -> Iterator[Task]:
@@ -324,12 +313,7 @@ def _expert_a(reader: TensorReader, outs: list[LoraOut]) -> Iterator[Task]:
     e = reader.entries[t.source]
     E, r = t.experts, t.rank
     if not t.swapped:  # PEFT's A [r*E, in] is expert-major: the same bytes as [E, r, in]
-        per = _rows_per_task(e)
-        for start in range(0, e.shape[0], per):
-            def task(start=start) -> list[Chunk]:
-                x = np.ascontiguousarray(_f32(reader, t.source, start, min(per, e.shape[0] - start)))
-                return [(o.name, start * e.shape[1] * 4, x) for o in outs]
-            yield task
+        yield from _dense(reader, outs)
         return
 
     def whole() -> list[Chunk]:  # PEFT's B [in, r*E], expert-minor: a = B_e^T for each expert
@@ -368,13 +352,11 @@ def _tasks(adapter: Adapter, table: list[LoraOut], files: FileReader) -> Iterato
     for t in table:
         if t.role == "a" and t.experts:
             shared.setdefault(t.source, []).append(t)
-    done: set[str] = set()
     for t in table:
         if t.role == "a" and t.experts:
-            if t.source not in done:
-                done.add(t.source)
+            if shared[t.source][0] is t:  # gate and up share one lora_a source: read it once for both
                 yield from _expert_a(reader, shared[t.source])
         elif t.experts:
             yield from _expert_b(reader, t)
         else:
-            yield from _dense(reader, t)
+            yield from _dense(reader, [t])

@@ -62,8 +62,10 @@ class Merge:
     pairs: dict[str, tuple[LoraOut, LoraOut]]
     alpha: float
     stats: MergeStats = field(default_factory=MergeStats)
-    _tensors: _Tensors = field(default_factory=lambda: _Tensors(), repr=False)
     _reader: TensorReader | None = field(default=None, repr=False)
+    # adapter tensors as float32, read once each and kept (least recently used out) for every expert's task
+    _cache: OrderedDict[str, np.ndarray] = field(default_factory=OrderedDict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def files(self) -> list[Path]:
@@ -79,9 +81,8 @@ class Merge:
     def delta(self, name: str, rows: slice, expert: int | None = None) -> np.ndarray:
         """(alpha / r) · b · a for rows `rows` of GGUF tensor `name` (of `expert`), float32 [rows, in]."""
         a, b = self.pairs[name]
-        r = self._reader
-        la, lb = _gguf_factor(self._tensors, r, a, expert), _gguf_factor(self._tensors, r, b, expert)
-        return (lb[rows] @ la) * np.float32(self.alpha / a.rank)
+        la = self._factor(a, expert)
+        return (self._factor(b, expert)[rows] @ la) * np.float32(self.alpha / a.rank)
 
     def merged(self, name: str, values: np.ndarray, qtype: Q, rows: slice, expert: int | None = None) -> np.ndarray:
         """Bytes of `values` (float32 [rows, in] of the base) plus the update, stored as `qtype`; the error of
@@ -92,39 +93,30 @@ class Merge:
             self.stats.add(name, exact, decode(data, qtype, exact.shape[-1]).reshape(exact.shape))
         return data
 
-
-class _Tensors:
-    """Adapter tensors as float32, read once each and kept (least recently used out) for every expert's task."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-
-    def get(self, reader: TensorReader, name: str) -> np.ndarray:
+    def _tensor(self, name: str) -> np.ndarray:
         with self._lock:  # one read per tensor, whichever worker thread asks first
             if name in self._cache:
                 self._cache.move_to_end(name)
                 return self._cache[name]
-            e = reader.entries[name]
-            x = decode(reader.read(name), Q[e.dtype], e.shape[-1]).reshape(e.shape)
+            e = self._reader.entries[name]
+            x = decode(self._reader.read(name), Q[e.dtype], e.shape[-1]).reshape(e.shape)
             self._cache[name] = x
             if len(self._cache) > CACHE_TENSORS:
                 self._cache.popitem(last=False)
             return x
 
-
-def _gguf_factor(tensors: _Tensors, reader: TensorReader, t: LoraOut, expert: int | None) -> np.ndarray:
-    """The GGUF adapter tensor `t` (of one expert) as float32: lora_a [r, in] or lora_b [out, r] (factor in)."""
-    x = tensors.get(reader, t.source)
-    if not t.experts:
-        return x if t.role == "a" else x * np.float32(t.factor)
-    E, r = t.experts, t.rank
-    if t.role == "a":  # see convert/lora.py: PEFT's A is expert-major, its B expert-minor
-        return x.reshape(x.shape[0], r, E)[:, :, expert].T if t.swapped else x[expert * r:(expert + 1) * r]
-    b = x[expert * r:(expert + 1) * r].T if t.swapped else x.reshape(x.shape[0], r, E)[:, :, expert]
-    if t.part is not None:
-        b = b[0 if t.part == "gate" else 1::2]
-    return b * np.float32(t.factor)
+    def _factor(self, t: LoraOut, expert: int | None) -> np.ndarray:
+        """The GGUF adapter tensor `t` (of one expert) as float32: lora_a [r, in] or lora_b [out, r] (factor in)."""
+        x = self._tensor(t.source)
+        if not t.experts:
+            return x if t.role == "a" else x * np.float32(t.factor)
+        E, r = t.experts, t.rank
+        if t.role == "a":  # see convert/lora.py: PEFT's A is expert-major, its B expert-minor
+            return x.reshape(x.shape[0], r, E)[:, :, expert].T if t.swapped else x[expert * r:(expert + 1) * r]
+        b = x[expert * r:(expert + 1) * r].T if t.swapped else x.reshape(x.shape[0], r, E)[:, :, expert]
+        if t.part is not None:
+            b = b[0 if t.part == "gate" else 1::2]
+        return b * np.float32(t.factor)
 
 
 def plan_merge(src: str | Path, cfg: GptOssConfig, checkpoint: Path) -> Merge:

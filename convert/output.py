@@ -87,14 +87,13 @@ class WritePlan:
             lines.append(f"{report.seconds:.1f} s, {report.gbps:.2f} GB/s, peak RSS {report.peak_rss / 2**20:.0f} MiB")
         return "\n".join(lines)
 
-    def run(self, force: bool = False, progress: Callable[[int], None] | None = None,
-            threads: int | None = None) -> WriteReport:
+    def run(self, force: bool = False, progress: Callable[[int], None] | None = None) -> WriteReport:
         """Write the planned file(s); they appear only when complete."""
         if self.refusal:
             raise OssggufError(self.refusal)
         t0 = time.perf_counter()
         with FileReader(self.sources) as files:
-            written = stream_write(self.shards, self.tasks(files), force=force, progress=progress, threads=threads)
+            written = stream_write(self.shards, self.tasks(files), force=force, progress=progress)
         # Linux reports the peak RSS in KiB
         report = WriteReport(self, time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                              written)

@@ -10,8 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ossgguf.gguf.read import read_gguf
+
 from ..errors import OssggufError
-from ..model import GLOBAL_TENSORS, LAYER_TENSORS, conversion_table
+from ..hub.adapter import fetch_config
+from ..hub.download import looks_like_repo_id
+from ..model import GLOBAL_TENSORS, LAYER_TENSORS, conversion_table, read_hparams
 from .checkpoint import read_config
 from .safetensors import TensorEntry, read_header
 
@@ -133,9 +137,6 @@ def load_base(base: str | Path) -> Base:
         repo = raw.get("_name_or_path") if _is_repo_id(raw.get("_name_or_path")) else None
         return Base(shapes, cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, repo, str(p))
     if p.is_file():
-        from ossgguf.gguf.read import read_gguf
-        from ossgguf.model import read_hparams
-
         g = read_gguf(p)
         hp = read_hparams(g)
         url = g.get("general.source.repo_url") or ""
@@ -145,8 +146,6 @@ def load_base(base: str | Path) -> Base:
 
 
 def _is_repo_id(s: Any) -> bool:
-    from ..hub.download import looks_like_repo_id
-
     return isinstance(s, str) and not Path(s).expanduser().exists() and looks_like_repo_id(s)
 
 
@@ -161,6 +160,4 @@ def default_base(adapter: Adapter) -> str | Path:
         return Path(name).expanduser()
     if not _is_repo_id(name):
         raise OssggufError(f"the adapter's base '{name}' is neither a folder nor a repo id: pass --base")
-    from ..hub.adapter import fetch_config
-
     return fetch_config(name)

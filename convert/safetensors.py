@@ -36,10 +36,6 @@ class TensorEntry:
     nbytes: int
 
     @property
-    def np_dtype(self) -> np.dtype:
-        return DTYPES[self.dtype]
-
-    @property
     def row_bytes(self) -> int:
         """Bytes of one index along dim 0 (one expert for [E, ...] tensors)."""
         return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
@@ -97,4 +93,4 @@ class TensorReader:
         count = (e.shape[0] if e.shape else 1) - start if count is None else count
         shape = (count,) + e.shape[1:] if e.shape else ()
         data = self.files.read(e.file, e.offset + start * e.row_bytes, count * e.row_bytes, f"'{name}'")
-        return data.view(e.np_dtype).reshape(shape)
+        return data.view(DTYPES[e.dtype]).reshape(shape)

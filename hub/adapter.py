@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from ..errors import OssggufError
+from .card import render_card
 from .download import _first_line, looks_like_repo_id, offline_mode
 
 log = logging.getLogger(__name__)
@@ -76,11 +77,6 @@ def is_adapter(meta) -> bool:
 
 def adapter_card(files: list, base_model: str | None, repo_id: str, license: str = "apache-2.0") -> str:
     """README.md text for a repo of GGUF LoRA adapters (`files`: hub.card.FileEntry) of `base_model`."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    data = ModelCardData(base_model=base_model, base_model_relation="adapter" if base_model else None,
-                         library_name="gguf", license=license, pipeline_tag="text-generation",
-                         tags=["gguf", "gpt-oss", "lora", "llama.cpp", "ossgguf"])
     base = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a gpt-oss model"
     lines = [f"# {repo_id.split('/')[-1]}", "",
              f"LoRA adapter(s) for {base} as GGUF, made with ossgguf (`ossgguf convert-lora`). An adapter "
@@ -94,4 +90,4 @@ def adapter_card(files: list, base_model: str | None, repo_id: str, license: str
               "# llama.cpp", f"llama-server -m BASE.gguf --lora {first} --jinja", "```", "",
               "BASE.gguf: the base model" + (f" ({base_model})" if base_model else "") + " converted to GGUF, e.g. "
               "with `ossgguf convert`. The adapter must match its shapes (llama.cpp refuses another base).", ""]
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+    return render_card(lines, base_model, "adapter", license, ["gguf", "gpt-oss", "lora", "llama.cpp", "ossgguf"])

@@ -77,30 +77,27 @@ def llama_cpp_tag(model: str, models: list[str], recipe: str | None = None) -> s
     return None
 
 
+def render_card(lines: list[str], base_model: str | None, relation: str, license: str, tags: list[str],
+                **extra: Any) -> str:
+    """README.md: the Hub's YAML front matter (as GGUF publishers write it) above the text `lines`."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(base_model=base_model, base_model_relation=relation if base_model else None,
+                         library_name="gguf", license=license, pipeline_tag="text-generation", tags=tags, **extra)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
 def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def model_card(files: list[FileEntry], base_model: str | None, recipe: str, quantized_by: str | None,
                compare: dict[str, Any] | None, plan_hints: list[str] | None, license: str = "apache-2.0",
                repo_id: str | None = None) -> str:
     """README.md text for a repo holding `files` (GGUFs of `base_model`, mostly made with `recipe`)."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     repo = repo_id or REPO_PLACEHOLDER
     models = group_models(files)
     recipes = sorted({f.recipe for f in files} | {recipe})
-    data = ModelCardData(
-        base_model=base_model,
-        base_model_relation="quantized" if base_model else None,
-        library_name="gguf",
-        license=license,
-        pipeline_tag="text-generation",
-        tags=["gguf", "gpt-oss", "mxfp4", "llama.cpp", "ossgguf", *recipes],
-        quantized_by=quantized_by,
-    )
     title = (base_model.split("/")[-1] if base_model else next(iter(models), "gpt-oss")) + " GGUF"
     src = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a gpt-oss checkpoint"
     lines = [
@@ -160,6 +157,5 @@ def model_card(files: list[FileEntry], base_model: str | None, recipe: str, quan
     ]
     lines += [f"- {h}" for h in hints]
     lines += ["", "Recommended sampling for gpt-oss: temperature 1.0, top_p 1.0.", ""]
-    body = "\n".join(lines)
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
-    return str(card)
+    tags = ["gguf", "gpt-oss", "mxfp4", "llama.cpp", "ossgguf", *recipes]
+    return render_card(lines, base_model, "quantized", license, tags, quantized_by=quantized_by)

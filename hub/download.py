@@ -46,7 +46,7 @@ def looks_like_repo_id(src: str) -> bool:
 
 
 def download(repo_id: str, local_dir: str | Path | None = None, revision: str | None = None,
-             token: str | None = None, offline: bool | None = None, cache_dir: str | Path | None = None) -> Path:
+             token: str | None = None, offline: bool | None = None) -> Path:
     """Fetch (or find in the cache) the checkpoint files of a gpt-oss repo; returns their folder.
 
     Files go to the shared Hugging Face cache (HF_HUB_CACHE) unless `local_dir` is given. Offline
@@ -69,7 +69,7 @@ def download(repo_id: str, local_dir: str | Path | None = None, revision: str | 
 
     def fetch(patterns: list[str]) -> Path:
         return Path(snapshot_download(
-            repo_id, repo_type="model", revision=revision, local_dir=local_dir, cache_dir=cache_dir,
+            repo_id, repo_type="model", revision=revision, local_dir=local_dir,
             token=token, local_files_only=offline, allow_patterns=patterns, ignore_patterns=IGNORE_PATTERNS,
         ))
 
@@ -98,7 +98,9 @@ def download(repo_id: str, local_dir: str | Path | None = None, revision: str | 
         raise OssggufError(f"downloading {where} failed: {_first_line(e)}; try again later") from None
     except OSError as e:  # disk full, permissions, a lost connection in the middle of a file
         raise OssggufError(f"downloading {where} failed: {e}; check free space and run again to resume") from None
-    _check_weights(path, repo_id)
+    if not any(path.glob("*.safetensors")):
+        raise OssggufError(f"{repo_id} has no .safetensors weights in {path}: run `ossgguf download` with network "
+                           "to fetch them")
     log.info("checkpoint %s in %s", repo_id, path)
     return path
 
@@ -112,12 +114,6 @@ def _check_config(path: Path, what: str) -> GptOssConfig:
     except (OSError, ValueError) as e:
         raise OssggufError(f"{cfg_path} cannot be read: {e}") from None
     return GptOssConfig.from_dict(cfg, where=f"{what}/config.json")
-
-
-def _check_weights(path: Path, what: str) -> None:
-    if not any(path.glob("*.safetensors")):
-        raise OssggufError(f"{what} has no .safetensors weights in {path}: run `ossgguf download` with network "
-                           "to fetch them")
 
 
 def resolve_source(src: str | Path, revision: str | None = None, token: str | None = None,

@@ -25,8 +25,9 @@ from ossgguf.gguf.tensors import FLOAT_TYPES, Q, Tensor
 
 from ..errors import OssggufError
 from ..model import TensorClass, check_gpt_oss, tensor_class
+from .adapter import adapter_card, is_adapter
 from .card import FileEntry, group_models, human_size, model_bits_per_weight, model_card
-from .download import looks_like_repo_id, offline_mode
+from .download import _first_line, looks_like_repo_id, offline_mode
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -116,7 +117,7 @@ class PublishPlan:
         }
 
 
-def publish_plan_text(plan: PublishPlan, with_card: bool = True) -> str:
+def publish_plan_text(plan: PublishPlan) -> str:
     """What a publish does (or did), for people."""
     vis = "private" if plan.private else "public"
     head = f"{'would upload' if plan.dry_run else 'uploaded'} to {plan.repo_id} ({vis}"
@@ -135,8 +136,7 @@ def publish_plan_text(plan: PublishPlan, with_card: bool = True) -> str:
     lines += [f"  note: {n}" for n in plan.notes]
     if plan.commit_url:
         lines.append(f"  commit: {plan.commit_url}")
-    if with_card:
-        lines += ["", "--- README.md ---", plan.card]
+    lines += ["", "--- README.md ---", plan.card]
     return "\n".join(lines)
 
 
@@ -178,18 +178,16 @@ def plan_publish(path: str | Path, repo_id: str, *, private: bool = False, revis
     """Check, hash and describe the files; no network."""
     if not looks_like_repo_id(repo_id):
         raise OssggufError(f"'{repo_id}' is not a Hugging Face repo id: write it as owner/name")
-    models: list[tuple[str, GgufSet, str]] = []  # name (without -0000N-of-0000M.gguf), files, recipe
+    sets: list[GgufSet] = []
     for files in model_sets(path):  # each read and checked as one set (ossgguf.gguf.read)
-        g = read_gguf(files[0])
-        check_gpt_oss(g)
-        models.append((split_name(g.path.name)[0], g, ""))
-    from .adapter import adapter_card, is_adapter
-
-    adapters = [is_adapter(g) for _, g, _ in models]
+        sets.append(read_gguf(files[0]))
+        check_gpt_oss(sets[-1])
+    adapters = [is_adapter(g) for g in sets]
     if any(adapters) and not all(adapters):
         raise OssggufError(f"{path} mixes LoRA adapters and models: publish them to separate repos")
-    models = [(m, g, "lora" if is_adapter(g) else str(g.get(RECIPE_KEY) or infer_recipe(g.tensors)))
-              for m, g, _ in models]
+    # name (without -0000N-of-0000M.gguf), files, recipe
+    models = [(split_name(g.path.name)[0], g, "lora" if a else str(g.get(RECIPE_KEY) or infer_recipe(g.tensors)))
+              for g, a in zip(sets, adapters)]
     for _, g, recipe in models:
         for f in g.files:
             if f.size > max_file_size:
@@ -232,7 +230,7 @@ def _transient(e: BaseException) -> bool:
 def _user_error(what: str, repo_id: str, e: BaseException, attempts: int) -> OssggufError:
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = _first_line(e)
     status = getattr(getattr(e, "response", None), "status_code", None) if isinstance(e, HfHubHTTPError) else None
     if isinstance(e, OfflineModeIsEnabled):
         return OssggufError(f"{what}: offline mode is on (HF_HUB_OFFLINE): unset it to publish")

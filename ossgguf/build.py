@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BACKENDS = ("auto", "cuda", "metal", "vulkan", "rocm", "cpu")
+_BACKEND_FLAG = {"metal": "-DGGML_METAL=on", "vulkan": "-DGGML_VULKAN=on", "rocm": "-DGGML_HIP=on"}
 BASE_FLAGS = ("-DGGML_RPC=ON",)
 RECORD = ".llama-backend"  # in the venv: what setup built, read by `ossgguf doctor`
 
@@ -97,12 +98,8 @@ def choose(m: Machine, want: str = "auto") -> Choice:
         arch = [f"-DCMAKE_CUDA_ARCHITECTURES={';'.join(archs)}"] if archs else []
         return Choice("cuda", base + ["-DGGML_CUDA=on"] + arch,
                       "" if archs else "no GPU found to pick CUDA architectures for: building for CMake's default")
-    if want == "metal":
-        return Choice("metal", base + ["-DGGML_METAL=on"])
-    if want == "vulkan":
-        return Choice("vulkan", base + ["-DGGML_VULKAN=on"])
-    if want == "rocm":
-        return Choice("rocm", base + ["-DGGML_HIP=on"])
+    if want in _BACKEND_FLAG:
+        return Choice(want, base + [_BACKEND_FLAG[want]])
     return Choice("cpu", base + (["-DGGML_METAL=off"] if m.system == "Darwin" else []))
 
 

@@ -92,7 +92,6 @@ class GptOssConfig:
             rope = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
             rope_theta = float(cfg.get("rope_theta", rope.get("rope_theta", 150000.0)))
             layer_types = tuple(cfg.get("layer_types") or default_layer_types(n_layers))
-            qcfg = cfg.get("quantization_config") or {}
             out = cls(
                 hidden_size=int(cfg["hidden_size"]),
                 intermediate_size=int(cfg["intermediate_size"]),
@@ -113,7 +112,7 @@ class GptOssConfig:
                 eos_token_id=_first_id(cfg.get("eos_token_id")),
                 pad_token_id=_first_id(cfg.get("pad_token_id")),
                 bos_token_id=_first_id(cfg.get("bos_token_id")),
-                quant_method=qcfg.get("quant_method"),
+                quant_method=(cfg.get("quantization_config") or {}).get("quant_method"),
                 raw=cfg,
             )
         except KeyError as e:
@@ -179,6 +178,7 @@ EXPERT_AXIS = tuple(f"{t}.{w}" for t in (EXPERT_GATE, EXPERT_UP, EXPERT_DOWN, RO
 _BLK = re.compile(r"^blk\.(\d+)\.")
 _EXPERTS = r"ffn_(up|down|gate)_exps"
 _EXPERT_WEIGHT = re.compile(rf"\.{_EXPERTS}\.weight$")
+_CLASS_OF = dict([*GLOBAL_TENSORS.values(), *LAYER_TENSORS.values()])  # GGUF name (without blk.N.) -> class
 
 
 def layer_of(gguf_name: str) -> int | None:
@@ -205,10 +205,8 @@ def tensor_class(gguf_name: str, other: Any = ...) -> TensorClass:
         return TensorClass.EXPERT
     if gguf_name.endswith(".bias"):
         return TensorClass.NORM
-    base = _BLK.sub("", gguf_name)
-    for name, cls in list(GLOBAL_TENSORS.values()) + list(LAYER_TENSORS.values()):
-        if name == base:
-            return cls
+    if (cls := _CLASS_OF.get(_BLK.sub("", gguf_name))) is not None:
+        return cls
     if other is not ...:
         return other
     raise OssggufError(f"'{gguf_name}' is not a gpt-oss tensor name")
@@ -380,11 +378,9 @@ def conversion_table(cfg: GptOssConfig, layout: str) -> list[OutTensor]:
         for hf, (name, cls) in LAYER_TENSORS.items():
             out.append(OutTensor(b + name, shapes[p + hf], cls, "copy", p + hf))
         x = p + HF_EXPERTS
-        src_gu = x + "gate_up_proj"
-        src_d = x + "down_proj"
         for part, name, shape in (("gate", EXPERT_GATE, (E, F, H)), ("up", EXPERT_UP, (E, F, H)),
                                   ("down", EXPERT_DOWN, (E, H, F))):
-            src = src_d if part == "down" else src_gu
+            src = x + ("down_proj" if part == "down" else "gate_up_proj")
             out.append(OutTensor(f"{b}{name}.weight", shape, TensorClass.EXPERT, "experts", src, part))
             if part == "down":
                 out.append(OutTensor(f"{b}{name}.bias", (E, H), TensorClass.NORM, "copy", x + "down_proj_bias"))
@@ -445,10 +441,9 @@ def gguf_metadata(cfg: GptOssConfig, *, name: str, file_type: int, recipe: str, 
             f"{A}.rope.scaling.factor": kv_f32(rope.get("factor", 1.0)),
             f"{A}.rope.scaling.original_context_length": kv_u32(rope.get("original_max_position_embeddings", 4096)),
         })
-        if "beta_fast" in rope:
-            kvs[f"{A}.rope.scaling.yarn_beta_fast"] = kv_f32(rope["beta_fast"])
-        if "beta_slow" in rope:
-            kvs[f"{A}.rope.scaling.yarn_beta_slow"] = kv_f32(rope["beta_slow"])
+        for beta in ("beta_fast", "beta_slow"):
+            if beta in rope:
+                kvs[f"{A}.rope.scaling.yarn_{beta}"] = kv_f32(rope[beta])
     kvs["general.file_type"] = kv_u32(file_type)
     kvs["general.quantization_version"] = kv_u32(2)
     kvs["ossgguf.recipe"] = kv_str(recipe)

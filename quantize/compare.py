@@ -199,7 +199,6 @@ def read_text_file(path: str | Path) -> str:
 
 
 def format_compare(r: dict[str, Any]) -> str:
-    """A short report of compare()'s result."""
     return "\n".join([
         f"A (reference): {r['a']}",
         f"B:             {r['b']}",

@@ -79,24 +79,18 @@ def _short(v: Any, width: int = 72) -> str:
 
 
 def format_inspect(info: dict[str, Any]) -> str:
-    """A terminal table of inspect_gguf's result."""
     t = info["totals"]
     ft = info["file_type"]
     head = (f"{info['path']}: {info['architecture']}, {t['params']:,} parameters, {t['file_bytes']:,} bytes in "
             f"{len(info['files'])} file(s)")
-    lines = [head, f"recipe {info['recipe'] or '(not written by ossgguf)'}, file type {ft['name'] or ft['id']}", ""]
-    lines.append(f"{'class':<10} {'tensors':>7}  {'types':<18} {'params':>16} {'bytes':>16} {'bpw':>6}")
+    lines = [head, f"recipe {info['recipe'] or '(not written by ossgguf)'}, file type {ft['name'] or ft['id']}", "",
+             f"{'class':<10} {'tensors':>7}  {'types':<18} {'params':>16} {'bytes':>16} {'bpw':>6}"]
     for cls, g in info["classes"].items():
         types = ",".join(f"{k}x{n}" if len(g["types"]) > 1 else k for k, n in g["types"].items())
         lines.append(f"{cls:<10} {g['tensors']:>7}  {types:<18} {g['params']:>16,} {g['bytes']:>16,} {g['bpw']:>6.2f}")
-    lines.append(f"{'total':<10} {t['tensors']:>7}  {'':<18} {t['params']:>16,} {t['tensor_bytes']:>16,} {t['bpw']:>6.2f}")
-    lines.append(f"headers and alignment: {t['overhead_bytes']:,} bytes")
+    lines += [f"{'total':<10} {t['tensors']:>7}  {'':<18} {t['params']:>16,} {t['tensor_bytes']:>16,} {t['bpw']:>6.2f}",
+              f"headers and alignment: {t['overhead_bytes']:,} bytes"]
     if len(info["files"]) > 1:
-        lines.append("")
-        for f in info["files"]:
-            lines.append(f"  {f['path']}: {f['bytes']:,} bytes, {f['tensors']} tensors")
-    lines.append("")
-    lines.append("metadata:")
-    for k, v in info["metadata"].items():
-        lines.append(f"  {k} = {_short(v)}")
+        lines += ["", *(f"  {f['path']}: {f['bytes']:,} bytes, {f['tensors']} tensors" for f in info["files"])]
+    lines += ["", "metadata:", *(f"  {k} = {_short(v)}" for k, v in info["metadata"].items())]
     return "\n".join(lines)

@@ -53,11 +53,10 @@ def check_encodable(qtype: Q, n_per_row: int) -> None:
 # ---------------------------------------------------------------- BF16
 
 
-def bf16_to_f32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     """BF16 bit patterns (uint16) -> float32, exactly."""
     bits = np.asarray(bits)
-    if out is None:
-        out = np.empty(bits.shape, dtype=np.float32)
+    out = np.empty(bits.shape, dtype=np.float32)
     np.left_shift(bits.view(np.uint16), np.uint32(16), out=out.view(np.uint32), dtype=np.uint32)
     return out
 
@@ -281,9 +280,7 @@ def _kernel(qtype: Q, dtype: np.dtype, n: int) -> Callable[[np.ndarray, np.ndarr
     bf16 = dtype == np.uint16
 
     def as_f32(s: np.ndarray) -> np.ndarray:
-        if bf16:
-            return bf16_to_f32(s)
-        return np.ascontiguousarray(s, dtype=np.float32)
+        return bf16_to_f32(s) if bf16 else np.ascontiguousarray(s, dtype=np.float32)
 
     if qtype == Q.F32:
         return lambda s, d: np.copyto(d.view(np.float32), as_f32(s))

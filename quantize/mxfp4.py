@@ -25,7 +25,7 @@ _HI = np.uint64(0xF0F0F0F0F0F0F0F0)
 _FOUR = np.uint64(4)
 
 
-def repack_hf_to_ggml(blocks: np.ndarray, scales: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def repack_hf_to_ggml(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """HF blocks [..., nb, 16] + scales [..., nb] -> ggml bytes [..., nb * 17], bit for bit."""
     if blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
         raise ValueError(f"MXFP4 blocks {blocks.shape} do not match scales {scales.shape}")
@@ -37,11 +37,9 @@ def repack_hf_to_ggml(blocks: np.ndarray, scales: np.ndarray, out: np.ndarray | 
     a, b = halves[:, 0], halves[:, 1]  # a: elements 0..15 (byte m = 2m lo, 2m+1 hi); b: 16..31
     even = ((a & _LO) | ((b & _LO) << _FOUR)).view(np.uint8).reshape(n, 8)  # ggml byte 2m = e[2m] | e[2m+16]<<4
     odd = (((a >> _FOUR) & _LO) | (b & _HI)).view(np.uint8).reshape(n, 8)  # ggml byte 2m+1 = e[2m+1] | e[2m+17]<<4
-    out = np.empty((n, GGML_BLOCK_BYTES), dtype=np.uint8) if out is None else out.reshape(n, GGML_BLOCK_BYTES)
+    out = np.empty((n, GGML_BLOCK_BYTES), dtype=np.uint8)
     out[:, 0] = scales.reshape(n)
-    for m in range(8):
-        out[:, 1 + 2 * m] = even[:, m]
-        out[:, 2 + 2 * m] = odd[:, m]
+    out[:, 1::2], out[:, 2::2] = even, odd
     return out.reshape(lead[:-1] + (lead[-1] * GGML_BLOCK_BYTES,))
 
 

@@ -12,6 +12,7 @@ by the same loop (the output appears only when complete), split as theirs.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -30,6 +31,7 @@ from .. import limits
 from ..convert.output import WritePlan
 from ..errors import OssggufError
 from ..model import arch_key, has_expert_axis, layer_of, read_hparams
+from ..runner.plan import PlacementOptions, model_info, parse_size, plan, resolve_devices
 from .stats import SCORES, ExpertStats, model_identity
 
 COPY_BYTES = 16 * 1024 * 1024
@@ -79,8 +81,6 @@ def _layout(src: GgufSet, keep: int, kept, score: str, stats, stats_sha: str | N
 
 def parse_device(spec: str) -> Any:
     """'unified:64GiB', 'gpu:80GiB', 'gpu:24GiB,ram:64GiB' or 'ram:64GiB' -> runner.plan.Devices."""
-    from ..runner.plan import parse_size, resolve_devices
-
     parts: dict[str, int] = {}
     for item in spec.split(","):
         kind, sep, size = item.partition(":")
@@ -99,8 +99,6 @@ def parse_device(spec: str) -> Any:
 def _device_fit(info: Any, tensors: list[Tensor], total: int, keep: int, devices, ctx: int):
     """The planner's verdict on the would-be pruned model: unified memory or a lone GPU must hold all of
     it (the GPU working set), a GPU with a RAM size may keep experts in RAM, RAM alone runs CPU-only."""
-    from ..runner.plan import PlacementOptions, plan
-
     m = replace(info, n_expert=keep, tensors=tuple(tensors), file_bytes=total)
     p = plan(m, PlacementOptions(ctx=ctx), devices=devices)
     whole_gpu = devices.unified or devices.ram_total >= 1 << 50
@@ -144,8 +142,6 @@ def plan_prune(src_gguf: str | Path, out: str | Path, *, keep: int | None = None
 
     @functools.cache
     def base_info():  # the unpruned model as the planner sees it, from the headers read above
-        from ..runner.plan import model_info
-
         return model_info(src)
 
     @functools.cache
@@ -153,25 +149,22 @@ def plan_prune(src_gguf: str | Path, out: str | Path, *, keep: int | None = None
         tensors, shards = layout(k)
         return _device_fit(base_info(), tensors, sum(s.size for s in shards), k, devices, ctx)
 
-    device_plan, reason = None, ""
     if keep is not None:
         if not n_used <= keep <= n_expert:
             raise OssggufError(f"--keep {keep} is outside {n_used}..{n_expert}: the model has {n_expert} experts "
                                f"per layer and routes every token to {n_used} of them")
         reason = f"--keep {keep}"
     else:
-        if target_device is not None:
-            def fits(k: int) -> bool:
-                return device_fit(k)[0]
-            what = f"{target_device} at a {ctx}-token context"
-        else:
-            def fits(k: int) -> bool:
-                return sum(s.size for s in layout(k)[1]) <= target_size
-            what = f"{target_size:,} bytes"
+        def size(k: int) -> int:
+            return sum(s.size for s in layout(k)[1])
+
+        def fits(k: int) -> bool:
+            return device_fit(k)[0] if target_device is not None else size(k) <= target_size
+
+        what = f"{target_device} at a {ctx}-token context" if target_device is not None else f"{target_size:,} bytes"
         if not fits(n_used):
-            smallest = sum(s.size for s in layout(n_used)[1])
             raise OssggufError(f"no expert count fits {what}: even {n_used} experts per layer (the fewest, as "
-                               f"many as each token uses) make {smallest:,} bytes; choose a larger target "
+                               f"many as each token uses) make {size(n_used):,} bytes; choose a larger target "
                                "or a smaller recipe")
         lo, hi = n_used, n_expert  # fits(lo) holds; sizes grow with K, so search for the largest
         while lo < hi:
@@ -188,8 +181,7 @@ def plan_prune(src_gguf: str | Path, out: str | Path, *, keep: int | None = None
     _, shards = _layout(src, keep, kept, score, st, sha, out, split_max_size)
     sources = [f.path for f in src.files]
     refuse_inputs(shards, sources, "the input")
-    if target_device is not None:  # the kept ids do not change any size: the probe's plan holds
-        device_plan = device_fit(keep)[1]
+    d = device_fit(keep)[1] if target_device is not None else None  # kept ids change no size: the probe's plan holds
     total = sum(s.size for s in shards)
     notes = [f"keep {keep} of {n_expert} experts per layer ({reason}; score {score})",
              f"{src.size:,} -> {total:,} bytes ({100 * total / src.size:.1f}%)"]
@@ -198,14 +190,13 @@ def plan_prune(src_gguf: str | Path, out: str | Path, *, keep: int | None = None
     elif n_expert - keep <= 16:
         notes += [f"  blk.{i}: pruned {', '.join(map(str, sorted(set(range(n_expert)) - set(row)))) or '-'}"
                   for i, row in enumerate(kept)]
-    if device_plan is not None:
-        d = device_plan
+    if d is not None:
         notes.append(f"planner: {'fits' if d.fits else 'DOES NOT FIT'} ({d.placement}), GPU {d.gpu_bytes / 1e9:.2f} GB "
                      f"of {d.devices.gpu_budget / 1e9:.2f} GB budget, context {d.n_ctx}")
     facts = {"source": [str(p) for p in sources], "source_bytes": src.size, "expert_count": n_expert, "keep": keep,
              "score": score, "stats_sha256": sha, "kept": kept, "reason": reason}
-    if device_plan is not None:
-        facts["device_plan"] = device_plan.to_json()
+    if d is not None:
+        facts["device_plan"] = d.to_json()
     return WritePlan("prune", shards, sources, functools.partial(_tasks, src.tensors, kept), facts=facts,
                      notes=notes, refusal=None if kept is not None else
                      "this plan has no experts chosen (made without statistics): pass --stats")
@@ -215,13 +206,9 @@ def plan_prune(src_gguf: str | Path, out: str | Path, *, keep: int | None = None
 
 def _runs(ids: list[int]) -> Iterator[tuple[int, int, int]]:
     """(first source expert, first output slot, length) of each run of consecutive kept ids."""
-    slot = 0
-    while slot < len(ids):
-        n = 1
-        while slot + n < len(ids) and ids[slot + n] == ids[slot] + n:
-            n += 1
-        yield ids[slot], slot, n
-        slot += n
+    for _, run in itertools.groupby(enumerate(ids), lambda p: p[1] - p[0]):
+        (slot, first), *rest = run
+        yield first, slot, 1 + len(rest)
 
 
 def _tasks(sources: list[Tensor], kept: list[list[int]], files: FileReader) -> Iterator[Task]:
@@ -231,8 +218,7 @@ def _tasks(sources: list[Tensor], kept: list[list[int]], files: FileReader) -> I
         if has_expert_axis(t.name):  # rows are experts
             rows, pieces = t.shape[0], list(_runs(kept[layer_of(t.name)]))
         else:
-            rows = t.rows
-            pieces = [(0, 0, rows)]
+            rows, pieces = t.rows, [(0, 0, t.rows)]
         row_bytes = t.nbytes // rows
         per = max(1, COPY_BYTES // row_bytes)
         for first, slot, n in pieces:

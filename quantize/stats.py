@@ -40,10 +40,9 @@ def model_identity(src: GgufSet | str | Path) -> dict[str, Any]:
     """What makes statistics belong to a model: its MoE shape and the bytes of its routers."""
     g = src if isinstance(src, GgufSet) else read_gguf(src)
     shape = moe_shape(g)
-    n_layer = shape["block_count"]
     by_name = {t.name: t for t in g.tensors}
     h = hashlib.sha256()
-    for name in router_names(n_layer):
+    for name in router_names(shape["block_count"]):
         t = by_name.get(name)
         if t is None:
             raise OssggufError(f"{g.path} has no {name} tensor: is it a complete gpt-oss GGUF?")

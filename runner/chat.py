@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import takewhile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,10 +79,8 @@ class Conversation:
 
     def reset(self) -> None:
         """Forget the exchange; keep the leading system/developer instructions."""
-        keep = 0
-        while keep < len(self.messages) and self.messages[keep]["role"] in ("system", "developer"):
-            keep += 1
-        del self.messages[keep:]
+        keep = list(takewhile(lambda m: m["role"] in ("system", "developer"), self.messages))
+        del self.messages[len(keep):]
 
     def render(self) -> str:
         return render(self.messages, tools=self.tools or None, reasoning_effort=self.reasoning_effort,
@@ -195,13 +194,8 @@ class Reply:
     kind: str = "reply"
 
     def calls_json(self) -> list[dict]:
-        out = []
-        for c in self.tool_calls:
-            if isinstance(c, ToolResult):
-                out.append({"id": c.id, "name": c.name, "arguments": c.arguments, "result": c.content, "ok": c.ok})
-            else:
-                out.append(dict(c))
-        return out
+        return [{"id": c.id, "name": c.name, "arguments": c.arguments, "result": c.content, "ok": c.ok}
+                if isinstance(c, ToolResult) else dict(c) for c in self.tool_calls]
 
 
 ChatEvent = Event | ToolResult | Reply

@@ -38,14 +38,9 @@ Ctrl-C while the model answers stops the answer, not the chat."""
 
 def placement_text(p: Plan) -> str:
     """Where the weights live, in a few words."""
-    m = p.model
-    if p.placement == "gpu":
-        return "weights on the GPU"
-    if p.placement == "hybrid":
-        return f"experts of {p.n_cpu_moe}/{m.n_layer} layers in RAM, the rest on the GPU"
-    if p.placement == "cpu":
-        return "weights in RAM (CPU)"
-    return "placement: does not fit this machine"
+    return {"gpu": "weights on the GPU", "cpu": "weights in RAM (CPU)",
+            "hybrid": f"experts of {p.n_cpu_moe}/{p.model.n_layer} layers in RAM, the rest on the GPU",
+            }.get(p.placement, "placement: does not fit this machine")
 
 
 def load_line(engine: Engine) -> str:
@@ -196,25 +191,30 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
+def _respond(chat: ChatSetup) -> Iterator[Event | ToolResult | Reply]:
+    """`respond` on the setup's conversation, Ctrl-C stopping the answer."""
+    with _Interrupt(chat.engine) as intr:
+        yield from respond(chat.engine, chat.conv, chat.sampling, chat.tool_runner, cancel=intr.cancel,
+                           builtin=chat.builtin)
+
+
 def run_once(chat: ChatSetup, out: TextIO, err: TextIO, show_reasoning: bool = False, as_json: bool = False) -> Reply:
     """One turn: stream the answer (or print `result_json` at the end with `as_json`)."""
-    engine, tool_runner = chat.engine, chat.tool_runner
     printer = Printer(out, err, show_reasoning)
     reply = None
-    with _Interrupt(engine) as intr:
-        for ev in respond(engine, chat.conv, chat.sampling, tool_runner, cancel=intr.cancel, builtin=chat.builtin):
-            if isinstance(ev, Reply):
-                reply = ev
-            if not as_json:
-                printer.event(ev)
+    for ev in _respond(chat):
+        if isinstance(ev, Reply):
+            reply = ev
+        if not as_json:
+            printer.event(ev)
     assert reply is not None
     if as_json:
-        out.write(json.dumps(result_json(reply, engine.plan), indent=1, ensure_ascii=False) + "\n")
+        out.write(json.dumps(result_json(reply, chat.engine.plan), indent=1, ensure_ascii=False) + "\n")
         return reply
     for c in reply.tool_calls:
         if isinstance(c, dict):  # a call nobody ran: print it where a script can pick it up
             out.write(json.dumps({"name": c["name"], "arguments": c["arguments"]}, ensure_ascii=False) + "\n")
-    _after(reply, printer, tool_runner, engine.plan)
+    _after(reply, printer, chat.tool_runner, chat.engine.plan)
     return reply
 
 
@@ -280,11 +280,10 @@ def chat_loop(chat: ChatSetup, stdin: TextIO, out: TextIO, err: TextIO, show_rea
                 continue
             conv.add_user(line)
         try:
-            with _Interrupt(engine) as intr:
-                for ev in respond(engine, conv, chat.sampling, tool_runner, cancel=intr.cancel, builtin=chat.builtin):
-                    printer.event(ev)
-                    if isinstance(ev, Reply):
-                        _after(ev, printer, tool_runner, engine.plan)
+            for ev in _respond(chat):
+                printer.event(ev)
+                if isinstance(ev, Reply):
+                    _after(ev, printer, tool_runner, engine.plan)
         except OssggufError as e:
             printer.note(f"error: {e}")
             failed += 1

@@ -14,16 +14,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 from scripted_model import Episode, Script, scripted_gguf
+from serving import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "server.md"
@@ -83,22 +82,13 @@ def model(make_ckpt, tmp_path_factory) -> Path:
 @contextmanager
 def serve(model: Path, ctx: int, log: Path):
     """`ossgguf serve` as a user starts it, on a free port of 127.0.0.1 (its stderr into `log`); yields the port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "ossgguf.cli", "serve", str(model), "--port", str(port), "--model-name",
            MODEL_NAME, "--ctx", str(ctx), "--gpu-mem", "0", "--ram", "16GiB"]
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stderr=err)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.2)
+        wait_healthy(port, proc, log.read_text)
         yield port
     finally:
         proc.send_signal(signal.SIGINT)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from serving import free_port, wait_healthy, wait_listening
 
 from ossgguf.build import read_record
 from ossgguf.errors import OssggufError
@@ -38,28 +39,14 @@ def _rpc_built():
 PROMPT = "The quick brown fox jumps over the lazy dog, and the dog does not mind."
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def worker(*args: str, port: int | None = None):
     """`ossgguf worker` as a user starts it; yields (port, process) once it accepts connections."""
-    port = port or _free_port()
+    port = port or free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ossgguf.cli", "worker", "--port", str(port), *args],
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read()
-                assert time.monotonic() < deadline, "the worker did not start listening"
-                time.sleep(0.2)
+        wait_listening(port, proc, proc.stderr.read)
         yield port, proc
     finally:
         proc.terminate()
@@ -246,7 +233,7 @@ def test_a_worker_that_dies_mid_run_ends_the_run_with_one_line(make_gguf):
 def test_unreachable_worker_is_a_clear_error(make_gguf):
     from ossgguf.runner.engine import Engine
 
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     with pytest.raises(OssggufError, match=f"no worker answers at 127.0.0.1:{port}.*ossgguf worker"):
         Engine.load(make_gguf(), ctx=256, rpc=f"127.0.0.1:{port}")
 
@@ -331,21 +318,14 @@ def test_a_server_whose_worker_dies_stops_with_one_line(make_gguf):
     it does not hang a client's request forever."""
     import httpx
 
-    model, port = make_gguf(), _free_port()
+    model, port = make_gguf(), free_port()
     env = {**os.environ, "OSSGGUF_NO_REPACK": "1", "PYTHONUNBUFFERED": "1"}
     with worker() as (wport, wproc):
         server = subprocess.Popen([sys.executable, "-m", "ossgguf.cli", "serve", str(model), "--port", str(port),
                                    "--ctx", "256", "--rpc", f"127.0.0.1:{wport}"], stderr=subprocess.PIPE,
                                   stdout=subprocess.DEVNULL, text=True, env=env)
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
-                    time.sleep(0.2)
+            wait_healthy(port, server, server.stderr.read)
             wproc.kill()
             wproc.wait(10)
             try:  # the connection ends with the server

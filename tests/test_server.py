@@ -23,6 +23,7 @@ from importlib.resources import files
 
 import httpx
 import pytest
+from serving import free_port, wait_healthy
 from tokenizers import Tokenizer
 
 from ossgguf.harmony import parse_tokens
@@ -695,21 +696,12 @@ def test_load_on_the_tiny_model(real):
 
 # -- serve(): the model loaded from a path, uvicorn in its own process ------------------------------
 def test_serve_loads_the_model_and_binds_loopback(model):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "ossgguf.cli", "serve", str(model), "--port", str(port), "--api-key", "k",
            "--gpu-mem", "0", "--ram", "16GiB", "--ctx", "512"]  # the CLI, as a user starts it
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-                time.sleep(0.2)
+        wait_healthy(port, proc, proc.stderr.read)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
         assert [m.id for m in client.models.list()] == [model.name.removesuffix(".gguf")]
         r = client.chat.completions.create(model=model.name.removesuffix(".gguf"), messages=[USER], max_tokens=5)

@@ -14,6 +14,7 @@ import typing
 
 import httpx
 import pytest
+from serving import free_port, wait_healthy
 from test_agents import agents, configure  # noqa: F401 - Codex from npm (installed once, or skipped)
 from test_builtin_tools import BROWSER_SCRIPT, CPU, DATE, NOTES, PY_SCRIPT, sandbox_or_skip
 from test_server import ServerThread, _conforms, _events
@@ -318,7 +319,6 @@ def test_codex_shows_the_web_search_and_sends_it_back(agents, make_ckpt, o200k, 
     scripted model (which searches while no call is in its context) then answers at once."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
 
@@ -328,9 +328,7 @@ def test_codex_shows_the_web_search_and_sends_it_back(agents, make_ckpt, o200k, 
     model = scripted_gguf(ckpt, tmp_path, Script(("<|call|>",), [
         Episode((), '<|channel|>analysis to=browser.search <|constrain|>json<|message|>{"query":"zebra migration"}<|call|>'),
         Episode(("<|call|>",), "<|channel|>final<|message|>They follow the rains 【0†L2】.<|return|>")]))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "ossgguf.cli", "serve", str(model), "--port", str(port), "--model-name", "gpt-oss-20b",
            "--ctx", "65536", "--gpu-mem", "0", "--ram", "16GiB", "--tools-builtin", "browser",
@@ -350,14 +348,7 @@ def test_codex_shows_the_web_search_and_sends_it_back(agents, make_ckpt, o200k, 
         return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.2)
+        wait_healthy(port, server, lambda: log.read_text()[-3000:])
         configure(home, port, 65536)  # the docs' Codex block, then the line the docs add for web search
         config = home / ".codex" / "config.toml"
         config.write_text('web_search = "live"\n' + config.read_text())

@@ -9,7 +9,6 @@ in order, as recorded (streamed, as both clients ask), and reads from each answe
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from serving import free_port
 
 TRAFFIC = Path(__file__).resolve().parent / "data" / "traffic"
 CLIENTS = ("codex", "opencode")
@@ -38,9 +38,7 @@ def serving(app):
     """`app` under uvicorn on a free port of 127.0.0.1; yields the base URL."""
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

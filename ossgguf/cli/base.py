@@ -152,10 +152,6 @@ def main() -> None:
         rc = cli.main(standalone_mode=False, prog_name="ossgguf")
         if isinstance(rc, int) and rc:  # ctx.exit(N) returns N here instead of exiting
             sys.exit(rc)
-    except OssggufError as e:
-        if debug:
-            raise
-        _die(str(e))
     except click.exceptions.Abort:
         _die("interrupted", 130)
     except KeyboardInterrupt:
@@ -163,13 +159,13 @@ def main() -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except OSError as e:
-        if debug:
-            raise
-        _die(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}")
     except Exception as e:  # noqa: BLE001 - the one boundary where unexpected errors become one line
         if debug:
             raise
+        if isinstance(e, OssggufError):
+            _die(str(e))
+        if isinstance(e, OSError):
+            _die(f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}")
         _die(f"unexpected {type(e).__name__}: {e} (set OSSGGUF_DEBUG=1 for the traceback and report it)", 2)
 
 

@@ -19,7 +19,7 @@ from .options import prune_options, reasoning_option, type_options, write_option
               help="Download into this folder instead of the shared Hugging Face cache.")
 @click.option("--token", help="Hugging Face token (default: the one `hf auth login` stored).")
 @click.option("--offline", is_flag=True, help="Use only the local cache (as HF_HUB_OFFLINE=1).")
-def download(repo_id: str, revision: str | None, local_dir: Path | None, token: str | None, offline: bool) -> None:
+def download(repo_id: str, offline: bool, **kw) -> None:
     """Download a gpt-oss checkpoint from the Hub: weights, config, tokenizer, template only
     (never the original/ and metal/ folders, which would double the download). Prints the folder.
 
@@ -30,8 +30,7 @@ def download(repo_id: str, revision: str | None, local_dir: Path | None, token: 
     """
     from ..hub.download import download as hub_download
 
-    click.echo(str(hub_download(repo_id, local_dir=local_dir, revision=revision, token=token,
-                                offline=True if offline else None)))
+    click.echo(str(hub_download(repo_id, offline=True if offline else None, **kw)))  # kw: revision, local_dir, token
 
 
 @cli.command()
@@ -40,8 +39,7 @@ def download(repo_id: str, revision: str | None, local_dir: Path | None, token: 
 @type_options(required=False)
 @click.option("--merge-lora", metavar="ADAPTER", help="Merge a PEFT LoRA adapter (folder or repo id) into the "
               "weights; merged experts are quantized again and their error reported (docs/lora.md).")
-def convert(src: str, out: Path, recipe: str, tensor_types: tuple[str, ...], split_max_size: int | None,
-            allow_fallback: bool, dry_run: bool, as_json: bool, force: bool, merge_lora: str | None) -> None:
+def convert(src: str, merge_lora: str | None, dry_run: bool, as_json: bool, force: bool, **kw) -> None:
     """Convert a Hugging Face gpt-oss checkpoint (folder or repo id) to GGUF.
 
     MXFP4 experts are copied bit for bit; everything streams, so memory stays small whatever the
@@ -61,8 +59,7 @@ def convert(src: str, out: Path, recipe: str, tensor_types: tuple[str, ...], spl
         from ..hub.adapter import resolve_adapter
 
         merge_lora = resolve_adapter(merge_lora)[0]
-    _write(plan_conversion(path, out, recipe, tensor_types, split_max_size, allow_fallback, source_repo=repo,
-                           merge_lora=merge_lora), dry_run, as_json, force)
+    _write(plan_conversion(path, **kw, source_repo=repo, merge_lora=merge_lora), dry_run, as_json, force)
 
 
 @cli.command("convert-lora")
@@ -76,8 +73,7 @@ def convert(src: str, out: Path, recipe: str, tensor_types: tuple[str, ...], spl
 @click.option("--dry-run", is_flag=True, help="Plan only: print what would be written, write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable plan on stdout.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
-def convert_lora(adapter: str, out: Path, base: Path | None, allow_other_base: bool, dry_run: bool, as_json: bool,
-                 force: bool) -> None:
+def convert_lora(adapter: str, dry_run: bool, as_json: bool, force: bool, **kw) -> None:
     """Convert a PEFT LoRA adapter of gpt-oss (folder or repo id) to a GGUF adapter for `--lora`.
 
     Attention, router, LM head and expert (target_parameters) adapters; the adapter is checked against
@@ -93,15 +89,14 @@ def convert_lora(adapter: str, out: Path, base: Path | None, allow_other_base: b
     from ..hub.adapter import resolve_adapter
 
     path, repo = resolve_adapter(adapter)
-    _write(plan_lora(path, out, base, allow_other_base=allow_other_base, source_repo=repo), dry_run, as_json, force)
+    _write(plan_lora(path, **kw, source_repo=repo), dry_run, as_json, force)
 
 
 @cli.command()
 @click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @write_options
 @type_options(required=True)
-def quantize(src: Path, out: Path, recipe: str, tensor_types: tuple[str, ...], split_max_size: int | None,
-             allow_fallback: bool, dry_run: bool, as_json: bool, force: bool) -> None:
+def quantize(src: Path, dry_run: bool, as_json: bool, force: bool, **kw) -> None:
     """Re-quantize a gpt-oss GGUF (single or split: pass any shard) with another recipe.
 
     Tensors that keep their type are copied byte for byte (MXFP4 experts included); a type the
@@ -114,7 +109,7 @@ def quantize(src: Path, out: Path, recipe: str, tensor_types: tuple[str, ...], s
     """
     from ..quantize.requantize import plan_requantize
 
-    _write(plan_requantize(src, out, recipe, tensor_types, split_max_size, allow_fallback), dry_run, as_json, force)
+    _write(plan_requantize(src, **kw), dry_run, as_json, force)
 
 
 @cli.command("inspect")
@@ -137,9 +132,7 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
 @click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @write_options
 @prune_options
-def prune(src: Path, out: Path, keep: int | None, target_size: int | None, target_device: str | None, ctx: int,
-          stats_path: Path | None, score: str, split_max_size: int | None, dry_run: bool, as_json: bool,
-          force: bool) -> None:
+def prune(src: Path, stats_path: Path | None, dry_run: bool, as_json: bool, force: bool, **kw) -> None:
     """Keep the K best experts of every layer (ranked by `calibrate` statistics) and write a smaller GGUF.
 
     Expert weights, expert biases and router rows are sliced as stored (MXFP4 stays bit for bit);
@@ -156,9 +149,7 @@ def prune(src: Path, out: Path, keep: int | None, target_size: int | None, targe
 
     if as_json and not dry_run:
         raise click.UsageError("--json goes with --dry-run")
-    _write(plan_prune(src, out, keep=keep, target_size=target_size, target_device=target_device, ctx=ctx,
-                      stats=stats_path, score=score, split_max_size=split_max_size, dry_run=dry_run),
-           dry_run, as_json, force)
+    _write(plan_prune(src, **kw, stats=stats_path, dry_run=dry_run), dry_run, as_json, force)
 
 
 @cli.command()
@@ -203,8 +194,7 @@ def demo(ctx: click.Context, workdir: Path | None, keep: bool) -> None:
 @click.option("--quantized-by", help="quantized_by for the card.")
 @click.option("--dry-run", is_flag=True, help="Check files, hash them and print the card; upload nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def publish(repo_id: str, path: Path, private: bool, revision: str | None, commit_message: str | None,
-            token: str | None, base_model: str | None, quantized_by: str | None, dry_run: bool, as_json: bool) -> None:
+def publish(repo_id: str, path: Path, as_json: bool, **kw) -> None:
     """Publish GGUF file(s) to a Hub repo with a model card, as `hf upload REPO_ID PATH` (PATH: a GGUF,
     the first shard of a split set, or a folder of them).
 
@@ -226,6 +216,5 @@ def publish(repo_id: str, path: Path, private: bool, revision: str | None, commi
             missing = path if looks_like_repo_id(repo_id) else repo_id
             raise click.BadParameter(f"Path '{missing}' does not exist.", param_hint="'PATH'")
 
-    plan = hub_publish(path, repo_id, private=private, revision=revision, commit_message=commit_message,
-                       token=token, dry_run=dry_run, base_model=base_model, quantized_by=quantized_by)
+    plan = hub_publish(path, repo_id, **kw)
     click.echo(json.dumps(plan.to_json(), indent=1) if as_json else publish_plan_text(plan))

@@ -37,8 +37,7 @@ from .options import (
 @lora_option("Apply a LoRA adapter to CANDIDATE at SCALE (default 1); repeatable.")
 @click.option("--ref-lora", "ref_lora", multiple=True, metavar="ADAPTER.gguf[:SCALE]", callback=_parse_loras,
               help="Apply a LoRA adapter to REFERENCE; repeatable.")
-def compare(reference: Path, candidate: Path, text_file: str | None, ctx: int, threads: int | None,
-            as_json: bool, rpc: str | None, lora: tuple, ref_lora: tuple) -> None:
+def compare(reference: Path, candidate: Path, text_file: str | None, ctx: int, as_json: bool, **kw) -> None:
     """Quality of CANDIDATE against REFERENCE on the same tokens: KL divergence, top-1 agreement,
     logit cosine (as llama.cpp's perplexity --kl-divergence).
 
@@ -52,8 +51,7 @@ def compare(reference: Path, candidate: Path, text_file: str | None, ctx: int, t
     from ..quantize.compare import format_compare, read_text_file
 
     text = read_text_file(text_file) if text_file else None
-    r = run_compare(reference, candidate, text=text, n_ctx=ctx, threads=threads, rpc=rpc, lora=lora,
-                    ref_lora=ref_lora)
+    r = run_compare(reference, candidate, text=text, n_ctx=ctx, **kw)  # kw: threads, rpc, lora, ref_lora
     click.echo(json.dumps(r, indent=1) if as_json else format_compare(r))
 
 
@@ -184,8 +182,7 @@ def chat(context: click.Context, model: Path, show_reasoning: bool, **kw) -> Non
 @placement_options
 @parallel_option()
 @click.pass_context
-def serve(context: click.Context, model: Path, host: str, port: int, api_key: str | None, model_name: str | None,
-          strict_model: bool, reasoning_effort: str, **kw) -> None:
+def serve(context: click.Context, model: Path, **kw) -> None:
     """Serve the model over the OpenAI API (/v1/chat/completions, /v1/responses, /v1/models) and Anthropic's
     Messages API (/v1/messages, for Claude Code); /health.
 
@@ -205,9 +202,9 @@ def serve(context: click.Context, model: Path, host: str, port: int, api_key: st
     verbose = context.obj["verbose"]
     builtin = _builtin(kw)  # Responses code_interpreter / web_search, every chat completion (docs/tools.md)
     options = _placement(kw, verbose)
-    run_server(model, host=host, port=port, options=options, api_key=api_key, model_name=model_name,
-               reasoning_effort=reasoning_effort, log_level="info" if verbose else "warning",
-               on_ready=lambda line: click.echo(line, err=True), strict_model=strict_model, builtin=builtin)
+    # kw: host, port, api_key, model_name, strict_model, reasoning_effort
+    run_server(model, options=options, log_level="info" if verbose else "warning", builtin=builtin,
+               on_ready=lambda line: click.echo(line, err=True), **kw)
 
 
 @cli.command(help=f"""Run MODEL over calibration text and record, per layer and expert, how often the router

@@ -64,7 +64,7 @@ def parallel_option():
 
 def placement_options(f):
     """The placement flags of every command that loads a model (runner.plan.PlacementOptions)."""
-    opts = [
+    return _options(
         click.option("--gpu-mem", type=GpuSizes(limits.GPU_MEM, memory=True), metavar="SIZE[,SIZE...]",
                      help="GPU memory to plan for, e.g. 24GiB, or one size per GPU: 24GiB,24GiB "
                      "(0: no GPU; default: detect), or per device or worker: CUDA0=20GiB,HOST:PORT=60GiB."),
@@ -86,8 +86,7 @@ def placement_options(f):
         click.option("--cache-ram", type=Size(limits.CACHE_RAM, memory=True), metavar="SIZE",
                      help="RAM for saved prompts of other conversations (0: off; default: half the RAM the plan "
                           "leaves free, at most 8GiB)."),
-    ]
-    return _options(*opts)(f)
+    )(f)
 
 
 def _placement(kw: dict, verbose: bool = False):
@@ -97,12 +96,9 @@ def _placement(kw: dict, verbose: bool = False):
 
     if warning := gpu_warning():
         click.echo(warning, err=True)
-
-    return PlacementOptions(gpu_mem=kw.pop("gpu_mem"), ram=kw.pop("ram"), unified=kw.pop("unified"),
-                            cpu_moe=kw.pop("cpu_moe"), n_cpu_moe=kw.pop("n_cpu_moe"), ctx=kw.pop("ctx"),
-                            ubatch=kw.pop("ubatch"), threads=kw.pop("threads"), rpc=kw.pop("rpc"),
-                            lora=kw.pop("lora", ()), cache_ram=kw.pop("cache_ram", None),
-                            parallel=kw.pop("parallel", 1), verbose=verbose)
+    flags = ("gpu_mem", "ram", "unified", "cpu_moe", "n_cpu_moe", "ctx", "ubatch", "threads", "rpc")
+    return PlacementOptions(**{k: kw.pop(k) for k in flags}, lora=kw.pop("lora", ()),
+                            cache_ram=kw.pop("cache_ram", None), parallel=kw.pop("parallel", 1), verbose=verbose)
 
 
 def reasoning_option(help: str | None = None):
@@ -120,7 +116,7 @@ def chat_options(f):
     from ..runner.generation import Sampling
 
     default = Sampling()
-    opts = [
+    return _options(
         click.option("--system", help="System prompt (the developer instructions gpt-oss reads)."),
         click.option("--messages", "messages_path", type=click.Path(exists=True, dir_okay=False),
                      help="Start from these OpenAI chat messages (a JSON list, or a request body)."),
@@ -142,14 +138,13 @@ def chat_options(f):
         click.option("--seed", type=int, help="Sampling seed (default: random)."),
         click.option("--max-tokens", type=_number(limits.MAX_TOKENS),
                      help="Tokens per generation round (default: until the context is full)."),
-    ]
-    return _options(*opts)(f)
+    )(f)
 
 
 def builtin_tool_options(f):
     """--tools-builtin and its options (run, chat, serve): gpt-oss's own python and browser tools
     (runner/tools, docs/tools.md)."""
-    opts = [
+    return _options(
         click.option("--tools-builtin", metavar="python,browser",
                      help="Run gpt-oss's own tools here: python (a sandboxed Jupyter kernel), browser (search, "
                           "open, find). See docs/tools.md."),
@@ -167,8 +162,7 @@ def builtin_tool_options(f):
                           "tavily (key in EXA_API_KEY / TAVILY_API_KEY)."),
         click.option("--browser-allow", multiple=True, metavar="HOST|CIDR",
                      help="Let browser open this loopback/private host or network (repeatable)."),
-    ]
-    return _options(*opts)(f)
+    )(f)
 
 
 def _builtin(kw: dict):
@@ -176,13 +170,11 @@ def _builtin(kw: dict):
     from ..runner.tools import BuiltinOptions, parse_names
 
     return BuiltinOptions(names=parse_names(kw.pop("tools_builtin")), unsafe=kw.pop("tools_unsafe"),
-                          python_timeout=kw.pop("python_timeout"), python_memory=kw.pop("python_memory"),
-                          scratch=kw.pop("scratch"), browser_source=kw.pop("browser_source"),
+                          **{k: kw.pop(k) for k in ("python_timeout", "python_memory", "scratch", "browser_source")},
                           browser_allow=list(kw.pop("browser_allow")))
 
 
 def _open_chat(context: click.Context, model: Path, kw: dict):
-    """runner.terminal.open_chat from the run/chat flags."""
     from ..runner.generation import Sampling
     from ..runner.terminal import open_chat
 

@@ -11,6 +11,7 @@ the key or tensor, before anything is loaded or written.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,9 +156,7 @@ def _tensor(path: Path, name: str, ne: list[int], qtype: int, offset: int) -> Te
         raise bad(f"has unknown type {qtype}") from None
     if any(d > INT64_MAX for d in ne):  # llama.cpp reads ne as int64: these are negative
         raise bad(f"has a negative dimension ({' x '.join(map(str, ne))})")
-    n = 1
-    for d in ne:
-        n *= d
+    n = math.prod(ne)
     if n >= INT64_MAX:
         raise bad(f"has {' x '.join(map(str, ne))} = {n:,} elements, more than a GGUF tensor can hold (2^63)")
     if (ne[0] if ne else 1) % block:

@@ -76,13 +76,13 @@ def pipelined(tasks: Iterable[Task], workers: int) -> Iterator[Chunk]:
 
 
 def stream_write(shards: list[Shard], tasks: Iterable[Task], *, force: bool = False,
-                 progress: Callable[[int], None] | None = None, threads: int | None = None) -> int:
+                 progress: Callable[[int], None] | None = None) -> int:
     """Write the planned shards from the chunks the tasks return; the files appear only when every
     planned byte is written. Returns the tensor bytes written."""
     planned = sum(t.nbytes for s in shards for t in s.tensors)
     written = 0
     with GGUFFileWriter(shards, force=force) as w:
-        for name, off, data in pipelined(tasks, threads or os.cpu_count() or 2):
+        for name, off, data in pipelined(tasks, os.cpu_count() or 2):
             n = w.write(name, data, off)
             written += n
             if progress:

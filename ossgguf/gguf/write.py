@@ -9,6 +9,7 @@ then renames: an interrupted run never leaves a file that looks valid.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -78,8 +79,8 @@ def _pack_value(t: GGUFValueType, v: Any, sub: GGUFValueType | None) -> bytes:
     return np.asarray(v, dtype=DTYPES[t]).tobytes()
 
 
-def _header(kvs: dict[str, KV], tensors: list[Tensor], magic: bytes = GGUF_MAGIC) -> tuple[bytes, dict[str, int]]:
-    parts = [magic, struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(kvs))]
+def _header(kvs: dict[str, KV], tensors: list[Tensor]) -> tuple[bytes, dict[str, int]]:
+    parts = [GGUF_MAGIC, struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(kvs))]
     for key, kv in kvs.items():
         parts += [_pack_str(key), struct.pack("<I", kv.type), _pack_value(kv.type, kv.value, kv.sub)]
     rel, offsets = 0, {}
@@ -186,7 +187,6 @@ class GGUFFileWriter:
             os.ftruncate(fd, size)  # file systems without fallocate: writes still fill every byte
 
     def write(self, name: str, data: np.ndarray | bytes | memoryview, offset: int = 0) -> int:
-        """Write bytes of tensor `name` starting `offset` bytes into its data."""
         fd, base = self._where[name]
         view = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else memoryview(
             np.ascontiguousarray(data).reshape(-1).view(np.uint8))
@@ -216,17 +216,12 @@ class GGUFFileWriter:
 
     def _cleanup(self) -> None:
         for fd in self._fds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self._fds.clear()
         if not self._committed:
             for s in self.shards:
-                try:
-                    partial_path(s.path).unlink()
-                except FileNotFoundError:
-                    pass
+                partial_path(s.path).unlink(missing_ok=True)
 
     def __exit__(self, *exc) -> None:
         self._cleanup()

@@ -41,32 +41,24 @@ def _text(content: Any, where: str) -> str:
                 texts.append(part["text"])
             else:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise OssggufError(
-                    f"{where}[{k}] is of type {kind!r}: gpt-oss reads text only; "
-                    "send content as a string or a list of {'type': 'text', 'text': ...} parts"
-                )
+                raise OssggufError(f"{where}[{k}] is of type {kind!r}: gpt-oss reads text only; "
+                                   "send content as a string or a list of {'type': 'text', 'text': ...} parts")
         return "\n".join(texts)
-    raise OssggufError(
-        f"{where} must be a string, null or a list of text parts, not {type(content).__name__}"
-    )
+    raise OssggufError(f"{where} must be a string, null or a list of text parts, not {type(content).__name__}")
 
 
 def _tool_content(content: Any, where: str) -> Any:
     """A tool result: text parts become a string; other JSON values stay as they are (the template JSON-encodes them)."""
-    is_parts = (
-        isinstance(content, list) and content and all(isinstance(p, dict) and "type" in p for p in content)
-    )
+    is_parts = isinstance(content, list) and content and all(isinstance(p, dict) and "type" in p for p in content)
     if content is None or isinstance(content, str) or is_parts:
         return _text(content, where)
     return content
 
 
 def _arguments(raw: Any, where: str) -> Any:
-    if raw is None:
+    if raw is None or isinstance(raw, str) and not raw.strip():
         return {}
     if isinstance(raw, str):
-        if not raw.strip():
-            return {}
         try:
             return json.loads(raw)
         except json.JSONDecodeError:
@@ -88,19 +80,15 @@ def _tool_calls(calls: Any, where: str, n: int) -> list[dict]:
         if not isinstance(call, dict):
             raise OssggufError(f"{here} must be an object")
         if call.get("type", "function") != "function":
-            raise OssggufError(
-                f"{here} has type {call.get('type')!r}: only 'function' tool calls are supported"
-            )
+            raise OssggufError(f"{here} has type {call.get('type')!r}: only 'function' tool calls are supported")
         fn = call.get("function")
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise OssggufError(f"{here} needs a 'function' object with a 'name'")
         call_id = call.get("id") or f"call_{n}_{k}"  # clients that omit ids answer by name or order
-        new_fn = {
-            "name": fn["name"],
-            # a built-in tool's message is kept as written (python's is code, not JSON)
-            "arguments": fn.get("arguments") if fn.get("recipient") and isinstance(fn.get("arguments"), str)
-            else _arguments(fn.get("arguments"), f"{here}.function.arguments"),
-        }
+        args = fn.get("arguments")
+        if not (fn.get("recipient") and isinstance(args, str)):  # a built-in tool's message is kept as written
+            args = _arguments(args, f"{here}.function.arguments")  # (python's is code, not JSON)
+        new_fn = {"name": fn["name"], "arguments": args}
         for key in ("content_type", "channel", "recipient"):  # a parsed call's header, as the model wrote it
             if fn.get(key) is not None:
                 if not isinstance(fn[key], str):
@@ -121,8 +109,7 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise OssggufError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
     out: list[dict] = []
-    call_names: dict[str, str] = {}
-    call_fns: dict[str, dict] = {}  # a built-in tool's result is rendered from its call's header
+    call_fns: dict[str, dict] = {}  # id -> the call's function: its name; a built-in tool's header
     last_call_name: str | None = None
     leading = True  # still in the run of system/developer messages that opens the conversation
     for n, msg in enumerate(messages):
@@ -137,63 +124,40 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
                 out[0]["content"] = "\n\n".join(t for t in (out[0]["content"], text) if t)
                 continue
             if out:
-                log.warning(
-                    "%s: %s message after the conversation started is ignored by gpt-oss's template",
-                    where,
-                    role,
-                )
+                log.warning("%s: %s message after the conversation started is ignored by gpt-oss's template",
+                            where, role)
             out.append({"role": role, "content": text})
             continue
         leading = False
         if role == "user":
             out.append({"role": "user", "content": _text(msg.get("content"), f"{where}.content")})
         elif role == "assistant":
-            new: dict[str, Any] = {
-                "role": "assistant",
-                "content": _text(msg.get("content"), f"{where}.content"),
-            }
+            new: dict[str, Any] = {"role": "assistant", "content": _text(msg.get("content"), f"{where}.content")}
             for key in _REASONING_FIELDS:
-                reasoning = _text(msg.get(key), f"{where}.{key}")
-                if reasoning:
+                if reasoning := _text(msg.get(key), f"{where}.{key}"):
                     new["thinking"] = reasoning
                     break
-            calls = _tool_calls(msg.get("tool_calls"), where, n)
-            if calls:
+            if calls := _tool_calls(msg.get("tool_calls"), where, n):
                 new["tool_calls"] = calls
-                for call in calls:
-                    call_names[call["id"]] = last_call_name = call["function"]["name"]
-                    call_fns[call["id"]] = call["function"]
+                call_fns |= {call["id"]: call["function"] for call in calls}
+                last_call_name = calls[-1]["function"]["name"]
             out.append(new)
         elif role == "tool":
-            call_id = msg.get("tool_call_id")
-            name = msg.get("name")
+            call_id, name = msg.get("tool_call_id"), msg.get("name")
             if call_id is not None:
-                if not isinstance(call_id, str) or call_id not in call_names:
-                    raise OssggufError(
-                        f"{where}: tool_call_id {call_id!r} matches no earlier assistant tool call "
-                        f"(known ids: {sorted(call_names) or 'none'})"
-                    )
-                if name and name != call_names[call_id]:
-                    log.warning(
-                        "%s: name %r differs from call %s's name %r; using the call's",
-                        where,
-                        name,
-                        call_id,
-                        call_names[call_id],
-                    )
-                name = call_names[call_id]
+                if not isinstance(call_id, str) or call_id not in call_fns:
+                    raise OssggufError(f"{where}: tool_call_id {call_id!r} matches no earlier assistant tool call "
+                                       f"(known ids: {sorted(call_fns) or 'none'})")
+                if name and name != call_fns[call_id]["name"]:
+                    log.warning("%s: name %r differs from call %s's name %r; using the call's",
+                                where, name, call_id, call_fns[call_id]["name"])
+                name = call_fns[call_id]["name"]
             elif not name:
                 if last_call_name is None:
                     raise OssggufError(f"{where}: tool message with no earlier assistant tool call to answer")
                 name = last_call_name
-            out.append(
-                {
-                    "role": "tool",
-                    "tool_call_id": call_id,
-                    "name": name,
-                    "content": _tool_content(msg.get("content"), f"{where}.content"),
-                }
-            )
+            out.append({"role": "tool", "tool_call_id": call_id, "name": name,
+                        "content": _tool_content(msg.get("content"), f"{where}.content")})
             if (fn := call_fns.get(call_id or "")) and fn.get("recipient"):
                 # gpt-oss's own tool answers as itself, on the channel of the call
                 out[-1].update(author=fn["recipient"], channel=fn.get("channel") or "commentary")
@@ -213,10 +177,8 @@ def normalize_tools(tools: list[dict] | None) -> list[dict]:
         if not isinstance(tool, dict):
             raise OssggufError(f"tools[{k}] must be an object")
         if tool.get("type", "function") != "function":
-            raise OssggufError(
-                f"tools[{k}] has type {tool.get('type')!r}: only function tools are supported "
-                "(gpt-oss's own browser/python tools are turned on with builtin_tools)"
-            )
+            raise OssggufError(f"tools[{k}] has type {tool.get('type')!r}: only function tools are supported "
+                               "(gpt-oss's own browser/python tools are turned on with builtin_tools)")
         fn = tool.get("function", tool if "name" in tool else None)
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise OssggufError(f"tools[{k}] needs a 'function' object with a 'name'")

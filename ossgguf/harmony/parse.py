@@ -66,11 +66,6 @@ class ToolCall:
                                   ("recipient", self.name if self.builtin else None)) if v}
 
 
-def is_builtin_recipient(recipient: str) -> bool:
-    """gpt-oss's own tools: `python` (code as the message, not JSON) and `browser.search/open/find`."""
-    return recipient == "python" or recipient.startswith("browser.")
-
-
 @dataclass
 class ParsedMessage:
     reasoning: str = ""
@@ -86,14 +81,6 @@ class _Header:
     channel: str | None
     recipient: str | None
     content_type: str | None
-
-
-def _drop_partial_token(text: str) -> str:
-    """`text` without a trailing start of a special token (a stream cut inside one)."""
-    cut = text.rfind("<")
-    if cut >= 0 and any(t.startswith(text[cut:]) for t in PARSED_TOKENS):
-        return text[:cut]
-    return text
 
 
 def default_call_id() -> str:
@@ -143,7 +130,6 @@ class HarmonyStreamParser:
         self._body_chars = 0
         self._opened = 0  # messages opened so far
         self._last_close: str | None = None  # END / RETURN / CALL of the last closed message
-        self._truncated = False
         self._finished = False  # flushed: no more input
         self._settled = False
         self.result = ParsedMessage()
@@ -173,13 +159,10 @@ class HarmonyStreamParser:
         for kind, held in self._scan(final=True):  # markup fed before (a prefill) ends here
             self._step(kind, held, events)
         control = self._control.get(token) if token is not None else None
-        if control is None:
-            if text:
-                self._step("text", text, events)
-            return events
-        if before := text.removesuffix(control):
+        if before := (text if control is None else text.removesuffix(control)):
             self._step("text", before, events)
-        self._step("special", control, events)
+        if control is not None:
+            self._step("special", control, events)
         return events
 
     def flush(self) -> list[Event]:
@@ -192,7 +175,10 @@ class HarmonyStreamParser:
         for kind, text in self._scan(final=True):
             self._step(kind, text, events)
         if self._state == "header" and self._header and not self._opened and ("special", CHANNEL) not in self._header:
-            text = _drop_partial_token("".join(p for kind, p in self._header if kind == "text"))
+            text = "".join(p for kind, p in self._header if kind == "text")
+            cut = text.rfind("<")  # drop a trailing start of a special token (a stream cut inside one)
+            if cut >= 0 and any(t.startswith(text[cut:]) for t in PARSED_TOKENS):
+                text = text[:cut]
             if not _HEADER_START.fullmatch(text):
                 self._not_harmony(events)
         return events
@@ -208,19 +194,15 @@ class HarmonyStreamParser:
         self.flush()
         self._settled = True
         res = self.result
-        if self._state == "body":
-            if ended_by == "stop":
+        unclosed = self._state == "body" or self._state == "header" and bool(self._header)
+        if unclosed and ended_by == "stop":
+            if self._state == "body":
                 self._close(CALL if self._target == "tool" else RETURN)
             else:
-                self._truncated = True
-        elif self._state == "header" and self._header:
-            if ended_by == "stop":
                 self._set_error("the model stopped inside a message header")
-            else:
-                self._truncated = True
         if res.error is not None:
             res.stop_reason = "error"
-        elif self._truncated:
+        elif unclosed and ended_by != "stop":
             res.stop_reason = "length"
         elif self._last_close == RETURN:
             res.stop_reason = "stop"
@@ -241,10 +223,7 @@ class HarmonyStreamParser:
         """Split the buffer into ("text", s) and ("special", tok); keep a possible partial token."""
         out: list[tuple[str, str]] = []
         buf, i, plain = self._buf, 0, 0
-        while True:
-            j = buf.find("<", i)
-            if j < 0:
-                break
+        while (j := buf.find("<", i)) >= 0:
             rest = buf[j:]
             tok = next((t for t in PARSED_TOKENS if rest.startswith(t)), None)
             if tok is not None:
@@ -268,9 +247,8 @@ class HarmonyStreamParser:
     def _step(self, kind: str, text: str, events: list[Event]) -> None:
         state = self._state
         if state == "done":
-            if kind == "text" and not text.strip():
-                return
-            log.debug("harmony output after the end ignored: %r", text)
+            if kind != "text" or text.strip():
+                log.debug("harmony output after the end ignored: %r", text)
             return
         if kind == "text":
             if state == "body":
@@ -287,14 +265,10 @@ class HarmonyStreamParser:
         if state == "body":
             if text in (END, CALL, RETURN):
                 self._close(text)
-            elif text == START:
-                log.debug("harmony: <|start|> inside a message body; closing the message")
+            elif text in (START, CHANNEL):
+                log.debug("harmony: %s inside a message body; closing the message", text)
                 self._close(END)
-                self._state, self._header = "header", []
-            elif text == CHANNEL:
-                log.debug("harmony: <|channel|> inside a message body; closing the message")
-                self._close(END)
-                self._state, self._header = "header", [("special", CHANNEL)]
+                self._state, self._header = "header", [] if text == START else [("special", CHANNEL)]
             elif text == ENDOFTEXT:
                 self._close(RETURN if self._target != "tool" else CALL)
                 self._state = "done"
@@ -325,7 +299,9 @@ class HarmonyStreamParser:
         if header.recipient:
             name = header.recipient.removeprefix("functions.")
             call = ToolCall(id=self._new_id(), name=name, arguments="", channel=header.channel,
-                            content_type=header.content_type, builtin=is_builtin_recipient(header.recipient))
+                            content_type=header.content_type,
+                            # gpt-oss's own tools: `python` (code as the message, not JSON), `browser.search/open/find`
+                            builtin=header.recipient == "python" or header.recipient.startswith("browser."))
             self.result.tool_calls.append(call)
             self._target = "tool"
             events.append(Event("tool_call", index=len(self.result.tool_calls) - 1, id=call.id, name=name))
@@ -369,8 +345,7 @@ class HarmonyStreamParser:
         """Deliver a header that never ended as content, so a broken model still shows its text."""
         self._set_error("the output is not in the harmony format (no <|channel|>...<|message|> header)")
         text = "".join(p for kind, p in self._header if kind == "text")
-        self._header, self._state, self._target, self._body_chars = [], "body", "content", 0
-        self._channel = None
+        self._header, self._state, self._target, self._body_chars, self._channel = [], "body", "content", 0, None
         self._emit(text, events)
 
     def _set_error(self, message: str) -> None:
@@ -378,11 +353,8 @@ class HarmonyStreamParser:
             self.result.error = message
 
 
-def parse_completion(
-    text: str,
-    ended_by: Literal["stop", "length"] | None = None,
-    id_factory: Callable[[], str] | None = None,
-) -> ParsedMessage:
+def parse_completion(text: str, ended_by: Literal["stop", "length"] | None = None,
+                     id_factory: Callable[[], str] | None = None) -> ParsedMessage:
     """Parse a whole completion written as harmony markup (text after `<|start|>assistant` in which
     every special-token string is a control token). Generated output: `parse_tokens`."""
     parser = HarmonyStreamParser(id_factory)
@@ -390,12 +362,9 @@ def parse_completion(
     return parser.finish(ended_by)
 
 
-def parse_tokens(
-    tokens: Iterable[tuple[int | None, str]],
-    special_tokens: Mapping[int, str],
-    ended_by: Literal["stop", "length"] | None = None,
-    id_factory: Callable[[], str] | None = None,
-) -> ParsedMessage:
+def parse_tokens(tokens: Iterable[tuple[int | None, str]], special_tokens: Mapping[int, str],
+                 ended_by: Literal["stop", "length"] | None = None,
+                 id_factory: Callable[[], str] | None = None) -> ParsedMessage:
     """Parse a whole generated completion from its (token id, text) pairs (see `feed_token`)."""
     parser = HarmonyStreamParser(id_factory, special_tokens)
     for token, text in tokens:

@@ -37,12 +37,7 @@ def _date_text(date: str | _dt.date | None) -> str:
 
 
 def _system_message(effort: str, date: str, identity: str, builtin: list[str], has_tools: bool) -> str:
-    out = [
-        identity + "\n",
-        "Knowledge cutoff: 2024-06\n",
-        f"Current date: {date}\n\n",
-        f"Reasoning: {effort}\n\n",
-    ]
+    out = [identity + "\n", "Knowledge cutoff: 2024-06\n", f"Current date: {date}\n\n", f"Reasoning: {effort}\n\n"]
     if builtin:
         out.append("# Tools\n\n")
         out += [builtin_tool_text(name) for name in BUILTIN_TOOLS if name in builtin]
@@ -109,24 +104,15 @@ def render(messages: list[dict], tools: list[dict] | None = None, **options: Any
     return "".join(s.text for s in render_segments(messages, tools, **options))
 
 
-def render_segments(
-    messages: list[dict],
-    tools: list[dict] | None = None,
-    reasoning_effort: str = DEFAULT_REASONING,
-    date: str | _dt.date | None = None,
-    add_generation_prompt: bool = True,
-    model_identity: str | None = None,
-    builtin_tools: list[str] | None = None,
-) -> list[Segment]:
+def render_segments(messages: list[dict], tools: list[dict] | None = None, reasoning_effort: str = DEFAULT_REASONING,
+                    date: str | _dt.date | None = None, add_generation_prompt: bool = True,
+                    model_identity: str | None = None, builtin_tools: list[str] | None = None) -> list[Segment]:
     """`render`'s prompt as segments: the control tokens the renderer writes, and text (message
     contents, names, tool definitions) that must be tokenized as plain text (`Engine.tokenize_segments`)."""
     if reasoning_effort not in REASONING_EFFORTS:
-        raise OssggufError(
-            f"reasoning effort {reasoning_effort!r} is not one of {', '.join(REASONING_EFFORTS)}"
-        )
+        raise OssggufError(f"reasoning effort {reasoning_effort!r} is not one of {', '.join(REASONING_EFFORTS)}")
     builtin = list(builtin_tools or [])
-    unknown = [t for t in builtin if t not in BUILTIN_TOOLS]
-    if unknown:
+    if unknown := [t for t in builtin if t not in BUILTIN_TOOLS]:
         raise OssggufError(f"unknown builtin tools {unknown}: gpt-oss has {', '.join(BUILTIN_TOOLS)}")
     msgs = normalize_messages(messages)
     fns = normalize_tools(tools)
@@ -150,13 +136,11 @@ def render_segments(
         role = msg["role"]
         if role == "assistant":
             out += _assistant(msg, loop[i + 1 :], last=i == len(loop) - 1 and not add_generation_prompt)
-        elif role == "tool" and msg.get("author"):  # python, browser.*: as openai-harmony renders them
-            content = msg["content"] if isinstance(msg["content"], str) else tojson(msg["content"])
-            out += ["<|start|>", T(f"{msg['author']} to=assistant"), "<|channel|>", T(msg["channel"]),
-                    "<|message|>", T(content), "<|end|>"]
-        elif role == "tool":
-            out += ["<|start|>", T(f"functions.{msg['name']} to=assistant"), "<|channel|>commentary<|message|>",
-                    T(tojson(msg["content"])), "<|end|>"]
+        elif role == "tool":  # a built-in tool's (author python, browser.*): as openai-harmony renders it
+            author, content = msg.get("author"), msg["content"]
+            text = content if author and isinstance(content, str) else tojson(content)
+            out += ["<|start|>", T(f"{author or 'functions.' + msg['name']} to=assistant"), "<|channel|>",
+                    T(msg["channel"] if author else "commentary"), "<|message|>", T(text), "<|end|>"]
         elif role == "user":
             out += ["<|start|>user<|message|>", T(msg["content"]), "<|end|>"]
     if add_generation_prompt:
@@ -202,14 +186,9 @@ def forced_call_start(name: str | None = None) -> str:
     return f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>"
 
 
-def render_from_files(
-    messages_path: str | Path,
-    tools_path: str | Path | None = None,
-    reasoning_effort: str = DEFAULT_REASONING,
-    date: str | None = None,
-    *,
-    model: str | Path | None = None,
-) -> str:
+def render_from_files(messages_path: str | Path, tools_path: str | Path | None = None,
+                      reasoning_effort: str = DEFAULT_REASONING, date: str | None = None, *,
+                      model: str | Path | None = None) -> str:
     """Render a prompt from JSON files (see `load_messages_and_tools`); with `model`, only for a
     gpt-oss GGUF that speaks harmony (`check_harmony_model`)."""
     if model is not None:
@@ -227,7 +206,6 @@ def check_harmony_model(path: str | Path) -> None:
     model = read_gguf(path)  # the project's one header reader: refuses a missing, cut or corrupt file
     check_gpt_oss(model)
     tokens = set(model.get("tokenizer.ggml.tokens") or [])
-    missing = [t for t in CONTROL_TOKENS if t not in tokens]
-    if missing:
+    if missing := [t for t in CONTROL_TOKENS if t not in tokens]:
         raise OssggufError(f"{model.path}: its vocabulary lacks harmony's {', '.join(missing)}: not a gpt-oss "
                            "tokenizer; convert the model again with `ossgguf convert`")

@@ -30,10 +30,6 @@ def _truthy(value: Any) -> bool:
     return value is not _UNDEF and bool(value)
 
 
-def _join(values: Any, sep: str) -> str:
-    return sep.join(str(v) for v in values)
-
-
 def _ts_type(spec: Any) -> str:
     """The template's render_typescript_type, quirks included (they are what the model was trained on)."""
     kind = _get(spec, "type")
@@ -43,16 +39,12 @@ def _ts_type(spec: Any) -> str:
         if not _truthy(items):
             return "any[]" + nullable
         item_kind = _get(items, "type")
-        if item_kind == "string":
-            return "string[]" + nullable
-        if item_kind in ("number", "integer"):
-            return "number[]" + nullable
-        if item_kind == "boolean":
-            return "boolean[]" + nullable
+        if item_kind in ("string", "number", "integer", "boolean"):
+            return ("number" if item_kind == "integer" else item_kind) + "[]" + nullable
         inner = _ts_type(items)
         return ("any[]" if inner == "object | object" or len(inner) > 50 else inner + "[]") + nullable
     if isinstance(kind, list) and kind:
-        return _join(kind, " | ") if len(kind) > 1 else str(kind[0])
+        return " | ".join(map(str, kind)) if len(kind) > 1 else str(kind[0])
     one_of = _get(spec, "oneOf")
     if _truthy(one_of):
         # The template's object-variant check sets a variable inside a loop, which Jinja scopes to
@@ -70,7 +62,7 @@ def _ts_type(spec: Any) -> str:
     if kind == "string":
         enum = _get(spec, "enum")
         if _truthy(enum):
-            return '"' + _join(enum, '" | "') + '"'
+            return '"' + '" | "'.join(map(str, enum)) + '"'
         return "string" + nullable
     if kind in ("number", "integer"):
         return "number"
@@ -82,10 +74,8 @@ def _ts_type(spec: Any) -> str:
             return "object"
         required = _get(spec, "required")
         required = required if _truthy(required) else []
-        fields = [
-            name + ("" if name in required else "?") + ": \n                " + _ts_type(prop)
-            for name, prop in props.items()
-        ]
+        fields = [name + ("" if name in required else "?") + ": \n                " + _ts_type(prop)
+                  for name, prop in props.items()]
         return "{\n" + ", ".join(fields) + "}"
     return "any"
 
@@ -144,7 +134,6 @@ class ToolSchemaError(OssggufError):
 
 
 def _check_schema(schema: Any, where: str) -> None:
-    """The parts of a JSON schema the harmony tool renderer reads must have the right JSON types."""
     if not isinstance(schema, dict):
         raise ToolSchemaError(f"Invalid schema at {where}: expected a JSON object, got {type(schema).__name__}.",
                               where)

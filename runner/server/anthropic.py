@@ -27,22 +27,16 @@ import functools
 import hmac
 import logging
 import re
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from ossgguf.errors import OssggufError
 from ossgguf.runner.server.anthropic_in import AnthropicError, bad, parse_messages
 from ossgguf.runner.server.anthropic_out import MessageBuilder, with_pings
+from ossgguf.runner.server.app import ServerState, built_reply
 from ossgguf.runner.server.errors import APIError, read_json_object
-from ossgguf.runner.server.worker import ClientGone
-from ossgguf.runner.turn import TurnEnd
-
-if TYPE_CHECKING:
-    from ossgguf.runner.server.app import ServerState
+from ossgguf.runner.server.params import sse_events
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +52,6 @@ def anthropic_errors(handler):
             raise
         except APIError as exc:
             raise AnthropicError.of(exc) from None
-        except ClientGone:
-            return Response(status_code=499)
         except Exception as exc:
             log.exception("the Messages API request failed")
             raise AnthropicError(f"{type(exc).__name__}: {exc}", 500) from None
@@ -82,15 +74,9 @@ def too_long(exc: APIError) -> APIError:
                           "shorten the conversation (/compact), or restart `ossgguf serve` with a larger --ctx.", 400)
 
 
-@dataclass
-class _ModelNames:
-    strict: bool
-    logged: bool = False
-
-
 def router(state: ServerState, strict_model: bool = False) -> APIRouter:
     """The Messages API routes for the app of `state` (create_app includes them)."""
-    names = _ModelNames(strict_model)
+    logged = False  # the warning that any model name is served, once
 
     async def check_key(request: Request) -> None:
         """Anthropic's `x-api-key` header, or `Authorization: Bearer` (Claude Code's ANTHROPIC_AUTH_TOKEN)."""
@@ -104,10 +90,11 @@ def router(state: ServerState, strict_model: bool = False) -> APIRouter:
 
     def model_name(body: dict) -> str:
         """The model that answers: a name the server knows (an adapter's too: runner/lora.py) picks it."""
-        if names.strict or body["model"] in state.aliases or body["model"] in getattr(state, "lora_models", {}):
+        nonlocal logged
+        if strict_model or body["model"] in state.aliases or body["model"] in state.lora_models:
             return state.check_model(body)
-        if not names.logged:
-            names.logged = True
+        if not logged:
+            logged = True
             log.warning("Messages API requests name their own models (%r): %r serves them all "
                         "(--strict-model refuses other names)", body["model"], state.model_name)
         return state.model_name
@@ -128,35 +115,8 @@ def router(state: ServerState, strict_model: bool = False) -> APIRouter:
         job = state.worker.submit(req)
         events = job.events(request.is_disconnected)
         out = MessageBuilder(model, len(req.tokens) if req.tokens is not None else 0)
-        if turn.stream:
-            from ossgguf.runner.server.app import _JobStream
-
-            async def stream() -> AsyncIterator[str]:
-                try:
-                    for ev in out.start():
-                        yield out.sse(ev)
-                    async for item in with_pings(events):
-                        if isinstance(item, dict):  # a ping
-                            yield out.sse(item)
-                            continue
-                        for ev in (out.finish(item)[0] if isinstance(item, TurnEnd) else out.feed(item)):
-                            yield out.sse(ev)
-                except ClientGone:
-                    return
-                except Exception as exc:  # the headers went out: the error goes into the stream
-                    log.exception("generation failed mid-stream")
-                    yield out.sse(AnthropicError(f"{type(exc).__name__}: {exc}", 500).body())
-
-            return _JobStream(job, stream())
-        end = None
-        async for item in events:
-            if isinstance(item, TurnEnd):
-                end = item
-            else:
-                out.feed(item)
-        if end is None:
-            raise AnthropicError("the generation ended without a result", 500)
-        return JSONResponse(out.finish(end)[1])
+        return await built_reply(job, with_pings(events) if turn.stream else events, out, turn.stream,
+                                 lambda msg: sse_events([AnthropicError(msg, 500).body()]))
 
     @api.post("/v1/messages/count_tokens")
     @api.post("/messages/count_tokens")

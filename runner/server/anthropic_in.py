@@ -48,7 +48,6 @@ def bad(where: str, message: str) -> AnthropicError:
     return AnthropicError(f"{where}: {message}", 400, where)
 
 
-
 def _text(block: Any, where: str) -> str:
     if not isinstance(block, dict) or not isinstance(block.get("text"), str):
         raise bad(where, "a text block needs a 'text' string")
@@ -76,9 +75,7 @@ def _unsupported_block(kind: str, where: str, allowed: str) -> AnthropicError:
 def system_text(system: Any, where: str = "system") -> str:
     if system is None:
         return ""
-    if isinstance(system, str):
-        return system
-    blocks = _blocks(system, where)
+    blocks = _blocks(system, where)  # a string is one text block
     for j, block in enumerate(blocks):
         if block["type"] != "text":
             raise _unsupported_block(block["type"], f"{where}.{j}", "text")

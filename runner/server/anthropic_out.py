@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,7 +28,7 @@ _STOP_REASONS = {"tool_calls": "tool_use", "length": "max_tokens", "stop": "end_
 def usage_json(u: Usage, n_prompt: int | None = None) -> dict[str, Any]:
     """Anthropic counts input without the tokens read from the cache: input + cache reads = the prompt."""
     prompt = u.prompt_tokens or n_prompt or 0
-    cached = min(getattr(u, "cached_tokens", 0) or 0, prompt)
+    cached = min(u.cached_tokens, prompt)
     return {"input_tokens": prompt - cached, "output_tokens": u.completion_tokens,
             "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
 
@@ -55,11 +54,6 @@ class MessageBuilder:
         self.blocks: list[dict] = []
         self._open: dict | None = None
         self._args = ""  # the open tool_use block's arguments so far
-        self.created = time.time()
-
-    @staticmethod
-    def sse(event: dict) -> str:
-        return P.sse(event, event["type"])
 
     def message(self, stop_reason: str | None, usage: dict, stop_sequence: str | None = None) -> dict:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
@@ -67,9 +61,8 @@ class MessageBuilder:
                 "stop_sequence": stop_sequence, "usage": usage}
 
     def start(self) -> list[dict]:
-        usage = {"input_tokens": self.n_prompt, "output_tokens": 0, "cache_creation_input_tokens": 0,
-                 "cache_read_input_tokens": 0}
-        return [{"type": "message_start", "message": self.message(None, usage)}, {"type": "ping"}]
+        return [{"type": "message_start", "message": self.message(None, usage_json(Usage(), self.n_prompt))},
+                {"type": "ping"}]
 
     def _begin(self, block: dict) -> list[dict]:
         out = self._close()
@@ -100,11 +93,9 @@ class MessageBuilder:
         out: list[dict] = []
         if self._open is None or self._open["type"] != kind:
             # signature: Anthropic's proof that Claude wrote the thinking; nothing to prove here
-            out = self._begin({"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" else
-                              {"type": "text", "text": ""})
+            out = self._begin({"type": kind, kind: "", **({"signature": ""} if kind == "thinking" else {})})
         self._open[kind] += ev.text
-        delta = {"type": "thinking_delta", "thinking": ev.text} if kind == "thinking" else \
-            {"type": "text_delta", "text": ev.text}
+        delta = {"type": f"{kind}_delta", kind: ev.text}  # thinking_delta, text_delta
         return out + [{"type": "content_block_delta", "index": len(self.blocks) - 1, "delta": delta}]
 
     def finish(self, end: TurnEnd) -> tuple[list[dict], dict]:

@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from ossgguf.runner.server.errors import (
     install_handlers,
     read_json_object,
 )
-from ossgguf.runner.server.params import Turn, new_id, sse
+from ossgguf.runner.server.params import Turn, new_id, sse, sse_events
 from ossgguf.runner.server.responses import OutputBuilder, ResponseStore, parse_responses
 from ossgguf.runner.server.tool_sessions import ServerTools, server_tools
 from ossgguf.runner.server.worker import Backend, ClientGone, GenerateFn, GenerationRequest, Job, Worker
@@ -104,11 +105,9 @@ class ServerState:
         """OpenAI's context error, on which agents compact the conversation; or, when what they never
         compact (the leading system/developer messages and the tools) leaves too little room for that
         to help, an error that makes them stop and names --ctx (errors.context_too_small)."""
-        fixed = []
-        for msg in turn.messages:  # the template reads only the leading run (harmony.normalize_messages)
-            if not isinstance(msg, dict) or msg.get("role") not in ("system", "developer"):
-                break
-            fixed.append(msg)
+        # the template reads only the leading run (harmony.normalize_messages)
+        fixed = list(takewhile(lambda m: isinstance(m, dict) and m.get("role") in ("system", "developer"),
+                               turn.messages))
         segments = turn.segments(self.date, fixed or [{"role": "system", "content": ""}], add_generation_prompt=False)
         n_fixed = len(self.backend.tokenize(segments))
         if n_ctx - n_fixed < conversation_room(n_ctx):
@@ -140,6 +139,33 @@ async def _guard(events: AsyncIterator[str], on_error: Callable[[str], str]) -> 
     except Exception as exc:
         log.exception("generation failed mid-stream")
         yield on_error(f"{type(exc).__name__}: {exc}")
+
+
+async def built_reply(job: Job, events: AsyncIterator, out: Any, stream: bool, on_error: Callable[[str], str],
+                      done: Callable[[dict], Any] = lambda _: None) -> Response:
+    """A builder's answer (responses.OutputBuilder, anthropic_out.MessageBuilder): its JSON object, or
+    its named SSE events; `done` gets the object."""
+    if stream:
+        return _JobStream(job, _guard(_builder_stream(out, events, done), on_error))
+    try:
+        _, obj = out.finish(await _last(events, out.feed))
+    except ClientGone:
+        return Response(status_code=499)
+    done(obj)
+    return JSONResponse(obj)
+
+
+async def _builder_stream(out: Any, events: AsyncIterator, done: Callable[[dict], Any]) -> AsyncIterator[str]:
+    """A builder's start, each event fed, its finish; a dict (a Messages ping) goes as it is."""
+    yield sse_events(out.start())
+    async for item in events:
+        if isinstance(item, TurnEnd):
+            final, obj = out.finish(item)
+            done(obj)
+            yield sse_events(final)
+            return
+        if text := sse_events([item] if isinstance(item, dict) else out.feed(item)):
+            yield text
 
 
 async def _last(events: AsyncIterator, on_event: Callable[[Any], Any] | None = None) -> TurnEnd:
@@ -192,10 +218,9 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
     async def lifespan(_: FastAPI):
         yield
         state.worker.close()
-        if state.tools is not None:
-            state.tools.close()
-        if state.engine is not None:
-            state.engine.close()
+        for owned in (state.tools, state.engine):
+            if owned is not None:
+                owned.close()
 
     app = FastAPI(title="ossgguf", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
@@ -275,27 +300,8 @@ def create_app(engine_or_path: Any, model_name: str | None = None, api_key: str 
             if req.store:  # every output item, malformed calls too (harmony.tool_call_problem)
                 state.store.put(resp["id"], req.items + out.stored(resp["output"]))
 
-        if req.turn.stream:
-            async def stream() -> AsyncIterator[str]:
-                for ev in out.start():
-                    yield sse(ev, ev["type"])
-                async for item in events:
-                    if isinstance(item, TurnEnd):
-                        final, resp = out.finish(item)
-                        remember(resp)
-                        for ev in final:
-                            yield sse(ev, ev["type"])
-                        return
-                    for ev in out.feed(item):
-                        yield sse(ev, ev["type"])
-
-            return _JobStream(job, _guard(stream(), lambda msg: "".join(sse(e, e["type"]) for e in out.fail(msg))))
-        try:
-            _, resp = out.finish(await _last(events, out.feed))
-        except ClientGone:
-            return Response(status_code=499)
-        remember(resp)
-        return JSONResponse(resp)
+        return await built_reply(job, events, out, req.turn.stream,
+                                 lambda msg: sse_events(out.fail(msg)), remember)
 
     app.include_router(api)
     from ossgguf.runner.server.anthropic import router as anthropic_router  # /v1/messages (Claude Code)

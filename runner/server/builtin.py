@@ -125,7 +125,6 @@ class ToolFinished:
     call: ToolCall
     output: str  # what the model reads back
     ok: bool
-    seconds: float
     sources: list[str] = field(default_factory=list)  # browser.search: the result URLs
 
 
@@ -242,11 +241,11 @@ class Rounds:
                     browser = self.session.tools.browser
                     action = web_action(browser, call) if call.name.startswith("browser.") else None
                     yield ToolStarted(call, action)
-                    text, ok, seconds = await asyncio.to_thread(self.session.run, call)
+                    text, ok = await asyncio.to_thread(self.session.run, call)
                     sources = []
                     if call.name == "browser.search" and ok and browser.stack:
                         sources = list(dict.fromkeys(browser.stack[-1].urls.values()))
-                    yield ToolFinished(call, text, ok, seconds, sources)
+                    yield ToolFinished(call, text, ok, sources)
                     self.turn.messages.append({"role": "tool", "tool_call_id": call.id, "content": text})
                 if self._cancelled:
                     return
@@ -301,8 +300,7 @@ def chat_names(body: dict, enabled: Collection[str]) -> list[str]:
     if not isinstance(asked, list) or not all(isinstance(n, str) for n in asked):
         raise invalid("'chat_template_kwargs.builtin_tools' must be a list of tool names (python, browser).",
                       "chat_template_kwargs.builtin_tools")
-    for n in asked:
-        if n not in enabled:
-            log.warning("chat_template_kwargs.builtin_tools: %r left out: this server does not run it "
-                        "(--tools-builtin)", n)
+    for n in [n for n in asked if n not in enabled]:
+        log.warning("chat_template_kwargs.builtin_tools: %r left out: this server does not run it "
+                    "(--tools-builtin)", n)
     return [n for n in enabled if n in asked]

@@ -15,9 +15,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error", 503: "server_error"}
-
 
 @dataclass
 class APIError(Exception):
@@ -33,7 +30,7 @@ class APIError(Exception):
         return self.message
 
     def body(self) -> dict[str, Any]:
-        kind = self.type or _TYPES.get(self.status, "invalid_request_error")
+        kind = self.type or ("server_error" if self.status in (500, 503) else "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:

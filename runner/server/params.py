@@ -102,6 +102,11 @@ def sse(data: dict, event: str | None = None) -> str:
     return (f"event: {event}\n" if event else "") + "data: " + json.dumps(data, ensure_ascii=False) + "\n\n"
 
 
+def sse_events(events: list[dict]) -> str:
+    """Events named by their `type` (the Responses and Messages APIs)."""
+    return "".join(sse(e, e["type"]) for e in events)
+
+
 def number(body: dict, key: str, lo: float, hi: float, integer: bool = False) -> Any:
     value = body.get(key)
     if value is None:
@@ -116,11 +121,8 @@ def number(body: dict, key: str, lo: float, hi: float, integer: bool = False) ->
 
 def sampling(body: dict, max_keys: tuple[str, ...]) -> Sampling:
     """Sampling options; the first of `max_keys` present bounds the generated tokens."""
-    max_tokens = None
-    for key in max_keys:
-        if body.get(key) is not None:
-            max_tokens = number(body, key, limits.MAX_TOKENS.lo, limits.MAX_TOKENS.hi, integer=True)
-            break
+    key = next((k for k in max_keys if body.get(k) is not None), None)
+    max_tokens = number(body, key, limits.MAX_TOKENS.lo, limits.MAX_TOKENS.hi, integer=True) if key else None
     fields = {  # the ranges of the CLI's options (ossgguf.limits), which are OpenAI's
         "temperature": number(body, "temperature", limits.TEMPERATURE.lo, limits.TEMPERATURE.hi),
         "top_p": number(body, "top_p", limits.TOP_P.lo, limits.TOP_P.hi),

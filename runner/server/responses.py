@@ -257,9 +257,6 @@ class OutputBuilder(HostedItems):
         return [self._event("response.created", response=snapshot),
                 self._event("response.in_progress", response=snapshot)]
 
-    def _where(self) -> dict:
-        return {"item_id": self._open["id"], "output_index": len(self.items) - 1}
-
     def _begin(self, item: dict) -> list[dict]:
         out = self._close("completed")
         self.items.append(item)
@@ -267,7 +264,7 @@ class OutputBuilder(HostedItems):
         out.append(self._event("response.output_item.added", output_index=len(self.items) - 1,
                                item=json.loads(json.dumps(item))))
         if item["type"] in ("message", "reasoning"):
-            out.append(self._event("response.content_part.added", **self._where(), content_index=0,
+            out.append(self._event("response.content_part.added", **self._at(item), content_index=0,
                                    part=dict(item["content"][0])))
         return out
 
@@ -280,20 +277,18 @@ class OutputBuilder(HostedItems):
                                 "call_id": ev.id, "name": ev.name, "arguments": ""})
         if ev.kind == "tool_args":
             item["arguments"] += ev.text
-            return [self._event("response.function_call_arguments.delta", **self._where(), delta=ev.text)]
+            return [self._event("response.function_call_arguments.delta", **self._at(item), delta=ev.text)]
         kind = "reasoning" if ev.kind == "reasoning" else "message"
         if item is None or item["type"] != kind:
-            if kind == "reasoning":
-                new = {"id": P.new_id("rs"), "type": "reasoning", "status": "in_progress", "summary": [],
-                       "content": [{"type": "reasoning_text", "text": ""}]}
-            else:
-                new = {"id": P.new_id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
-                       "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
-            out, item = self._begin(new), new
+            item = {"id": P.new_id("rs"), "type": "reasoning", "status": "in_progress", "summary": [],
+                    "content": [{"type": "reasoning_text", "text": ""}]} if kind == "reasoning" else \
+                {"id": P.new_id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
+                 "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
+            out = self._begin(item)
         item["content"][0]["text"] += ev.text
         extra = {"logprobs": []} if kind == "message" else {}
         delta = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
-        out.append(self._event(delta, **self._where(), content_index=0, delta=ev.text, **extra))
+        out.append(self._event(delta, **self._at(item), content_index=0, delta=ev.text, **extra))
         return out
 
     def _close(self, status: str) -> list[dict]:
@@ -302,7 +297,7 @@ class OutputBuilder(HostedItems):
             return []
         if item["type"] in HOSTED_ITEMS:
             return self.close_hosted(item)
-        where = {"item_id": item["id"], "output_index": self.items.index(item)}
+        where = self._at(item)
         out = self.annotate(item)
         if item["type"] == "function_call":  # malformed or not, as written (harmony.tool_call_problem)
             item["arguments"] = item["arguments"] or "{}"
@@ -333,7 +328,3 @@ class OutputBuilder(HostedItems):
         resp = self.response("failed", error={"code": "server_error", "message": message})
         out.append(self._event("response.failed", response=resp))
         return out
-
-
-def sse(event: dict) -> str:
-    return P.sse(event, event["type"])

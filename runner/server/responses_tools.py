@@ -64,13 +64,15 @@ class HostedItems:
     def _at(self, item: dict) -> dict:
         return {"item_id": item["id"], "output_index": self.items.index(item)}
 
+    def _phases(self, item: dict, *phases: str) -> list[dict]:
+        """`response.code_interpreter_call.in_progress` and the like."""
+        return [self._event(f"response.{item['type']}.{p}", **self._at(item)) for p in phases]
+
     def _code_item(self, call_id: str) -> tuple[dict, list[dict]]:
         item = {"id": new_id("ci"), "type": "code_interpreter_call", "status": "in_progress", "code": "",
                 "outputs": None, "container_id": self.hosted.container}
         self._calls[call_id] = item
-        out = self._begin(item)
-        out.append(self._event("response.code_interpreter_call.in_progress", **self._at(item)))
-        return item, out
+        return item, self._begin(item) + self._phases(item, "in_progress")
 
     def feed_hosted(self, ev) -> list[dict]:
         if isinstance(ev, ToolStarted):
@@ -96,14 +98,12 @@ class HostedItems:
                 item, out = self._code_item(call.id)
             item["code"] = call.arguments
             out.append(self._event("response.code_interpreter_call_code.done", **self._at(item), code=item["code"]))
-            out.append(self._event("response.code_interpreter_call.interpreting", **self._at(item)))
+            out += self._phases(item, "interpreting")
             item["status"] = "interpreting"
             return out
         item = {"id": new_id("ws"), "type": "web_search_call", "status": "in_progress", "action": ev.action}
         self._calls[call.id] = item
-        out = self._begin(item)
-        out.append(self._event("response.web_search_call.in_progress", **self._at(item)))
-        out.append(self._event("response.web_search_call.searching", **self._at(item)))
+        out = self._begin(item) + self._phases(item, "in_progress", "searching")
         item["status"] = "searching"
         return out
 
@@ -111,13 +111,10 @@ class HostedItems:
         call, item = ev.call, self._calls[ev.call.id]
         if item["type"] == "code_interpreter_call":
             item["outputs"] = [{"type": "logs", "logs": ev.output}] if ev.output else []
-            done = "response.code_interpreter_call.completed"
-        else:
-            if ev.sources:
-                item["action"]["sources"] = [{"type": "url", "url": u} for u in ev.sources]
-            done = "response.web_search_call.completed"
+        elif ev.sources:
+            item["action"]["sources"] = [{"type": "url", "url": u} for u in ev.sources]
         item["status"] = "completed" if ev.ok else "failed"
-        out = [self._event(done, **self._at(item)),
+        out = [*self._phases(item, "completed"),
                self._event("response.output_item.done", output_index=self.items.index(item), item=_copy(item))]
         if self._open is item:
             self._open = None

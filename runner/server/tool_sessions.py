@@ -34,12 +34,11 @@ class Session:
     used: float = field(default_factory=time.monotonic)
     users: int = 0
 
-    def run(self, call: ToolCall) -> tuple[str, bool, float]:
+    def run(self, call: ToolCall) -> tuple[str, bool]:
         with self.lock:
-            t0 = time.perf_counter()
             text, ok = self.tools.run(call)
             self.used = time.monotonic()
-            return text, ok, time.perf_counter() - t0
+            return text, ok
 
     def close(self) -> None:
         with self.lock:  # after a call still running

@@ -11,15 +11,12 @@ on the channel of the call). The renderer writes the tools' descriptions into th
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ossgguf.errors import OssggufError
 from ossgguf.harmony.parse import ToolCall
-
-log = logging.getLogger(__name__)
 
 NAMES = ("python", "browser")  # the order the template writes them in
 
@@ -28,10 +25,8 @@ def parse_names(spec: str | Iterable[str] | None) -> list[str]:
     """`--tools-builtin python,browser` to a checked list (empty: none)."""
     if not spec:
         return []
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    names = [s.strip() for s in items if s.strip()]
-    bad = [n for n in names if n not in NAMES]
-    if bad:
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if bad := [n for n in names if n not in NAMES]:
         raise OssggufError(f"--tools-builtin: unknown tool(s) {', '.join(bad)}; gpt-oss's own tools are "
                            f"{', '.join(NAMES)}")
     return [n for n in NAMES if n in names]
@@ -58,8 +53,7 @@ class BuiltinTools:
         server's conversations (runner/server/builtin.py); default: chosen here."""
         self.options = options
         self.names = list(options.names)
-        self.python = None
-        self.browser = None
+        self.python = self.browser = None
         if "python" in self.names:
             from .python_tool import PythonTool
             from .sandbox import Limits, choose_sandbox
@@ -97,9 +91,3 @@ class BuiltinTools:
     def close(self) -> None:
         if self.python is not None:
             self.python.close()
-
-    def __enter__(self) -> BuiltinTools:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -78,13 +78,8 @@ class LocalBackend:
         if not url.startswith(self.prefix):
             if url.startswith("local://"):
                 raise ToolUsageError(f"{url!r} is not in the local index ({self.prefix})")
-            fetched = web.fetch(url, allow)
-            return _page_from_fetch(fetched)
-        rel = unquote(url[len(self.prefix):])
-        try:
-            path = self.index.path(rel)
-        except OssggufError as e:
-            raise ToolUsageError(str(e)) from None
+            return _page_from_fetch(web.fetch(url, allow))
+        path = self.index.path(unquote(url[len(self.prefix):]))  # an OssggufError is the model's to read too
         if is_html(path.name):
             title, text, urls = web.html_page(path.read_text(errors="replace"), url)
             return Page(url, title, text, urls)
@@ -121,15 +116,14 @@ class WebBackend:
     def search(self, query: str, topn: int) -> Page:
         if self.source == "searxng":
             data = _http_json(f"{self.url.rstrip('/')}/search?" + urlencode({"q": query, "format": "json"}))
-            rows = [(r.get("title", ""), r.get("url", ""), r.get("content", "")) for r in data.get("results", [])]
         elif self.source == "exa":
             data = _http_json("https://api.exa.ai/search", {"query": query, "numResults": topn,
                                                             "contents": {"summary": True}}, {"x-api-key": self.key})
-            rows = [(r.get("title", ""), r.get("url", ""), r.get("summary", "")) for r in data.get("results", [])]
         else:  # tavily
             data = _http_json("https://api.tavily.com/search", {"query": query, "max_results": topn},
                               {"Authorization": f"Bearer {self.key}"})
-            rows = [(r.get("title", ""), r.get("url", ""), r.get("content", "")) for r in data.get("results", [])]
+        summary = "summary" if self.source == "exa" else "content"
+        rows = [(r.get("title", ""), r.get("url", ""), r.get(summary, "")) for r in data.get("results", [])]
         return results_page(query, rows[:topn])
 
     def fetch(self, url: str, allow: list[str]) -> Page:
@@ -186,9 +180,7 @@ class Browser:
             return f"error: browser has no function {function!r} (search, open, find)", False
         try:
             return fn(**args), True
-        except TypeError as e:
-            return f"error: {e}", False
-        except OssggufError as e:
+        except (TypeError, OssggufError) as e:
             return f"error: {e}", False
 
     def _page(self, cursor: int = -1) -> Page:
@@ -218,26 +210,23 @@ class Browser:
         return f"[{cursor}] {header}\n**viewing lines [{loc} - {end - 1}] of {len(lines) - 1}**\n\n{body}"
 
     def search(self, query: str, topn: int = MAX_RESULTS, top_n: int | None = None, source: str | None = None) -> str:
-        page = self.backend.search(str(query), max(1, min(int(top_n or topn), MAX_RESULTS)))
-        self.stack.append(page)
+        self.stack.append(self.backend.search(str(query), max(1, min(int(top_n or topn), MAX_RESULTS))))
         return self._show(0)
 
     def open(self, id: int | str = -1, cursor: int = -1, loc: int = -1, num_lines: int = -1,
              view_source: bool = False, source: str | None = None) -> str:
+        line = None
         if isinstance(id, str):  # a URL
             page = self.backend.fetch(id, self.allow)
-            line = None
         else:
-            current = self._page(cursor)
+            page = self._page(cursor)  # id -1: scroll this page
             if id >= 0:
-                url = current.urls.get(str(id))
+                url = page.urls.get(str(id))
                 if url is None:
                     raise ToolUsageError(f"Invalid link id `{id}`.")
-                line = (current.snippets or {}).get(str(id))
+                line = (page.snippets or {}).get(str(id))
                 page = next((p for p in self.stack if p.url == url and p.snippets is None), None) \
                     or self.backend.fetch(url, self.allow)
-            else:  # scroll the page
-                page, line = current, None
         self.stack.append(page)
         if loc < 0:
             loc = max(0, line - 4) if line is not None else 0
@@ -267,11 +256,6 @@ class Browser:
     def citations(self, text: str) -> list[dict]:
         """The `【cursor†La-Lb】` citations in an answer, with the URL of the page each cursor showed
         (OpenAI's `url_citation` annotations): start/end index in `text`, url, title."""
-        out = []
-        for m in CITATION.finditer(text):
-            c = int(m.group("cursor"))
-            if c < len(self.stack) and self.stack[c].url:
-                page = self.stack[c]
-                out.append({"type": "url_citation", "start_index": m.start(), "end_index": m.end(),
-                            "url": page.url, "title": page.title})
-        return out
+        cited = [(m, self.stack[int(m["cursor"])]) for m in CITATION.finditer(text) if int(m["cursor"]) < len(self.stack)]
+        return [{"type": "url_citation", "start_index": m.start(), "end_index": m.end(), "url": page.url,
+                 "title": page.title} for m, page in cited if page.url]

@@ -10,6 +10,7 @@ its state is lost.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -28,15 +29,7 @@ from pathlib import Path
 
 from ossgguf.errors import OssggufError
 
-from .sandbox import (
-    Cgroups,
-    Limits,
-    SandboxPlan,
-    SandboxUnavailable,
-    bwrap_argv,
-    macos_profile,
-    sandbox_env,
-)
+from .sandbox import Cgroups, Limits, SandboxPlan, SandboxUnavailable, bwrap_argv, macos_profile, sandbox_env
 
 log = logging.getLogger(__name__)
 
@@ -96,27 +89,22 @@ class PythonTool:
     """One conversation's kernel, started at the first call. `run(code)` returns the output text."""
 
     def __init__(self, sandbox: SandboxPlan, limits: Limits | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 max_chars: int = MAX_OUTPUT_CHARS, scratch: str | Path | None = None) -> None:
+                 scratch: str | Path | None = None) -> None:
         try:
             import ipykernel  # noqa: F401
             import jupyter_client  # noqa: F401
         except ImportError as e:
             raise OssggufError(f"the python tool needs its extra: pip install 'ossgguf[tools]' ({e})") from None
         self.sandbox, self.limits = sandbox, limits or Limits()
-        self.timeout, self.max_chars = timeout, max_chars
+        self.timeout, self.max_chars = timeout, MAX_OUTPUT_CHARS  # max_chars: tests lower it
         self.user_scratch = Path(scratch) if scratch else None
         self._proc: subprocess.Popen | None = None
         self._client = None
         self._dir: Path | None = None
         self._cgroups: Cgroups | None = None
-        self.starts = 0
-        self._msg_id = ""
+        self.starts, self._msg_id = 0, ""
 
     # -- the kernel's life ---------------------------------------------------------------------------
-    def _command(self, conn: Path) -> list[str]:
-        return [sys.executable, "-m", "ipykernel_launcher", "-f", str(conn), "--HistoryManager.enabled=False",
-                "--InteractiveShell.xmode=Plain", "--InteractiveShell.colors=NoColor", "--IPKernelApp.quiet=True"]
-
     def _start(self) -> None:
         from jupyter_client import BlockingKernelClient
         from jupyter_client.connect import write_connection_file
@@ -128,7 +116,8 @@ class PythonTool:
         scratch.mkdir(parents=True, exist_ok=True)
         conn = ipc / "kernel.json"
         write_connection_file(str(conn), transport="ipc", ip=str(ipc / "k"), key=secrets.token_hex(16).encode())
-        command = self._command(conn)
+        command = [sys.executable, "-m", "ipykernel_launcher", "-f", str(conn), "--HistoryManager.enabled=False",
+                   "--InteractiveShell.xmode=Plain", "--InteractiveShell.colors=NoColor", "--IPKernelApp.quiet=True"]
         log_file = open(self._dir / "kernel.log", "wb")  # noqa: SIM115 - the kernel writes it while it lives
         kind = self.sandbox.kind
         if kind == "bwrap":
@@ -141,17 +130,17 @@ class PythonTool:
                     raise SandboxUnavailable("running as root, the python sandbox limits processes with a pids cgroup, "
                                              "and none could be created under /sys/fs/cgroup: run as a normal user, "
                                              "or pass --tools-unsafe")
-                join = "".join(f"echo $$ > {shlex.quote(f)} && " for f in self._cgroups.procs_files())
+                join = "".join(f"echo $$ > {shlex.quote(str(d / 'cgroup.procs'))} && " for d in self._cgroups.dirs)
                 argv = ["/bin/sh", "-c", join + 'exec "$@"', "sh", *argv]
             env, cwd = None, None
-        elif kind == "sandbox-exec":
-            argv = [self.sandbox.tool, "-p", macos_profile(scratch, ipc), *command]
-            env, cwd = {**os.environ, **sandbox_env(), "HOME": str(scratch), "TMPDIR": str(self._dir)}, str(scratch)
         else:
             env, cwd = {**os.environ, **sandbox_env(), "HOME": str(scratch), "TMPDIR": str(self._dir)}, str(scratch)
-            for k in ("IPYTHONDIR", "JUPYTER_RUNTIME_DIR", "JUPYTER_DATA_DIR", "MPLCONFIGDIR"):
-                env[k] = str(self._dir / k.lower())
-            argv = command
+            if kind == "sandbox-exec":
+                argv = [self.sandbox.tool, "-p", macos_profile(scratch, ipc), *command]
+            else:
+                env |= {k: str(self._dir / k.lower())
+                        for k in ("IPYTHONDIR", "JUPYTER_RUNTIME_DIR", "JUPYTER_DATA_DIR", "MPLCONFIGDIR")}
+                argv = command
         # bwrap's --die-with-parent (PR_SET_PDEATHSIG) fires when the *thread* that started it ends:
         # start kernels from one thread that lives as long as this process
         self._proc = _spawner().submit(subprocess.Popen, argv, stdin=subprocess.DEVNULL, stdout=log_file,
@@ -165,30 +154,27 @@ class PythonTool:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self._proc.poll() is not None:
-                why = self._log_tail()
-                self._stop()
-                raise OssggufError(f"the python tool's kernel ({kind}) exited at start "
-                                   f"(status {self._proc.returncode if self._proc else '?'}): {why}")
-            client.kernel_info()
+                problem = f"the python tool's kernel ({kind}) exited at start (status {self._proc.returncode})"
+            else:
+                client.kernel_info()
+                try:
+                    client.get_shell_msg(timeout=1.0)
+                    break
+                except queue.Empty:
+                    if time.monotonic() <= deadline:
+                        continue
+                problem = f"the python tool's kernel did not start within {START_TIMEOUT:g} s"
             try:
-                client.get_shell_msg(timeout=1.0)
-                break
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    why = self._log_tail()
-                    self._stop()
-                    raise OssggufError(f"the python tool's kernel did not start within {START_TIMEOUT:g} s: {why}") from None
+                why = (self._dir / "kernel.log").read_text(errors="replace").strip()[-1500:] or "no output"
+            except OSError:
+                why = "no log"
+            self._stop()
+            raise OssggufError(f"{problem}: {why}")
         while True:  # the start's own iopub status messages
             try:
                 client.get_iopub_msg(timeout=0.2)
             except queue.Empty:
                 break
-
-    def _log_tail(self) -> str:
-        try:
-            return (self._dir / "kernel.log").read_text(errors="replace").strip()[-1500:] or "no output"
-        except OSError:
-            return "no log"
 
     def _stop(self) -> None:
         if self._client is not None:
@@ -199,10 +185,8 @@ class PythonTool:
             self._client = None
         if self._proc is not None:
             if self._proc.poll() is None:
-                try:
+                with contextlib.suppress(OSError):
                     os.killpg(self._proc.pid, signal.SIGKILL)  # bwrap's --die-with-parent takes the rest
-                except OSError:
-                    pass
             try:
                 self._proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -235,8 +219,7 @@ class PythonTool:
     def run(self, code: str) -> str:
         notes = []
         if self._proc is not None and not self.alive:
-            notes.append(self._death_note())
-            self.reset()
+            self._died(notes)
         if self._proc is None:
             self._start()
         out = BoundedText(self.max_chars)
@@ -251,18 +234,18 @@ class PythonTool:
                              "its state is lost]")
                 self.reset()
         elif status == "died":
-            notes.append(self._death_note())
-            self.reset()
+            self._died(notes)
         if self.sandbox.kind == "bwrap" and self.alive:
             self._execute(_REAP, BoundedText(0), 10.0, silent=True)
         text = out.text().rstrip("\n")
         return "\n".join([text, *notes]).strip("\n") if notes else text
 
-    def _death_note(self) -> str:
-        code = self._proc.returncode if self._proc else None
+    def _died(self, notes: list[str]) -> None:
+        code = self._proc.returncode
         why = {-signal.SIGXCPU: f"it used its CPU budget of {self.limits.cpu_seconds} s",
                -signal.SIGKILL: "it was killed (out of memory?)"}.get(code, f"exit status {code}")
-        return f"[the python kernel died ({why}); a new one starts at the next call: its state is lost]"
+        notes.append(f"[the python kernel died ({why}); a new one starts at the next call: its state is lost]")
+        self.reset()
 
     def _execute(self, code: str | None, out: BoundedText, timeout: float, silent: bool = False) -> str:
         """Send `code` (None: wait on the call already sent) and collect its output until the kernel
@@ -294,8 +277,6 @@ class PythonTool:
                 tb = _ANSI.sub("", "\n".join(content.get("traceback") or [f"{content.get('ename')}: {content.get('evalue')}"]))
                 out.add((tb if len(tb) <= 2000 else "...\n" + tb[-2000:]) + "\n")
             elif kind == "status" and content.get("execution_state") == "idle":
-                try:  # the execute_reply, so that the shell channel does not fill up
+                with contextlib.suppress(queue.Empty):  # the execute_reply, so that the shell channel does not fill up
                     client.get_shell_msg(timeout=1.0)
-                except queue.Empty:
-                    pass
                 return "idle"

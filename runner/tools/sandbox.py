@@ -14,6 +14,7 @@ and CPU/memory cgroup limits where those controllers can be written.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -59,18 +60,20 @@ class Cgroups:
     def __init__(self, name: str, limits: Limits) -> None:
         self.dirs: list[Path] = []
         self.has_pids = False
-        v2 = Path("/sys/fs/cgroup")
-        if (v2 / "cgroup.controllers").exists():
-            self._make_v2(v2, name, limits)
+        root = Path("/sys/fs/cgroup")
+        memory, quota = str(limits.memory_bytes + limits.tmp_bytes + (256 << 20)), int(100000 * limits.cpus)
+        if (root / "cgroup.controllers").exists():  # v2: one folder, limits for the controllers enabled there
+            try:
+                enabled = (root / "cgroup.subtree_control").read_text().split()
+            except OSError:
+                return
+            if "pids" not in enabled:
+                return
+            settings = {"": {"pids.max": str(limits.pids), **({"memory.max": memory} if "memory" in enabled else {}),
+                             **({"cpu.max": f"{quota} 100000"} if "cpu" in enabled else {})}}
         else:
-            self._make_v1(v2, name, limits)
-
-    def _make_v1(self, root: Path, name: str, limits: Limits) -> None:
-        settings = {
-            "pids": {"pids.max": str(limits.pids)},
-            "memory": {"memory.limit_in_bytes": str(limits.memory_bytes + limits.tmp_bytes + (256 << 20))},
-            "cpu": {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": str(int(100000 * limits.cpus))},
-        }
+            settings = {"pids": {"pids.max": str(limits.pids)}, "memory": {"memory.limit_in_bytes": memory},
+                        "cpu": {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": str(quota)}}
         for controller, files in settings.items():
             d = root / controller / name
             try:
@@ -81,35 +84,9 @@ class Cgroups:
             try:
                 for f, v in files.items():
                     (d / f).write_text(v)
-                self.has_pids |= controller == "pids"
+                    self.has_pids |= f == "pids.max"
             except OSError as e:
                 log.debug("cgroup %s: %s", d, e)
-
-    def _make_v2(self, root: Path, name: str, limits: Limits) -> None:
-        try:
-            enabled = (root / "cgroup.subtree_control").read_text().split()
-        except OSError:
-            return
-        if "pids" not in enabled:
-            return
-        d = root / name
-        try:
-            d.mkdir()
-        except OSError:
-            return
-        self.dirs.append(d)
-        try:
-            (d / "pids.max").write_text(str(limits.pids))
-            self.has_pids = True
-            if "memory" in enabled:
-                (d / "memory.max").write_text(str(limits.memory_bytes + limits.tmp_bytes + (256 << 20)))
-            if "cpu" in enabled:
-                (d / "cpu.max").write_text(f"{int(100000 * limits.cpus)} 100000")
-        except OSError as e:
-            log.debug("cgroup %s: %s", d, e)
-
-    def procs_files(self) -> list[str]:
-        return [str(d / "cgroup.procs") for d in self.dirs]
 
     def remove(self) -> None:
         """Remove the (empty) cgroups; those still holding dying processes stay in `dirs`."""
@@ -128,12 +105,9 @@ class Cgroups:
 # -- Linux: bubblewrap -------------------------------------------------------------------------------
 def _python_roots() -> list[str]:
     """The folders this Python and its packages live in (bound read-only)."""
-    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
-        roots.add(sysconfig.get_path(key))
     exe = Path(sys.executable)
-    roots.add(str(exe.parent))
-    roots.add(str(exe.resolve().parent.parent))
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, str(exe.parent),
+             str(exe.resolve().parent.parent), *map(sysconfig.get_path, ("stdlib", "platstdlib", "purelib", "platlib"))}
     out = sorted({str(Path(r)) for r in roots if r and Path(r).exists()})
     # keep only the outermost folders
     return [r for r in out if not any(r != o and r.startswith(o.rstrip("/") + "/") for o in out)]
@@ -147,12 +121,10 @@ def _system_binds() -> list[str]:
             args += ["--symlink", os.readlink(p), d]
         elif p.is_dir():
             args += ["--ro-bind", d, d]
-    for f in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime", "/etc/nsswitch.conf"):
+    for f in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime", "/etc/nsswitch.conf", "/etc/alternatives",
+              "/etc/ssl", "/etc/ld.so.conf.d"):
         if Path(f).exists():
             args += ["--ro-bind", f, f]
-    for d in ("/etc/alternatives", "/etc/ssl", "/etc/ld.so.conf.d"):
-        if Path(d).is_dir():
-            args += ["--ro-bind", d, d]
     return args
 
 
@@ -192,22 +164,15 @@ def sandbox_env() -> dict[str, str]:
     }
 
 
-_PROBE: dict[str, str | None] = {}
-
-
+@functools.cache
 def probe_bwrap(bwrap: str) -> str | None:
     """None when bubblewrap can make its namespaces here, else why not (its own message)."""
-    if bwrap in _PROBE:
-        return _PROBE[bwrap]
     try:
         r = subprocess.run([bwrap, "--unshare-all", "--die-with-parent", "--cap-drop", "ALL", "--uid", "65534",
-                            *_system_binds(), "--proc", "/proc", "--",
-                            "true"], capture_output=True, text=True, timeout=20)
-        why = None if r.returncode == 0 else (r.stderr.strip() or f"exit status {r.returncode}")
+                            *_system_binds(), "--proc", "/proc", "--", "true"], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired) as e:
-        why = str(e)
-    _PROBE[bwrap] = why
-    return why
+        return str(e)
+    return None if r.returncode == 0 else (r.stderr.strip() or f"exit status {r.returncode}")
 
 
 # -- macOS: sandbox-exec (not testable here: kept short) ---------------------------------------------

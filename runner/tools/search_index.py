@@ -25,11 +25,6 @@ CREATE VIRTUAL TABLE IF NOT EXISTS docs USING fts5(title, body, tokenize = 'port
 """
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ossgguf" / "search"
-
-
 @dataclass
 class Hit:
     path: str  # relative to the folder, with /
@@ -56,12 +51,13 @@ def document_text(path: Path) -> tuple[str, str]:
 class LocalIndex:
     """`update()` brings the index up to date with the folder; `search(query, topn)` ranks by BM25."""
 
-    def __init__(self, folder: str | Path, db: str | Path | None = None) -> None:
+    def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder).expanduser().resolve()
         if not self.folder.is_dir():
             raise OssggufError(f"--browser-source local:{folder}: not a folder")
         key = hashlib.sha256(str(self.folder).encode()).hexdigest()[:16]
-        self.db = Path(db) if db else cache_dir() / f"{self.folder.name or 'root'}-{key}.sqlite"
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ossgguf" / "search"
+        self.db = cache / f"{self.folder.name or 'root'}-{key}.sqlite"
         self.db.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # the server's worker threads share one index
         self._conn = sqlite3.connect(self.db, check_same_thread=False)
@@ -105,10 +101,9 @@ class LocalIndex:
                                     (rel, st.st_mtime_ns, st.st_size)).lastrowid
                 c.execute("INSERT INTO docs (rowid, title, body) VALUES (?, ?, ?)", (fid, title, text))
                 read += 1
-            gone = [v[0] for k, v in known.items() if k not in found]
-            for fid in gone:
-                c.execute("DELETE FROM docs WHERE rowid = ?", (fid,))
-                c.execute("DELETE FROM files WHERE id = ?", (fid,))
+            gone = [(v[0],) for k, v in known.items() if k not in found]
+            c.executemany("DELETE FROM docs WHERE rowid = ?", gone)
+            c.executemany("DELETE FROM files WHERE id = ?", gone)
         return read, len(gone)
 
     def search(self, query: str, topn: int = 10) -> list[Hit]:

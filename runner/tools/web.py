@@ -69,42 +69,34 @@ def resolve(url: str, allow: list[str]) -> tuple[str, str, int, list[str]]:
     except socket.gaierror as e:
         raise OssggufError(f"cannot resolve {host}: {e.strerror}") from None
     ips = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
-    if not _allowed(host, ips, allow):
-        bad = [ip for ip in ips if not ip.is_global or ip.is_multicast]
-        if bad:
-            raise FetchRefused(f"cannot open {url!r}: {host} is {bad[0]}, a loopback, private or reserved address "
-                               "(the user can allow it with --browser-allow)")
+    if not _allowed(host, ips, allow) and (bad := [ip for ip in ips if not ip.is_global or ip.is_multicast]):
+        raise FetchRefused(f"cannot open {url!r}: {host} is {bad[0]}, a loopback, private or reserved address "
+                           "(the user can allow it with --browser-allow)")
     return scheme, host, port, list(dict.fromkeys(str(ip) for ip in ips))
 
 
-def _connect(addresses: list[str], port: int, timeout: float) -> socket.socket:
-    """A connection to the first of the checked addresses that answers (never a new DNS lookup)."""
-    error: OSError | None = None
-    for address in addresses:
-        try:
-            return socket.create_connection((address, port), timeout)
-        except OSError as e:
-            error = e
-    raise error or OSError("no address")
-
-
 class _Conn(http.client.HTTPConnection):
-    def __init__(self, host: str, port: int, addresses: list[str], timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
+    """Connects to the first of the checked addresses that answers (never a new DNS lookup)."""
+
+    def __init__(self, host: str, port: int, addresses: list[str], timeout: float, **kw) -> None:
+        super().__init__(host, port, timeout=timeout, **kw)
         self._addresses = addresses
 
     def connect(self) -> None:
-        self.sock = _connect(self._addresses, self.port, self.timeout)
+        error: OSError | None = None
+        for address in self._addresses:
+            try:
+                self.sock = socket.create_connection((address, self.port), self.timeout)
+                return
+            except OSError as e:
+                error = e
+        raise error or OSError("no address")
 
 
-class _TLSConn(http.client.HTTPSConnection):
-    def __init__(self, host: str, port: int, addresses: list[str], timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
-        self._addresses = addresses
-
+class _TLSConn(_Conn, http.client.HTTPSConnection):
     def connect(self) -> None:
-        self.sock = self._context.wrap_socket(_connect(self._addresses, self.port, self.timeout),
-                                              server_hostname=self.host)
+        super().connect()
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host)
 
 
 def fetch(url: str, allow: list[str] | None = None, max_bytes: int = MAX_BYTES, timeout: float = TIMEOUT) -> Fetched:
@@ -114,7 +106,9 @@ def fetch(url: str, allow: list[str] | None = None, max_bytes: int = MAX_BYTES, 
     for _ in range(MAX_REDIRECTS + 1):
         scheme, host, port, addresses = resolve(url, allow)
         parts = urlsplit(url)
-        conn = (_TLSConn if scheme == "https" else _Conn)(host, port, addresses, max(1.0, deadline - time.monotonic()))
+        left = max(1.0, deadline - time.monotonic())
+        conn = _TLSConn(host, port, addresses, left, context=ssl.create_default_context()) if scheme == "https" \
+            else _Conn(host, port, addresses, left)
         try:
             conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
                          headers={"User-Agent": USER_AGENT, "Accept": "text/html, text/plain, */*;q=0.5",
@@ -185,7 +179,7 @@ def html_page(html: str, url: str, title: str | None = None) -> tuple[str, str, 
     title = title or (_merge_ws(found.text_content()) if found is not None else "") or domain(url)
     for node in root.xpath("//script|//style|//noscript|//head"):
         node.getparent().remove(node)
-    here, urls, ids = domain(url), {}, {}
+    here, ids = domain(url), {}  # link URL -> its id, in order
     for a in root.findall(".//a[@href]"):
         href = a.attrib["href"]
         text = _merge_ws(" ".join(a.itertext())).replace("†", "‡")
@@ -197,13 +191,11 @@ def html_page(html: str, url: str, title: str | None = None) -> tuple[str, str, 
         link = urljoin(url, href)
         if not domain(link):
             continue
-        if (link_id := ids.get(link)) is None:
-            link_id = ids[link] = str(len(urls))
-            urls[link_id] = link
+        link_id = ids.setdefault(link, str(len(ids)))
         _replace_with_text(a, f"【{link_id}†{text}】" if domain(link) == here else f"【{link_id}†{text}†{domain(link)}】")
     h = html2text.HTML2Text()
     h.ignore_links = h.ignore_images = h.ignore_tables = h.ignore_emphasis = True
     h.body_width, h.unicode_snob = 0, True
     text = h.handle(lxml.etree.tostring(root, encoding="unicode")).strip()
     text = re.sub(r"^\s+$", "", text, flags=re.MULTILINE)
-    return title, re.sub(r"\n(\s*\n)+", "\n\n", text), urls
+    return title, re.sub(r"\n(\s*\n)+", "\n\n", text), {i: link for link, i in ids.items()}
