@@ -399,3 +399,110 @@ def test_tool_rounds_stop_at_the_token_budget_and_the_round_limit(notes, monkeyp
         monkeypatch.setattr(builtin, "MAX_ROUNDS", 3)
         r = client.responses.create(model="gpt-oss-test", input="x", tools=[{"type": "web_search"}])
         assert r.status == "incomplete" and [o.type for o in r.output] == ["web_search_call"] * 2
+
+
+# -- Anthropic's server tools (/v1/messages) ------------------------------------------------------
+def _anthropic(srv: ServerThread):
+    anthropic = pytest.importorskip("anthropic")
+    return anthropic.Anthropic(base_url=srv.base_url.removesuffix("/v1"), api_key="none", max_retries=0, timeout=120)
+
+
+def _kw(body: dict) -> dict:
+    """A request body as the client's keyword arguments (its create() takes no temperature)."""
+    return {**{k: v for k, v in body.items() if k != "temperature"}, "extra_body": {"temperature": 0}}
+
+
+def _message_events(srv: ServerThread, body: dict) -> tuple[list[dict], dict]:
+    """A streamed /v1/messages: each event validated strictly against the anthropic client's types, and
+    the message the events build (as the client's stream helper accumulates it)."""
+    from anthropic.types import Message, RawMessageStreamEvent
+    from test_anthropic import _conforms as conforms
+    from test_anthropic import _events as sse
+
+    events = [json.loads(conforms(RawMessageStreamEvent, data).model_dump_json())
+              for name, data in sse(srv.base_url.removesuffix("/v1") + "/v1/messages", {**body, "stream": True})
+              if name != "ping"]  # Anthropic's keep-alive, not one of the client's event types
+    with _anthropic(srv).messages.stream(**_kw(body)) as stream:
+        list(stream)
+        final = stream.get_final_message()
+    conforms(Message, final.model_dump_json(exclude_none=True))
+    return events, final.model_dump(exclude_none=True)
+
+
+def test_anthropic_code_execution_runs_python(py_server, py_engine):
+    """`code_execution_*` in a Messages request runs gpt-oss's python: each call a server_tool_use block
+    and a code_execution_tool_result with the real output, in the anthropic client's own types; the
+    response's container is the kernel's session, and a request that names it keeps the state."""
+    from anthropic.types import Message
+    from test_anthropic import _conforms as conforms
+
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 256, "temperature": 0,
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "code_execution_20250522", "name": "code_execution"}]}
+    raw = httpx.post(py_server.base_url.removesuffix("/v1") + "/v1/messages", json=body, timeout=120).text
+    m = conforms(Message, raw)
+    assert [b.type for b in m.content] == ["server_tool_use", "code_execution_tool_result"] * 2 + ["text"]
+    first, first_out, second, second_out, answer = m.content
+    assert (first.name, first.input, second.input) == ("code_execution", {"code": "x = 41"}, {"code": "print(x+1)#~"})
+    assert first_out.tool_use_id == first.id and second_out.tool_use_id == second.id and first.id != second.id
+    assert (second_out.content.stdout, second_out.content.return_code, second_out.content.stderr) == ("42", 0, "")
+    assert answer.text == "Done." and m.stop_reason == "end_turn"
+    assert m.container is not None and m.container.id.startswith("cntr_")
+    sessions = py_server.app.state.server.tools
+    assert m.container.id in sessions
+    # the client sends the conversation back, server tool blocks included, naming the container:
+    # accepted, and the same kernel (x is still 41)
+    again = _anthropic(py_server).messages.create(**_kw({**body, "container": m.container.id, "messages": [
+        body["messages"][0], {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]},
+        {"role": "user", "content": "and now?"}]}))
+    assert again.content[-1].text == "Done."
+    s = sessions.acquire(m.container.id)
+    try:
+        assert s.tools.python.run("print(x)") == "41"
+    finally:
+        sessions.release(s)
+    # streamed: the same blocks, each event of the client's types
+    events, final = _message_events(py_server, body)
+    starts = [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"]
+    assert starts == ["server_tool_use", "code_execution_tool_result"] * 2 + ["text"]
+    assert [b["type"] for b in final["content"]] == starts and final["content"][3]["content"]["stdout"] == "42"
+    # without the tools on the server, the typed tool is left out as before: the call reaches the client
+    with ServerThread(create_app(py_engine, "gpt-oss-test", date=DATE)) as plain:
+        r = _anthropic(plain).messages.create(**_kw(body))
+        forced = httpx.post(plain.base_url.removesuffix("/v1") + "/v1/messages", timeout=60,
+                            json={**body, "tool_choice": {"type": "tool", "name": "code_execution"}})
+    assert [b.type for b in r.content] == ["tool_use"] and r.content[0].name == "python"
+    assert forced.status_code == 400 and "--tools-builtin python" in forced.json()["error"]["message"]
+
+
+def test_anthropic_web_search_over_a_local_folder(web_server, notes):
+    """`web_search_*`: the browser's search as web_search + web_search_tool_result (the result pages),
+    open and find as web_fetch + web_fetch_tool_result (the text the model read); usage counts them."""
+    from anthropic.types import Message
+    from test_anthropic import _conforms as conforms
+
+    url = f"local://{notes.name}/zebra.md"
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 512, "temperature": 0,
+            "messages": [{"role": "user", "content": "Where do zebras go?"}],
+            "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}],
+            "tool_choice": {"type": "tool", "name": "web_search"}}  # as Claude Code's WebSearch sends it
+    raw = httpx.post(web_server.base_url.removesuffix("/v1") + "/v1/messages", json=body, timeout=120).text
+    m = conforms(Message, raw)
+    kinds = [b.type for b in m.content]
+    assert kinds == ["server_tool_use", "web_search_tool_result", "server_tool_use", "web_fetch_tool_result",
+                     "server_tool_use", "web_fetch_tool_result", "text"], kinds
+    search, results, opened, page, found, matches, answer = m.content
+    assert (search.name, search.input) == ("web_search", {"query": "zebra migration"})
+    assert results.tool_use_id == search.id and (results.content[0].url, results.content[0].title) == \
+        (url, "Zebra migration")
+    assert (opened.name, opened.input) == ("web_fetch", {"url": url})
+    assert page.content.url == url and page.content.content.title == "Zebra migration"
+    assert "Mara" in page.content.content.source.data  # the page as the model read it, with line numbers
+    assert (found.name, found.input) == ("web_fetch", {"url": url, "pattern": "Mara river"})
+    assert "Find results for text: `mara river`" in matches.content.content.source.data
+    assert answer.text == "They follow the rains 【1†L2-L3】."
+    assert (m.usage.server_tool_use.web_search_requests, m.usage.server_tool_use.web_fetch_requests) == (1, 2)
+    events, final = _message_events(web_server, body)
+    assert [b["type"] for b in final["content"]] == kinds
+    assert [e["usage"]["server_tool_use"] for e in events if e["type"] == "message_delta"] == \
+        [{"web_search_requests": 1, "web_fetch_requests": 2}]

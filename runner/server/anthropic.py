@@ -32,9 +32,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from ossgguf.errors import OssggufError
-from ossgguf.runner.server.anthropic_in import AnthropicError, bad, parse_messages
+from ossgguf.runner.server.anthropic_in import AnthropicError, bad, container_key, parse_messages, requested
 from ossgguf.runner.server.anthropic_out import MessageBuilder, with_pings
 from ossgguf.runner.server.app import ServerState, built_reply
+from ossgguf.runner.server.builtin import Rounds
 from ossgguf.runner.server.errors import APIError, read_json_object
 from ossgguf.runner.server.params import sse_events
 
@@ -106,15 +107,19 @@ def router(state: ServerState, strict_model: bool = False) -> APIRouter:
     @anthropic_errors
     async def messages(request: Request) -> Response:
         body = await read_json_object(request)
-        turn = parse_messages(body, state.default_effort)
+        runs = state.tools.names if state.tools is not None else []
+        turn = parse_messages(body, state.default_effort, runs=runs)
         model = model_name(body)
+        names = requested(body.get("tools"), runs)  # built-in tools run here (anthropic_tools.py)
         try:
-            req = await state.prepare(turn, model)
+            job = await Rounds.start(state, turn, model, names, container_key(body) if names else None)
         except APIError as exc:
             raise too_long(exc) from None
-        job = state.worker.submit(req)
         events = job.events(request.is_disconnected)
-        out = MessageBuilder(model, len(req.tokens) if req.tokens is not None else 0)
+        req = job.job.request
+        out = MessageBuilder(model, len(req.tokens) if req.tokens is not None else 0, names,
+                             job.session.key if job.session else None,
+                             state.tools.idle_seconds if state.tools is not None else 0.0)
         return await built_reply(job, with_pings(events) if turn.stream else events, out, turn.stream,
                                  lambda msg: sse_events([AnthropicError(msg, 500).body()]))
 
@@ -123,7 +128,9 @@ def router(state: ServerState, strict_model: bool = False) -> APIRouter:
     @anthropic_errors
     async def count_tokens(request: Request) -> dict:
         body = await read_json_object(request)
-        turn = parse_messages(body, state.default_effort, count_only=True)
+        runs = state.tools.names if state.tools is not None else []
+        turn = parse_messages(body, state.default_effort, count_only=True, runs=runs)
+        turn.builtin_tools = requested(body.get("tools"), runs)  # their descriptions are in the prompt
         model_name(body)
         if state.backend.tokenize is None:
             raise AnthropicError("this server cannot count tokens: its model has no tokenizer", 501)

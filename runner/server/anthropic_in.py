@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Collection
 from typing import Any
 
 from ossgguf.runner.server import params as P
+from ossgguf.runner.server.anthropic_tools import RESULT_BLOCKS, server_tool
+from ossgguf.runner.server.builtin import _KEY
 from ossgguf.runner.server.errors import APIError
 
 log = logging.getLogger(__name__)
@@ -18,6 +21,7 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
                 404: "not_found_error", 405: "invalid_request_error", 429: "rate_limit_error", 500: "api_error",
                 501: "api_error", 529: "overloaded_error"}
 _EFFORT_BUDGETS = ((4096, "low"), (16384, "medium"))  # thinking.budget_tokens below -> effort; else high
+_IGNORED = ("allowed_domains", "blocked_domains", "user_location", "max_uses")  # server tools' fields
 
 
 class AnthropicError(APIError):
@@ -152,8 +156,8 @@ def chat_messages(raw: Any, system: Any) -> list[dict]:
                     if not isinstance(block.get("thinking"), str):
                         raise bad(here, "a thinking block needs a 'thinking' string")
                     thinking.append(block["thinking"])
-                elif kind == "redacted_thinking":
-                    continue  # Claude's encrypted reasoning: nothing gpt-oss can read
+                elif kind == "redacted_thinking" or kind in RESULT_BLOCKS:
+                    continue  # Claude's encrypted reasoning; server tool calls (anthropic_tools.py)
                 elif kind == "tool_use":
                     use_id, name, args = block.get("id"), block.get("name"), block.get("input")
                     if not isinstance(use_id, str) or not use_id or not isinstance(name, str) or not name:
@@ -175,9 +179,10 @@ def chat_messages(raw: Any, system: Any) -> list[dict]:
     return out if out[0]["content"] else out[1:]
 
 
-def chat_tools(value: Any) -> list[dict]:
+def chat_tools(value: Any, runs: Collection[str] = ()) -> list[dict]:
     """Anthropic tools (`name`, `description`, `input_schema`) as checked chat function tools. Anthropic's
-    own typed tools (`bash_20250124`, `web_search_...`), which only Claude knows, are left out."""
+    own typed tools (`bash_20250124`, `web_search_...`), which only Claude knows, are left out; those
+    that map to a built-in tool in `runs` are the server's (anthropic_tools.py)."""
     if value is None:
         return []
     if not isinstance(value, list):
@@ -187,6 +192,8 @@ def chat_tools(value: Any) -> list[dict]:
         if not isinstance(tool, dict):
             raise bad(f"tools.{k}", "must be an object")
         if tool.get("type") not in (None, "custom"):
+            if server_tool(tool.get("type")) in runs:
+                continue
             log.warning("tools.%d of type %r left out: this server runs custom tools only", k, tool.get("type"))
             continue
         if tool.get("defer_loading"):  # Anthropic's tool search: not shown to the model until searched for
@@ -207,6 +214,29 @@ def chat_tools(value: Any) -> list[dict]:
 
         pattern = re.compile(r"tools\[(\d+)\](?:\.function)?(?:\.(\w+))?")
         raise bad(pattern.sub(path, exc.param or "tools"), pattern.sub(path, exc.message)) from None
+
+
+def requested(tools: Any, enabled: list[str]) -> list[str]:
+    """The built-in tools a request's `tools` asks for that this server runs (in the order python, browser)."""
+    names = set()
+    for k, tool in enumerate(tools if isinstance(tools, list) else []):
+        name = server_tool(tool.get("type")) if isinstance(tool, dict) else None
+        if name in enabled:
+            names.add(name)
+            if given := [f for f in _IGNORED if tool.get(f) is not None]:
+                log.warning("tools.%d (%s): %s not applied by this server", k, tool["type"], ", ".join(given))
+    return [n for n in ("python", "browser") if n in names]
+
+
+def container_key(body: dict) -> str | None:
+    """The session a request names in `container` (a string, or `{"id": ...}`); None: a new one."""
+    value = body.get("container")
+    key = value.get("id") if isinstance(value, dict) else value
+    if key is None:
+        return None
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise bad("container", "is not a container id this server made (cntr_...)")
+    return key
 
 
 def tool_choice(value: Any) -> Any:
@@ -244,8 +274,9 @@ def effort(body: dict, default: str) -> str:
     return next((e for limit, e in _EFFORT_BUDGETS if budget < limit), "high")
 
 
-def parse_messages(body: dict, default_effort: str, count_only: bool = False) -> P.Turn:
-    """A Messages request (or a count_tokens one, which has no `max_tokens`) as a `Turn`."""
+def parse_messages(body: dict, default_effort: str, count_only: bool = False, runs: Collection[str] = ()) -> P.Turn:
+    """A Messages request (or a count_tokens one, which has no `max_tokens`) as a `Turn`; `runs`: the
+    built-in tools this server runs (their Anthropic server tools are not function tools)."""
     if not isinstance(body.get("model"), str):
         raise bad("model", "Field required" if body.get("model") is None else "must be a string")
     if not count_only:
@@ -259,8 +290,16 @@ def parse_messages(body: dict, default_effort: str, count_only: bool = False) ->
     if stops is not None and (not isinstance(stops, list) or not all(isinstance(s, str) for s in stops)):
         raise bad("stop_sequences", "must be a list of strings")
     messages = chat_messages(body.get("messages"), body.get("system"))
-    fns = chat_tools(body.get("tools"))
+    fns = chat_tools(body.get("tools"), runs)
     choice = tool_choice(body.get("tool_choice"))
+    typed = {t.get("name"): server_tool(t.get("type")) for t in body.get("tools") or []
+             if isinstance(t, dict) and server_tool(t.get("type"))}
+    named = choice["function"]["name"] if isinstance(choice, dict) else None
+    if named in typed and typed[named] not in runs:
+        raise bad("tool_choice", f"names '{named}', a server tool that this server runs only when started with "
+                                 f"--tools-builtin {typed[named]} (gpt-oss's own {typed[named]} tool)")
+    if named in typed or choice == "required" and not fns and set(typed.values()) & set(runs):
+        choice = "auto"  # a server tool to use (Claude Code's WebSearch forces web_search): the model picks the call
     # read_turn reads OpenAI's names: the same checks, Anthropic's values
     shared = {k: body[k] for k in ("temperature", "top_p", "top_k", "stream") if k in body}
     if not count_only:

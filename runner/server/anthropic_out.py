@@ -18,6 +18,7 @@ from typing import Any
 from ossgguf.harmony import Event
 from ossgguf.runner.generation import Usage
 from ossgguf.runner.server import params as P
+from ossgguf.runner.server.anthropic_tools import ServerToolBlocks
 from ossgguf.runner.turn import TurnEnd
 
 PING_SECONDS = 10.0  # a `ping` while nothing else is sent (a long prompt's prefill), so proxies keep the stream
@@ -46,19 +47,22 @@ def tool_use_id(call_id: str) -> str:
     return "toolu_" + call_id.removeprefix("call_")
 
 
-class MessageBuilder:
-    """Harmony events -> content blocks, and the stream events that describe them."""
+class MessageBuilder(ServerToolBlocks):
+    """Harmony events -> content blocks, and the stream events that describe them; gpt-oss's own
+    tools, run by the server, as server tool blocks (anthropic_tools.py)."""
 
-    def __init__(self, model: str, n_prompt: int) -> None:
+    def __init__(self, model: str, n_prompt: int, server_tools: list[str] = (), container: str | None = None,
+                 idle_seconds: float = 0.0) -> None:
         self.id, self.model, self.n_prompt = P.new_id("msg"), model, n_prompt
         self.blocks: list[dict] = []
         self._open: dict | None = None
         self._args = ""  # the open tool_use block's arguments so far
+        self.init_server_tools(list(server_tools), container, idle_seconds)
 
     def message(self, stop_reason: str | None, usage: dict, stop_sequence: str | None = None) -> dict:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
                 "content": json.loads(json.dumps(self.blocks)), "stop_reason": stop_reason,
-                "stop_sequence": stop_sequence, "usage": usage}
+                "stop_sequence": stop_sequence, "usage": usage, **self.server_fields()}
 
     def start(self) -> list[dict]:
         return [{"type": "message_start", "message": self.message(None, usage_json(Usage(), self.n_prompt))},
@@ -83,6 +87,8 @@ class MessageBuilder:
         return out + [{"type": "content_block_stop", "index": index}]
 
     def feed(self, ev: Event) -> list[dict]:
+        if self.is_server_tool(ev):
+            return self.feed_server_tool(ev)
         if ev.kind == "tool_call":
             self._args = ""
             return self._begin({"type": "tool_use", "id": tool_use_id(ev.id), "name": ev.name, "input": {}})
@@ -102,7 +108,7 @@ class MessageBuilder:
         """Close the last block: the final events and the whole message."""
         out = self._close()
         reason = "stop_sequence" if end.stop_sequence else _STOP_REASONS.get(end.finish_reason, "end_turn")
-        usage = usage_json(end.usage, self.n_prompt)
+        usage = usage_json(end.usage, self.n_prompt) | self.server_usage()
         out.append({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": end.stop_sequence},
                     "usage": usage})
         out.append({"type": "message_stop"})

@@ -126,6 +126,7 @@ class ToolFinished:
     output: str  # what the model reads back
     ok: bool
     sources: list[str] = field(default_factory=list)  # browser.search: the result URLs
+    page: Any = None  # browser: the page the call put on the stack (runner.tools.browser.Page)
 
 
 @dataclass
@@ -242,10 +243,9 @@ class Rounds:
                     action = web_action(browser, call) if call.name.startswith("browser.") else None
                     yield ToolStarted(call, action)
                     text, ok = await asyncio.to_thread(self.session.run, call)
-                    sources = []
-                    if call.name == "browser.search" and ok and browser.stack:
-                        sources = list(dict.fromkeys(browser.stack[-1].urls.values()))
-                    yield ToolFinished(call, text, ok, sources)
+                    page = browser.stack[-1] if action is not None and ok and browser.stack else None
+                    sources = list(dict.fromkeys(page.urls.values())) if call.name == "browser.search" and page else []
+                    yield ToolFinished(call, text, ok, sources, page)
                     self.turn.messages.append({"role": "tool", "tool_call_id": call.id, "content": text})
                 if self._cancelled:
                     return
