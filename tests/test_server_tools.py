@@ -482,10 +482,18 @@ def test_anthropic_web_search_over_a_local_folder(web_server, notes):
     from test_anthropic import _conforms as conforms
 
     url = f"local://{notes.name}/zebra.md"
-    body = {"model": "claude-sonnet-4-5", "max_tokens": 512, "temperature": 0,
-            "messages": [{"role": "user", "content": "Where do zebras go?"}],
-            "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}],
-            "tool_choice": {"type": "tool", "name": "web_search"}}  # as Claude Code's WebSearch sends it
+    # the request Claude Code 2.1.332's WebSearch tool sends (its system prompt, user text, tool and
+    # tool_choice, as written in its binary), for the query "Where do zebras go?"
+    body = {"model": "claude-haiku-4-5", "max_tokens": 512, "temperature": 0,
+            "system": "You run a web search for another Claude model, which is waiting on the result and can "
+                      "search again. Search once, then reply with a brief summary of the results.",
+            "messages": [{"role": "user", "content": "Perform a web search for the query: Where do zebras go?"}],
+            "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 8}],
+            "tool_choice": {"type": "tool", "name": "web_search"}, "thinking": {"type": "disabled"}}
+    from ossgguf.runner.server.anthropic_in import parse_messages
+
+    forced = parse_messages(body, "medium", runs=["browser"]).prefill  # the answer starts as the search
+    assert forced == "<|channel|>analysis to=browser.search <|constrain|>json<|message|>"
     raw = httpx.post(web_server.base_url.removesuffix("/v1") + "/v1/messages", json=body, timeout=120).text
     m = conforms(Message, raw)
     kinds = [b.type for b in m.content]

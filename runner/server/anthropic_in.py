@@ -11,7 +11,7 @@ from collections.abc import Collection
 from typing import Any
 
 from ossgguf.runner.server import params as P
-from ossgguf.runner.server.anthropic_tools import RESULT_BLOCKS, server_tool
+from ossgguf.runner.server.anthropic_tools import RESULT_BLOCKS, SERVER_TOOLS, server_tool
 from ossgguf.runner.server.builtin import _KEY
 from ossgguf.runner.server.errors import APIError
 
@@ -22,6 +22,10 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
                 501: "api_error", 529: "overloaded_error"}
 _EFFORT_BUDGETS = ((4096, "low"), (16384, "medium"))  # thinking.budget_tokens below -> effort; else high
 _IGNORED = ("allowed_domains", "blocked_domains", "user_location", "max_uses")  # server tools' fields
+# a server tool named by tool_choice: the start of the gpt-oss call that answers it (web_fetch has none:
+# the browser opens what a search found)
+FORCED = {"web_search": "<|channel|>analysis to=browser.search <|constrain|>json<|message|>",
+          "code_execution": "<|channel|>analysis to=python code<|message|>"}
 
 
 class AnthropicError(APIError):
@@ -292,20 +296,34 @@ def parse_messages(body: dict, default_effort: str, count_only: bool = False, ru
     messages = chat_messages(body.get("messages"), body.get("system"))
     fns = chat_tools(body.get("tools"), runs)
     choice = tool_choice(body.get("tool_choice"))
-    typed = {t.get("name"): server_tool(t.get("type")) for t in body.get("tools") or []
-             if isinstance(t, dict) and server_tool(t.get("type"))}
-    named = choice["function"]["name"] if isinstance(choice, dict) else None
-    if named in typed and typed[named] not in runs:
-        raise bad("tool_choice", f"names '{named}', a server tool that this server runs only when started with "
-                                 f"--tools-builtin {typed[named]} (gpt-oss's own {typed[named]} tool)")
-    if named in typed or choice == "required" and not fns and set(typed.values()) & set(runs):
-        choice = "auto"  # a server tool to use (Claude Code's WebSearch forces web_search): the model picks the call
+    choice, forced = _server_choice(body, choice, fns, runs)
     # read_turn reads OpenAI's names: the same checks, Anthropic's values
     shared = {k: body[k] for k in ("temperature", "top_p", "top_k", "stream") if k in body}
     if not count_only:
         shared["max_tokens"] = body["max_tokens"]
     try:
-        return P.read_turn({**shared, "tool_choice": choice}, messages, fns, effort(body, default_effort),
+        turn = P.read_turn({**shared, "tool_choice": choice}, messages, fns, effort(body, default_effort),
                            "thinking", default_effort, ("max_tokens",), stop=list(stops or []))
     except APIError as exc:
         raise AnthropicError.of(exc) from None
+    turn.prefill = forced or turn.prefill
+    return turn
+
+
+
+def _server_choice(body: dict, choice: Any, fns: list[dict], runs: Collection[str]) -> tuple[Any, str]:
+    """`tool_choice` with server tools: (the choice for read_turn, the start of the answer). A named one is
+    forced as a named function is, by starting the answer as its gpt-oss call (Claude Code's WebSearch
+    forces web_search); `any` with only server tools lets the model pick its call."""
+    typed = {t.get("name"): t["type"].rsplit("_", 1)[0] for t in body.get("tools") or []
+             if isinstance(t, dict) and server_tool(t.get("type"))}
+    named = choice["function"]["name"] if isinstance(choice, dict) else None
+    if named in typed:
+        tool = SERVER_TOOLS[typed[named]]
+        if tool not in runs:
+            raise bad("tool_choice", f"names '{named}', a server tool that this server runs only when started "
+                                     f"with --tools-builtin {tool} (gpt-oss's own {tool} tool)")
+        return "auto", FORCED.get(typed[named], "")
+    if choice == "required" and not fns and any(SERVER_TOOLS[b] in runs for b in typed.values()):
+        return "auto", ""
+    return choice, ""
