@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from scripted_model import Episode, Script, scripted_gguf
 from test_agents import doc_block, serve
+from test_real_vocab import o200k  # noqa: F401 - the fixture (the vocabulary, fetched once)
 
 ROOT = Path(__file__).resolve().parents[1]
 NPM_ROOT = ROOT / ".cache" / "npm"
@@ -116,10 +117,12 @@ def configure(name: str, home: Path, port: int, ctx: int) -> dict[str, str]:
     return {"OSSGGUF_API_KEY": "unused"}
 
 
-def run(name: str, bin_dir: Path, home: Path, extra_env: dict[str, str], timeout: float) -> tuple[int, str, float]:
-    """One prompt through the client's non-interactive mode: exit status, stdout and stderr, seconds."""
+def run(name: str, bin_dir: Path, home: Path, extra_env: dict[str, str], timeout: float,
+        *args: str) -> tuple[int, str, float]:
+    """One prompt through the client's non-interactive mode (and `args`): exit status, stdout and stderr,
+    seconds."""
     exe = str(bin_dir / CLIENTS[name][1])
-    cmd = {"claude": [exe, "-p", "say hi", "--output-format", "stream-json", "--verbose"],
+    cmd = {"claude": [exe, "-p", "say hi", "--output-format", "stream-json", "--verbose", *args],
            "kilo": [exe, "run", "-m", "ossgguf/gpt-oss-20b", "say hi"],
            "qwen": [exe, "-p", "say hi", "--allowed-tools", "run_shell_command(pwd)"]}[name]
     t0 = time.monotonic()
@@ -171,3 +174,37 @@ def test_client_stops_on_a_context_too_small_for_its_prompt(name, model, tmp_pat
     assert rc != 0 and seconds < 60, (name, seconds, out[-3000:])
     assert f"(--ctx {SMALL_CTX}): restart `ossgguf serve` with --ctx" in out or \
         f"(--ctx {SMALL_CTX}): restart ossgguf serve with --ctx" in out, (name, out[-3000:])
+
+
+def test_claude_code_web_search_runs_gpt_oss_browser(make_ckpt, o200k, tmp_path):  # noqa: F811
+    """Claude Code's WebSearch tool, end to end: the scripted model calls WebSearch; Claude Code asks the
+    server to search (its own request: a forced `web_search_20250305` server tool); the server runs
+    gpt-oss's browser over a local folder (`--tools-builtin browser --browser-source local:DIR`) and
+    answers with Anthropic's result blocks; Claude Code hands the result pages to the model, which answers.
+    The real o200k vocabulary, since the tiny one spells WebSearch with two `e`s a bigram cannot tell
+    apart; its detector " ая" is in the query, so it marks Claude Code's search request."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "zebra.md").write_text("# Zebra migration\n\nZebras follow the rains.\nThey cross the Mara river.\n")
+    script = Script(("<|call|>", " ая"), [
+        Episode((), ' to=functions.WebSearch<|message|>{"query": "zebra ая"}<|call|>'),
+        Episode((" ая",), '<|channel|>analysis to=browser.search <|constrain|>json<|message|>{"query":"zebra"}<|call|>'),
+        Episode(("<|call|>", " ая"), f"<|channel|>final<|message|>{ANSWER}<|return|>")])
+    ckpt = make_ckpt(vocab_size=201088, vocab_file=str(o200k), hidden_size=128)
+    model = scripted_gguf(ckpt, tmp_path / "model", script)
+    bin_dir = _install("claude")
+    (tmp_path / "home").mkdir()
+    home = _home(tmp_path / "home")
+    with serve(model, CTX, home / "serve.log", "--tools-builtin", "browser", "--browser-source", f"local:{notes}") as port:
+        env = configure("claude", home, port, CTX)
+        rc, out, seconds = run("claude", bin_dir, home, env, 300, "--allowedTools", "WebSearch")
+    log = (home / "serve.log").read_text()
+    assert rc == 0 and ANSWER in out, (out[-3000:], log[-3000:])
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    calls = [b for ev in events if ev.get("type") == "assistant" for b in ev["message"]["content"]
+             if isinstance(b, dict) and b.get("type") == "tool_use"]
+    results = [b for ev in events if ev.get("type") == "user" for b in ev["message"]["content"]
+               if isinstance(b, dict) and b.get("type") == "tool_result"]
+    assert [c["name"] for c in calls] == ["WebSearch"], out[-3000:]
+    assert "zebra.md" in json.dumps(results) and "Zebra migration" in json.dumps(results), (results, log[-3000:])
+    print(f"claude WebSearch: answered in {seconds:.1f} s")

@@ -80,11 +80,12 @@ def model(make_ckpt, tmp_path_factory) -> Path:
 
 
 @contextmanager
-def serve(model: Path, ctx: int, log: Path):
-    """`ossgguf serve` as a user starts it, on a free port of 127.0.0.1 (its stderr into `log`); yields the port."""
+def serve(model: Path, ctx: int, log: Path, *args: str):
+    """`ossgguf serve` as a user starts it (and `args`), on a free port of 127.0.0.1 (its stderr into `log`);
+    yields the port."""
     port = free_port()
     cmd = [sys.executable, "-m", "ossgguf.cli", "serve", str(model), "--port", str(port), "--model-name",
-           MODEL_NAME, "--ctx", str(ctx), "--gpu-mem", "0", "--ram", "16GiB"]
+           MODEL_NAME, "--ctx", str(ctx), "--gpu-mem", "0", "--ram", "16GiB", *args]
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stderr=err)
     try:
