@@ -159,14 +159,17 @@ def big_ckpt(tmp_path_factory):
 def test_interrupted_run_leaves_nothing_valid(big_ckpt, tmp_path, sig):
     for attempt in range(3):
         out = tmp_path / f"o{attempt}.gguf"
+        # Ctrl-C's default action in the child, as in a terminal: a shell's background job (CI started with
+        # `cmd &` in a script) ignores SIGINT, and a Python started so keeps ignoring it
         proc = subprocess.Popen([*CLI, "convert", str(big_ckpt), "-o", str(out)], stderr=subprocess.PIPE,
-                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 60
         while not partial_path(out).exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.005)
         assert proc.poll() is None, "the conversion finished before it could be interrupted"
         # held still, so that the signal surely comes before the end: on a fast disk the last bytes
-        # and the rename can come between the check above and the signal (then the run is whole: retry)
+        # and the rename could come between the check above and the signal (then the run is whole: retry)
         proc.send_signal(signal.SIGSTOP)
         if not out.exists():
             break
