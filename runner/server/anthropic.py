@@ -100,6 +100,10 @@ def router(state: ServerState, strict_model: bool = False) -> APIRouter:
                         "(--strict-model refuses other names)", body["model"], state.model_name)
         return state.model_name
 
+    def builtin_names() -> list[str]:
+        """gpt-oss's tools this server runs (--tools-builtin): their Anthropic server tools are ours."""
+        return state.tools.names if state.tools is not None else []
+
     api = APIRouter(dependencies=[Depends(check_key)])
 
     @api.post("/v1/messages")
@@ -107,7 +111,7 @@ def router(state: ServerState, strict_model: bool = False) -> APIRouter:
     @anthropic_errors
     async def messages(request: Request) -> Response:
         body = await read_json_object(request)
-        runs = state.tools.names if state.tools is not None else []
+        runs = builtin_names()
         turn = parse_messages(body, state.default_effort, runs=runs)
         model = model_name(body)
         names = requested(body.get("tools"), runs)  # built-in tools run here (anthropic_tools.py)
@@ -128,7 +132,7 @@ def router(state: ServerState, strict_model: bool = False) -> APIRouter:
     @anthropic_errors
     async def count_tokens(request: Request) -> dict:
         body = await read_json_object(request)
-        runs = state.tools.names if state.tools is not None else []
+        runs = builtin_names()
         turn = parse_messages(body, state.default_effort, count_only=True, runs=runs)
         turn.builtin_tools = requested(body.get("tools"), runs)  # their descriptions are in the prompt
         model_name(body)

@@ -11,8 +11,8 @@ from collections.abc import Collection
 from typing import Any
 
 from ossgguf.runner.server import params as P
-from ossgguf.runner.server.anthropic_tools import RESULT_BLOCKS, SERVER_TOOLS, server_tool
-from ossgguf.runner.server.builtin import _KEY
+from ossgguf.runner.server.anthropic_tools import RESULT_BLOCKS, SERVER_TOOLS, server_base, server_tool
+from ossgguf.runner.server.builtin import CONTAINER_ID
 from ossgguf.runner.server.errors import APIError
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ def container_key(body: dict) -> str | None:
     key = value.get("id") if isinstance(value, dict) else value
     if key is None:
         return None
-    if not isinstance(key, str) or not _KEY.fullmatch(key):
+    if not isinstance(key, str) or not CONTAINER_ID.fullmatch(key):
         raise bad("container", "is not a container id this server made (cntr_...)")
     return key
 
@@ -315,8 +315,8 @@ def _server_choice(body: dict, choice: Any, fns: list[dict], runs: Collection[st
     """`tool_choice` with server tools: (the choice for read_turn, the start of the answer). A named one is
     forced as a named function is, by starting the answer as its gpt-oss call (Claude Code's WebSearch
     forces web_search); `any` with only server tools lets the model pick its call."""
-    typed = {t.get("name"): t["type"].rsplit("_", 1)[0] for t in body.get("tools") or []
-             if isinstance(t, dict) and server_tool(t.get("type"))}
+    typed = {t.get("name"): server_base(t.get("type")) for t in body.get("tools") or []
+             if isinstance(t, dict) and server_base(t.get("type"))}
     named = choice["function"]["name"] if isinstance(choice, dict) else None
     if named in typed:
         tool = SERVER_TOOLS[typed[named]]

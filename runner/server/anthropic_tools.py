@@ -41,10 +41,15 @@ _DATED = re.compile(r"(?P<base>[a-z_]+)_\d{8}")
 _LINK = re.compile(r"【(\d+)†([^†】]*)")
 
 
+def server_base(tool_type: Any) -> str | None:
+    """`web_search` of `web_search_20250305` (a server tool this module maps), else None."""
+    m = _DATED.fullmatch(tool_type) if isinstance(tool_type, str) else None
+    return m["base"] if m and m["base"] in SERVER_TOOLS else None
+
+
 def server_tool(tool_type: Any) -> str | None:
     """The built-in tool an Anthropic server tool type (`web_search_20250305`, ...) maps to, or None."""
-    m = _DATED.fullmatch(tool_type) if isinstance(tool_type, str) else None
-    return SERVER_TOOLS.get(m["base"]) if m else None
+    return SERVER_TOOLS.get(server_base(tool_type))
 
 
 def _input(ev: ToolStarted) -> tuple[str, dict]:

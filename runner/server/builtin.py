@@ -43,7 +43,7 @@ HOSTED = {"web_search": "browser", "web_search_2025_08_26": "browser", "web_sear
           "web_search_preview_2025_03_11": "browser", "code_interpreter": "python"}
 MAX_ROUNDS = 24  # tool rounds in one request: browsing takes more than chat's 8
 PRIVATE = "_harmony"  # stored items only (previous_response_id): the call and result as rendered
-_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+CONTAINER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def is_builtin(name: str, names: Collection[str]) -> bool:
@@ -73,7 +73,7 @@ def requested(value: Any, enabled: Collection[str]) -> tuple[list[str], str | No
         names.append(HOSTED[tool["type"]])
         spec = tool.get("container")
         if isinstance(spec, str) and spec != "auto":
-            if not _KEY.fullmatch(spec):
+            if not CONTAINER_ID.fullmatch(spec):
                 raise invalid(f"'tools[{k}].container' is not a container id this server made (cntr_...).",
                               f"tools[{k}].container")
             container = spec
@@ -89,7 +89,7 @@ def conversation_key(items: Iterable) -> str | None:
         kept = item.get(PRIVATE)
         key = kept.get("session") if isinstance(kept, dict) else item.get("container_id")
         if item.get("type") in ("code_interpreter_call", "web_search_call") and isinstance(key, str) \
-                and _KEY.fullmatch(key):
+                and CONTAINER_ID.fullmatch(key):
             return key
     return None
 
